@@ -1,0 +1,405 @@
+"""The run configuration: one flat YAML (LLaMA-Factory's SFT keys plus jaxsft's own) and key=value overrides.
+
+Keys keep LLaMA-Factory's names and meanings so a user's SFT YAML runs with few or no edits. A key we
+do not know is a typo (with a did-you-mean); a LLaMA-Factory key we do not implement is an error that
+says so; a key that only tunes PyTorch machinery we replace is accepted and reported as having no effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from jaxsft.reference_keys import LLAMAFACTORY_KEYS
+
+
+class ConfigError(ValueError):
+    """A configuration a person must fix; the message says what and how."""
+
+
+def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
+    if isinstance(default, (dict, list)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value),
+                                 metadata={"help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Config:
+    # --- model ---
+    model_name_or_path: Optional[str] = _field(None, "Local Hugging Face model directory, or a hub name (online only).")
+    adapter_name_or_path: Optional[str] = _field(None, "A PEFT adapter directory to load (and continue training).")
+    trust_remote_code: bool = _field(False, "Must stay false: jaxsft never runs downloaded code.")
+    cache_dir: Optional[str] = _field(None, "Where hub downloads are cached.")
+
+    # --- data ---
+    template: Optional[str] = _field(None, "Chat template name, or 'auto' for the tokenizer's own jinja template.")
+    dataset: Optional[str] = _field(None, "Comma-separated dataset names (dataset_info.json) or paths.")
+    eval_dataset: Optional[str] = _field(None, "Comma-separated evaluation datasets.")
+    dataset_dir: str = _field("data", "Folder holding dataset_info.json and the data files.")
+    cutoff_len: int = _field(2048, "Maximum tokens per example (and per packed row).")
+    train_on_prompt: bool = _field(False, "Learn the prompt tokens too.")
+    mask_history: bool = _field(False, "Learn only the last assistant turn.")
+    streaming: bool = _field(False, "Read rows lazily instead of loading whole files.")
+    buffer_size: int = _field(16384, "Shuffle buffer size when streaming.")
+    mix_strategy: str = _field("concat", "How several datasets are mixed.",
+                               ("concat", "interleave_under", "interleave_over"))
+    interleave_probs: Optional[str] = _field(None, "Comma-separated sampling probabilities for interleaving.")
+    overwrite_cache: bool = _field(False, "No effect: jaxsft tokenizes in memory (see tokenized_path).")
+    preprocessing_num_workers: Optional[int] = _field(None, "Processes used to tokenize.")
+    max_samples: Optional[int] = _field(None, "Keep at most this many examples per dataset.")
+    val_size: float = _field(0.0, "Held-out evaluation split: a fraction (< 1) or a count.")
+    packing: Optional[bool] = _field(None, "Pack examples into rows of cutoff_len (always block-diagonal).")
+    neat_packing: bool = _field(False, "Same as packing in jaxsft: packed examples never attend to each other.")
+    tool_format: Optional[str] = _field(None, "Override the template's tool-call format.")
+    default_system: Optional[str] = _field(None, "Override the template's default system prompt.")
+    enable_thinking: Optional[bool] = _field(True, "qwen3-style templates: keep the thinking block.")
+    tokenized_path: Optional[str] = _field(None, "Save the tokenized dataset here, or load it if it exists.")
+    skip_invalid_examples: bool = _field(False, "Skip (and count) malformed rows instead of stopping.")
+
+    # --- fine-tuning method ---
+    stage: str = _field("sft", "Only supervised fine-tuning.", ("sft",))
+    finetuning_type: str = _field("lora", "What is trained.", ("full", "freeze", "lora"))
+    freeze_trainable_layers: int = _field(2, "freeze: train the last N layers (first N when negative).")
+    freeze_trainable_modules: str = _field("all", "freeze: comma list of module names trained in those layers.")
+    freeze_extra_modules: Optional[str] = _field(None, "freeze: extra non-layer modules trained (e.g. embed_tokens).")
+    lora_rank: int = _field(8, "LoRA rank.")
+    lora_alpha: Optional[int] = _field(None, "LoRA alpha (default 2 x rank).")
+    lora_dropout: float = _field(0.0, "Dropout on the LoRA input.")
+    lora_target: str = _field("all", "'all' (every linear layer but lm_head) or a comma list of module names.")
+    additional_target: Optional[str] = _field(None, "Modules trained fully beside LoRA (e.g. embed_tokens,lm_head).")
+    use_rslora: bool = _field(False, "Scale LoRA by alpha / sqrt(rank).")
+    create_new_adapter: bool = _field(False, "Start a fresh adapter on top of adapter_name_or_path.")
+    pure_bf16: bool = _field(False, "Keep params in bf16 (no fp32 master copy).")
+    compute_accuracy: bool = _field(False, "Report token accuracy in evaluation.")
+    plot_loss: bool = _field(False, "Write training_loss.png at the end.")
+    disable_shuffling: bool = _field(False, "Keep the dataset order.")
+
+    # --- training loop ---
+    output_dir: Optional[str] = _field(None, "Where checkpoints, logs and results go.")
+    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
+    do_train: bool = _field(False, "Run training.")
+    do_eval: bool = _field(False, "Run evaluation.")
+    do_predict: bool = _field(False, "Run prediction on the evaluation data.")
+    predict_with_generate: bool = _field(False, "Generate text in predict and score it (ROUGE, BLEU-4).")
+    learning_rate: float = _field(5e-5, "Peak learning rate.")
+    num_train_epochs: float = _field(3.0, "Epochs (ignored when max_steps > 0).")
+    max_steps: int = _field(-1, "Optimizer steps; > 0 overrides num_train_epochs.")
+    per_device_train_batch_size: int = _field(8, "Rows per device per micro-batch.")
+    per_device_eval_batch_size: int = _field(8, "Rows per device in evaluation.")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step.")
+    optim: str = _field("adamw_torch", "Optimizer (adamw_*, adafactor, sgd).")
+    adam_beta1: float = _field(0.9, "AdamW beta1.")
+    adam_beta2: float = _field(0.999, "AdamW beta2.")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = _field("linear", "Learning-rate schedule.", LR_SCHEDULERS)
+    lr_scheduler_kwargs: dict = _field({}, "Schedule options, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.")
+    warmup_ratio: float = _field(0.0, "Warm-up as a fraction of all steps.")
+    warmup_steps: int = _field(0, "Warm-up steps (wins over warmup_ratio when > 0).")
+    weight_decay: float = _field(0.0, "Decoupled weight decay (never on norms and biases).")
+    max_grad_norm: float = _field(1.0, "Global gradient-norm clip (0 disables).")
+    logging_steps: float = _field(500, "Log every N steps.")
+    save_strategy: str = _field("steps", "When to save checkpoints.", ("steps", "epoch", "no"))
+    save_steps: float = _field(500, "Save a checkpoint every N steps.")
+    save_total_limit: Optional[int] = _field(None, "Keep at most this many checkpoints.")
+    eval_strategy: str = _field("no", "When to evaluate during training.", ("no", "steps", "epoch"))
+    eval_steps: Optional[float] = _field(None, "Evaluate every N steps (default: logging_steps).")
+    seed: int = _field(42, "Seed for init, shuffling and dropout.")
+    bf16: bool = _field(False, "Compute in bfloat16 (params stay fp32 unless pure_bf16).")
+    fp16: bool = _field(False, "Not supported: use bf16.")
+    resume_from_checkpoint: Union[bool, str, None] = _field(None, "true (latest in output_dir) or a path.")
+    report_to: Union[str, list, None] = _field("none", "'tensorboard' and/or 'none'.")
+    run_name: Optional[str] = _field(None, "A name for the run's logs.")
+    gradient_checkpointing: Optional[bool] = _field(None, "false sets remat_policy: none (LLaMA-Factory habit).")
+    ddp_timeout: Optional[int] = _field(None, "No effect: XLA collectives have no such timeout.")
+    dataloader_num_workers: Optional[int] = _field(None, "No effect: the grain pipeline is in-process.")
+    disable_tqdm: bool = _field(False, "Hide the progress bar.")
+
+    # --- generation ---
+    do_sample: bool = _field(True, "Sample instead of greedy decoding.")
+    temperature: float = _field(0.95, "Sampling temperature.")
+    top_p: float = _field(0.7, "Nucleus sampling mass.")
+    top_k: int = _field(50, "Top-k sampling.")
+    num_beams: int = _field(1, "Only 1 (beam search is not supported).")
+    max_new_tokens: int = _field(1024, "Tokens generated per prompt at most.")
+    repetition_penalty: float = _field(1.0, "Only 1.0 (no penalty) is supported.")
+    skip_special_tokens: bool = _field(True, "Drop special tokens when decoding.")
+
+    # --- export ---
+    export_dir: Optional[str] = _field(None, "Write a Hugging Face model (or PEFT adapter) here after training.")
+    export_size: int = _field(5, "Shard size of exported safetensors in GB.")
+    export_dtype: Optional[str] = _field(None, "dtype of exported weights (default bfloat16 for bf16 runs).", DTYPES)
+    export_adapter: bool = _field(False, "Export a PEFT adapter instead of merged weights (LoRA runs).")
+    export_device: Optional[str] = _field(None, "No effect: export runs on the host.")
+
+    # --- jaxsft: parallelism, kernels, numerics ---
+    mesh: dict = _field({"data": 1, "fsdp": -1, "tensor": 1},
+                        "Device mesh axis sizes; -1 takes the remaining devices.")
+    attention_impl: str = _field("auto", "Attention kernel.", ATTENTION_IMPLS)
+    remat_policy: Optional[str] = _field(None, "Rematerialization (default: full, or none when "
+                                               "gradient_checkpointing is false).", REMAT_POLICIES)
+    param_dtype: Optional[str] = _field(None, "dtype of stored params (default float32; bfloat16 with pure_bf16).",
+                                        DTYPES)
+    compute_dtype: Optional[str] = _field(None, "dtype of activations (default bfloat16 when bf16).", DTYPES)
+    skip_nonfinite_steps: bool = _field(False, "Skip an update whose loss or gradient is NaN/inf instead of stopping.")
+    coordinator_address: Optional[str] = _field(None, "Multi-host: host:port of process 0.")
+    num_processes: Optional[int] = _field(None, "Multi-host: number of processes.")
+    process_id: Optional[int] = _field(None, "Multi-host: this process's index.")
+
+    # ------------------------------------------------------------------
+    def resolved(self) -> "Config":
+        """Fill defaults that depend on other keys (pure: returns a new Config)."""
+        changes: dict[str, Any] = {}
+        if self.lora_alpha is None:
+            changes["lora_alpha"] = self.lora_rank * 2
+        if self.neat_packing:
+            changes["packing"] = True
+        elif self.packing is None:
+            changes["packing"] = False
+        if self.remat_policy is None:
+            changes["remat_policy"] = "none" if self.gradient_checkpointing is False else "full"
+        if self.param_dtype is None:
+            changes["param_dtype"] = "bfloat16" if self.pure_bf16 else "float32"
+        if self.compute_dtype is None:
+            changes["compute_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
+        if self.export_dtype is None:
+            changes["export_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
+        if self.eval_steps is None:
+            changes["eval_steps"] = self.logging_steps
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+# LLaMA-Factory keys that tune PyTorch/HF machinery jaxsft replaces; accepted, reported as no-ops.
+NO_EFFECT_KEYS = {
+    "overwrite_cache": "jaxsft tokenizes in memory; use tokenized_path to cache",
+    "ddp_timeout": "XLA collectives have no such timeout",
+    "dataloader_num_workers": "the grain pipeline runs in-process",
+    "export_device": "export runs on the host",
+}
+
+# Keys that are only accepted with these values (anything else is a feature we do not have).
+_ONLY_VALUES = {
+    "trust_remote_code": (False,),
+    "fp16": (False,),
+    "num_beams": (1,),
+    "repetition_penalty": (1.0,),
+}
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `dataset: 123` or a numeric template name
+    elif tp in (dict, list):
+        if isinstance(value, tp):
+            return value
+        if tp is list and isinstance(value, str):
+            return [value]
+    raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+# What to do instead, for LLaMA-Factory keys people often carry over.
+_UNSUPPORTED_HINTS = {
+    "deepspeed": "jaxsft shards params and optimizer state over the device `mesh` (fsdp axis) instead",
+    "fsdp": "use the `mesh` key, e.g. mesh: {fsdp: -1}",
+    "flash_attn": "use attention_impl: auto | xla | cudnn | pallas | splash",
+    "quantization_bit": "quantized (QLoRA) training is not available",
+    "use_unsloth": "jaxsft has its own compiled train step",
+    "use_dora": "DoRA is not available; use plain LoRA (optionally use_rslora)",
+    "pissa_init": "PiSSA initialisation is not available",
+    "rope_scaling": "jaxsft reads rope scaling from the model's config.json",
+    "use_galore": "GaLore is not available",
+    "gradient_checkpointing_kwargs": "use remat_policy",
+}
+
+
+def _check_key(key: str) -> None:
+    if key in FIELDS:
+        return
+    if key in LLAMAFACTORY_KEYS:
+        hint = _UNSUPPORTED_HINTS.get(key, "remove it (docs/config.md lists what is supported)")
+        raise ConfigError(f"key '{key}' is a LLaMA-Factory option that jaxsft does not support: {hint}")
+    close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    hint = f", did you mean '{close[0]}'?" if close else " (see docs/config.md for the keys)"
+    raise ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in _ONLY_VALUES.items():
+        if getattr(cfg, key) not in allowed:
+            hint = {"fp16": "; use bf16: true", "trust_remote_code": ": jaxsft never executes downloaded code"}
+            raise ConfigError(f"key '{key}': {getattr(cfg, key)!r} is not supported, only {allowed[0]!r}"
+                              f"{hint.get(key, '')}")
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"key '{name}': {value!r} is not one of {', '.join(map(repr, choices))}")
+    if not (cfg.optim.startswith("adamw") or cfg.optim in ("adafactor", "sgd")):
+        raise ConfigError(f"key 'optim': {cfg.optim!r} is not supported; use adamw_torch, adafactor or sgd")
+    if cfg.report_to is not None:
+        reports = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+        unsupported = [r for r in reports if r not in ("none", "tensorboard", "all")]
+        if unsupported:
+            raise ConfigError(f"key 'report_to': {unsupported} not supported; jaxsft writes trainer_log.jsonl and "
+                              f"TensorBoard events (use 'tensorboard' or 'none')")
+    positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "lora_rank", "max_new_tokens", "logging_steps", "save_steps")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"key '{key}' must be > 0, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "val_size", "lora_dropout"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.warmup_ratio > 1:
+        raise ConfigError(f"key 'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"key 'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    _validate_mesh(cfg.mesh)
+    if cfg.do_train or cfg.do_eval or cfg.do_predict:
+        for key in ("model_name_or_path", "output_dir"):
+            if getattr(cfg, key) is None:
+                raise ConfigError(f"key '{key}' is required to run (do_train/do_eval/do_predict)")
+        if cfg.template is None:
+            raise ConfigError("key 'template' is required to run: a template name, or 'auto' to use the "
+                              "tokenizer's own chat template")
+    if cfg.do_train and cfg.dataset is None:
+        raise ConfigError("key 'dataset' is required with do_train: true")
+    if (cfg.do_eval or cfg.do_predict) and not (cfg.eval_dataset or cfg.val_size > 0 or cfg.dataset):
+        raise ConfigError("do_eval/do_predict need data: set eval_dataset, or val_size with dataset")
+    if cfg.do_predict and not cfg.predict_with_generate:
+        raise ConfigError("do_predict needs predict_with_generate: true (jaxsft predicts by generating)")
+    if cfg.export_adapter and cfg.finetuning_type != "lora":
+        raise ConfigError("export_adapter: true needs finetuning_type: lora")
+
+
+def _validate_mesh(mesh: dict) -> None:
+    axes = ("data", "fsdp", "tensor")
+    for axis, size in mesh.items():
+        if axis not in axes:
+            close = difflib.get_close_matches(str(axis), axes, n=1)
+            hint = f", did you mean '{close[0]}'?" if close else f" (axes: {', '.join(axes)})"
+            raise ConfigError(f"unknown mesh axis '{axis}'{hint}")
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh axis '{axis}': size must be a positive int or -1, got {size!r}")
+    if sum(1 for s in mesh.values() if s == -1) > 1:
+        raise ConfigError("mesh: at most one axis may be -1 (it takes the remaining devices)")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if key.startswith("mesh."):  # mesh.data=2
+        return key, yaml.safe_load(raw)
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Type-check a flat dict of keys and build the resolved Config."""
+    kwargs: dict[str, Any] = {}
+    mesh_updates = {}
+    for key, value in values.items():
+        if key.startswith("mesh."):
+            mesh_updates[key.split(".", 1)[1]] = value
+            continue
+        _check_key(key)
+        kwargs[key] = _coerce(key, value, _TYPES[key])
+    if mesh_updates:
+        kwargs["mesh"] = {**kwargs.get("mesh", FIELDS["mesh"].default_factory()), **mesh_updates}
+    cfg = Config(**kwargs)
+    _validate(cfg)
+    return cfg.resolved()
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read a YAML file (may be None) and apply key=value overrides on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    try:
+        return build_config(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def ignored_settings(cfg: Config) -> dict[str, str]:
+    """Keys the user set that jaxsft accepts but that have no effect here, with why."""
+    return {key: why for key, why in NO_EFFECT_KEYS.items()
+            if getattr(cfg, key) != FIELDS[key].default}

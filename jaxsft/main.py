@@ -1,0 +1,127 @@
+"""Entry point: `python -m jaxsft.main --config cfg.yaml [key=value ...]`.
+
+Reads and validates the config, says what it will run, then runs the configured stages in order:
+train, eval, predict, export. Errors a person must fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from jaxsft.config import Config, ConfigError, ignored_settings, load_config
+
+
+class StageNotImplemented(RuntimeError):
+    """A stage the config asks for that this version of jaxsft does not have yet."""
+
+
+def _not_implemented(name: str) -> Callable[[Config], None]:
+    def stage(cfg: Config) -> None:
+        raise StageNotImplemented(f"stage '{name}' is not implemented yet in this version of jaxsft")
+    return stage
+
+
+def _stages() -> dict[str, Callable[[Config], None]]:
+    """Stage name -> runner. Imported lazily so `--dry_run` never pays for JAX start-up."""
+    return {
+        "train": _not_implemented("train"),
+        "eval": _not_implemented("eval"),
+        "predict": _not_implemented("predict"),
+        "export": _not_implemented("export"),
+    }
+
+
+def planned_stages(cfg: Config) -> list[str]:
+    stages = []
+    if cfg.do_train:
+        stages.append("train")
+    if cfg.do_eval:
+        stages.append("eval")
+    if cfg.do_predict:
+        stages.append("predict")
+    if cfg.export_dir:
+        stages.append("export")
+    return stages
+
+
+def describe(cfg: Config) -> str:
+    """A short human summary of what the run will do."""
+    stages = planned_stages(cfg)
+    lines = [f"jaxsft: stages: {', '.join(stages) if stages else 'none (set do_train, do_eval, do_predict or export_dir)'}"]
+    lines.append(f"  model: {cfg.model_name_or_path}  template: {cfg.template}  finetuning: {cfg.finetuning_type}"
+                 + (f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
+                    if cfg.finetuning_type == "lora" else ""))
+    lines.append(f"  data: {cfg.dataset} (dir {cfg.dataset_dir})  cutoff_len: {cfg.cutoff_len}  "
+                 f"packing: {cfg.packing}  val_size: {cfg.val_size}")
+    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
+    lines.append(f"  optim: {cfg.optim} lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {steps}, "
+                 f"batch {cfg.per_device_train_batch_size}/device x {cfg.gradient_accumulation_steps} accumulation")
+    lines.append(f"  mesh: {cfg.mesh}  attention: {cfg.attention_impl}  remat: {cfg.remat_policy}  "
+                 f"params {cfg.param_dtype} / compute {cfg.compute_dtype}")
+    lines.append(f"  output_dir: {cfg.output_dir}")
+    for key, why in ignored_settings(cfg).items():
+        lines.append(f"  note: '{key}' has no effect in jaxsft: {why}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxsft.main",
+        description="Supervised fine-tuning in JAX. Keys follow LLaMA-Factory's SFT YAML.")
+    parser.add_argument("config_file", nargs="?", help="YAML config (same as --config)")
+    parser.add_argument("--config", dest="config", help="YAML config file")
+    parser.add_argument("--dry_run", action="store_true", help="validate and describe the run, then stop")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML")
+    args, unknown = parser.parse_known_args(argv)
+    # `--key value` / `--key=value` overrides as LLaMA-Factory's CLI takes them.
+    extra, i = [], 0
+    while i < len(unknown):
+        token = unknown[i]
+        if not token.startswith("--"):
+            extra.append(token)
+        elif "=" in token:
+            extra.append(token[2:])
+        elif i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
+            extra.append(f"{token[2:]}={unknown[i + 1]}")
+            i += 1
+        else:
+            extra.append(f"{token[2:]}=true")
+        i += 1
+    if args.config_file and "=" in args.config_file:  # first positional was an override, not a file
+        args.overrides.insert(0, args.config_file)
+        args.config_file = None
+    if args.config and args.config_file:
+        parser.error("give the config once: either --config FILE or FILE")
+    args.config = args.config or args.config_file
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
+def run(cfg: Config, stages: dict[str, Callable[[Config], None]] | None = None) -> None:
+    stages = stages or _stages()
+    for name in planned_stages(cfg):
+        stages[name](cfg)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(cfg), flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        run(cfg)
+    except (ConfigError, StageNotImplemented) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

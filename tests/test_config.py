@@ -1,0 +1,164 @@
+"""Config: YAML + overrides, LLaMA-Factory keys, did-you-mean, type checks, CLI exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxsft.config import ConfigError, load_config
+from jaxsft.main import cli, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A LLaMA-Factory example SFT YAML (examples/train_lora/llama3_lora_sft.yaml), as users write it.
+LLAMAFACTORY_LORA_SFT = """
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: false
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def lf_config(tmp_path, drop=()):
+    values = yaml.safe_load(LLAMAFACTORY_LORA_SFT)
+    for key in drop:
+        values.pop(key)
+    return write(tmp_path, yaml.safe_dump(values))
+
+
+def test_llamafactory_yaml_loads_with_meanings(tmp_path):
+    # save_only_model is an HF key jaxsft does not implement: the one edit this YAML needs.
+    cfg = load_config(lf_config(tmp_path, drop=["save_only_model"]))
+    assert cfg.finetuning_type == "lora" and cfg.lora_rank == 8 and cfg.lora_alpha == 16
+    assert cfg.dataset == "identity,alpaca_en_demo" and cfg.cutoff_len == 2048
+    assert cfg.learning_rate == pytest.approx(1e-4) and cfg.lr_scheduler_type == "cosine"
+    assert cfg.compute_dtype == "bfloat16" and cfg.param_dtype == "float32"
+    assert cfg.gradient_accumulation_steps == 8 and cfg.packing is False
+
+
+def test_unsupported_llamafactory_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="key 'save_only_model' is a LLaMA-Factory option that jaxsft does not support"):
+        load_config(lf_config(tmp_path))
+
+
+def test_typo_gets_did_you_mean(tmp_path):
+    path = write(tmp_path, "lora_rnak: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'lora_rnak', did you mean 'lora_rank'\?"):
+        load_config(path)
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    path = lf_config(tmp_path, drop=["save_only_model"])
+    cfg = load_config(path, ["lora_rank=16", "learning_rate=2e-5", "packing=true", "mesh.data=2"])
+    assert cfg.lora_rank == 16 and cfg.lora_alpha == 32
+    assert cfg.learning_rate == pytest.approx(2e-5)
+    assert cfg.packing is True
+    assert cfg.mesh == {"data": 2, "fsdp": -1, "tensor": 1}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora_rank: eight\n", "key 'lora_rank': expected int, got 'eight'"),
+    ("bf16: maybe\n", "key 'bf16': expected bool"),
+    ("learning_rate: fast\n", "key 'learning_rate': expected float"),
+    ("lr_scheduler_type: cosine_restarts\n", "key 'lr_scheduler_type': 'cosine_restarts' is not one of"),
+    ("finetuning_type: oft\n", "key 'finetuning_type': 'oft' is not one of"),
+    ("fp16: true\n", "key 'fp16': True is not supported, only False; use bf16: true"),
+    ("trust_remote_code: true\n", "jaxsft never executes downloaded code"),
+    ("mesh: {data: 2, fdsp: 4}\n", "unknown mesh axis 'fdsp', did you mean 'fsdp'?"),
+    ("mesh: {data: -1, fsdp: -1}\n", "at most one axis may be -1"),
+    ("cutoff_len: 0\n", "key 'cutoff_len' must be > 0"),
+    ("do_train: true\nmodel_name_or_path: m\noutput_dir: o\ntemplate: llama3\n",
+     "key 'dataset' is required with do_train"),
+    ("deepspeed: ds_z3.json\n", "key 'deepspeed' is a LLaMA-Factory option that jaxsft does not support"),
+    ("optim: lion\n", "key 'optim': 'lion' is not supported"),
+    ("report_to: wandb\n", "key 'report_to'"),
+    ("- a\n- b\n", "the top level must be a mapping"),
+])
+def test_bad_config_messages(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+    assert str(tmp_path) in str(info.value)  # errors name the file
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+
+
+def test_cli_accepts_llamafactory_style_flags():
+    args = parse_args(["cfg.yaml", "lora_rank=4", "--learning_rate", "3e-4", "--bf16"])
+    assert args.config == "cfg.yaml"
+    assert args.overrides == ["lora_rank=4", "learning_rate=3e-4", "bf16=true"]
+
+
+def test_cli_error_exits_nonzero_with_message(tmp_path, capsys):
+    assert cli(["--config", write(tmp_path, "lora_rnak: 8\n")]) == 2
+    assert "unknown key 'lora_rnak', did you mean 'lora_rank'?" in capsys.readouterr().err
+
+
+def test_cli_missing_file(capsys):
+    assert cli(["--config", "/nonexistent/cfg.yaml"]) == 2
+    assert "config file not found: /nonexistent/cfg.yaml" in capsys.readouterr().err
+
+
+def test_main_module_reports_plan_and_exits_nonzero_on_error(tmp_path):
+    path = lf_config(tmp_path, drop=["save_only_model"])
+    ok = subprocess.run([sys.executable, "-m", "jaxsft.main", "--config", path, "--dry_run"],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert "stages: train" in ok.stdout and "finetuning: lora (rank 8, alpha 16" in ok.stdout
+    assert "'ddp_timeout' has no effect" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "jaxsft.main", path, "lora_rnak=8"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert "unknown key 'lora_rnak', did you mean 'lora_rank'?" in bad.stderr
+
+
+def test_config_docs_are_current():
+    result = subprocess.run([sys.executable, "tools/config_docs.py", "--check"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
