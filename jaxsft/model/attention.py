@@ -1,0 +1,107 @@
+"""Causal, segment-aware attention behind one function, with a table of implementations.
+
+A query token sees a key token when both belong to the same segment and the key's position is not
+after the query's (and, with a sliding window, within the window). Segment 0 is padding: pads only
+see pads, so no row is fully masked and nothing becomes NaN; their outputs are never used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a row that happens to be fully masked gives a finite average instead of NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    seg_q_BT: jax.Array,
+    seg_kv_BS: jax.Array,
+    pos_q_BT: jax.Array,
+    pos_kv_BS: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean [B, T, S]: True where query t may attend to key s."""
+    mask_BTS = seg_q_BT[:, :, None] == seg_kv_BS[:, None, :]
+    mask_BTS &= pos_kv_BS[:, None, :] <= pos_q_BT[:, :, None]
+    if sliding_window is not None:
+        mask_BTS &= pos_kv_BS[:, None, :] > pos_q_BT[:, :, None] - sliding_window
+    return mask_BTS
+
+
+def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
+    """Reference einsum attention. GQA by grouping query heads; K/V are never repeated."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    logits_BKGTS = jnp.einsum(
+        "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
+    ) * (D**-0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
+    return out_BTKGD.reshape(B, T, H, D)
+
+
+def _not_yet(name: str, backend: str) -> Callable:
+    def impl(*args, **kwargs):
+        raise NotImplementedError(
+            f"attention impl {name!r} ({backend}) is planned but not implemented yet; use impl='xla'"
+        )
+
+    return impl
+
+
+# name -> (platforms it runs on or None for any, fn(q, k, v, mask) -> out). Fused kernels that take
+# segment ids directly (pallas, splash) or lengths/offsets (cudnn) replace the mask argument when
+# they are added; the public `attention` signature stays.
+ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
+    "xla": (None, _xla_attention),
+    "cudnn": (("gpu", "cuda"), _not_yet("cudnn", "jax.nn.dot_product_attention(implementation='cudnn')")),
+    "pallas": (("gpu", "cuda"), _not_yet("pallas", "Pallas GPU flash attention")),
+    "splash": (("tpu",), _not_yet("splash", "TPU splash attention")),
+}
+
+
+def attention(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    segment_ids_q_BT: jax.Array,
+    segment_ids_kv_BS: jax.Array,
+    *,
+    impl: str = "xla",
+    q_positions_BT: jax.Array | None = None,
+    kv_positions_BS: jax.Array | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention output [B, T, H, D]. H must be a multiple of K (GQA).
+
+    Positions order tokens for the causal mask; they default to indices, with the T queries being
+    the last T of the S keys. Decoding passes the cache's positions, so empty cache slots (segment
+    0) are masked whatever their index.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
+    platforms, fn = ATTENTION_IMPLS[impl]
+    backend = jax.default_backend()
+    if platforms is not None and backend not in platforms:
+        raise ValueError(
+            f"attention impl {impl!r} needs a {'/'.join(platforms)} backend, but JAX runs on "
+            f"{backend!r}; use impl='xla'"
+        )
+    H, K = q_BTHD.shape[2], k_BSKD.shape[2]
+    if H % K:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
+    B, T = segment_ids_q_BT.shape
+    S = segment_ids_kv_BS.shape[1]
+    if q_positions_BT is None:
+        q_positions_BT = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
+    if kv_positions_BS is None:
+        kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    mask_BTS = attention_mask(
+        segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS, sliding_window
+    )
+    return fn(q_BTHD, k_BSKD, v_BSKD, mask_BTS)

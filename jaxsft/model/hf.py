@@ -1,0 +1,182 @@
+"""Hugging Face checkpoints <-> the param tree: config.json and safetensors, tensor by tensor.
+
+Only safetensors are read; pickled `.bin` checkpoints are refused (loading pickle runs code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.transformer import init_params
+
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    INDEX_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+# Buffers some older checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub repo id, downloaded unless HF_HUB_OFFLINE is set."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        raise FileNotFoundError(
+            f"{name_or_path!s} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be "
+            "downloaded; pass a local checkpoint directory or unset HF_HUB_OFFLINE"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+
+
+def load_hf_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    path = resolve_model_path(name_or_path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return ModelConfig.from_hf(json.loads(config_file.read_text()))
+
+
+def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Path -> shape of every leaf the tree must hold for cfg (no arrays are made)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
+
+
+def _hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, bool]:
+    """HF tensor name of one (per-layer) leaf, and whether it is stored transposed ([out, in])."""
+    *modules, leaf = path
+    suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
+    if modules == ["lm_head"]:
+        return "lm_head.weight", True
+    if modules[0] == "layers":
+        modules = ["layers", str(layer), *modules[1:]]
+    return "model." + ".".join([*modules, suffix]), leaf == "kernel"
+
+
+def _hf_index(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+    """HF name -> (tree path, layer index or None, transposed)."""
+    index = {}
+    for path in _leaf_paths(cfg):
+        layers = range(cfg.num_layers) if path[0] == "layers" else [None]
+        for i in layers:
+            name, transposed = _hf_name(path, i)
+            index[name] = (path, i, transposed)
+    return index
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_file} lists shard(s) that are not there: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        hint = (
+            f" It has {', '.join(pickles)}: pickled PyTorch weights are not loaded (unpickling runs code); "
+            "convert them to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(out, safe_serialization=True)` in a trusted environment."
+            if pickles
+            else ""
+        )
+        raise FileNotFoundError(f"no *.safetensors in {path}.{hint}")
+    return files
+
+
+def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """Param tree of host numpy arrays in `dtype`, read one tensor at a time into preallocated
+    stacked arrays (host memory stays near one copy of the model). Place it on devices with
+    `jax.device_put(params, shardings)`."""
+    path = resolve_model_path(name_or_path)
+    np_dtype = np.dtype(dtype)
+    index = _hf_index(cfg)
+    params: dict = {}
+    for leaf_path, shape in _leaf_paths(cfg).items():
+        _tree_set(params, leaf_path, np.empty(shape, np_dtype))
+    seen: dict[str, Path] = {}
+    # The flax framework reads bf16 (numpy's cannot); keep those arrays on the host CPU device.
+    cpu = jax.devices("cpu")[0]
+    for file in _safetensors_files(path):
+        with jax.default_device(cpu), safe_open(file, framework="flax") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if name not in index:
+                    raise ValueError(
+                        f"{file}: unexpected tensor {name!r} for a {cfg.family} model with "
+                        f"{cfg.num_layers} layers (tie_word_embeddings={cfg.tie_word_embeddings})"
+                    )
+                if name in seen:
+                    raise ValueError(f"{file}: tensor {name!r} was already read from {seen[name]}")
+                leaf_path, layer, transposed = index[name]
+                target = params
+                for key in leaf_path:
+                    target = target[key]
+                slot = target if layer is None else target[layer]
+                value = np.asarray(f.get_tensor(name))
+                if transposed:
+                    value = value.T
+                if value.shape != slot.shape:
+                    raise ValueError(
+                        f"{file}: tensor {name!r} has shape {value.shape[::-1] if transposed else value.shape}, "
+                        f"expected {slot.shape[::-1] if transposed else slot.shape} from config.json"
+                    )
+                slot[...] = value
+                seen[name] = file
+    missing = sorted(set(index) - set(seen))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"{path}: checkpoint is missing tensor(s): {shown}")
+    return params
+
+
+def params_to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF tensor names and shapes ([out, in] linear weights), as host numpy arrays in the params'
+    dtype. Adapters must be merged first."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    state = {}
+    for key_path, leaf in flat:
+        path = tuple(k.key for k in key_path)
+        if path[-1] in ("lora_a", "lora_b"):
+            raise ValueError(f"params hold LoRA adapter {'/'.join(path)}; merge adapters before export")
+        value = np.asarray(leaf)
+        layers = range(cfg.num_layers) if path[0] == "layers" else [None]
+        for i in layers:
+            name, transposed = _hf_name(path, i)
+            tensor = value if i is None else value[i]
+            state[name] = np.ascontiguousarray(tensor.T if transposed else tensor)
+    return state

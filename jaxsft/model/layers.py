@@ -1,0 +1,76 @@
+"""Small pure building blocks: dense (with the LoRA hook), RMSNorm, rotary embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.model.config import ModelConfig
+
+
+def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None) -> jax.Array:
+    """`x @ kernel (+ bias) (+ lora_scale * (x @ lora_a) @ lora_b)`, computed in x's dtype.
+
+    Params may be stored wider than the compute dtype; they are cast at use. The LoRA update goes
+    through the rank-r bottleneck so W + AB is never materialized.
+    """
+    y_BTO = x_BTI @ p["kernel"].astype(x_BTI.dtype)
+    if "bias" in p:
+        y_BTO = y_BTO + p["bias"].astype(x_BTI.dtype)
+    if "lora_a" in p:
+        if lora_scale is None:
+            raise ValueError("params hold lora_a/lora_b adapters but no lora_scale was given")
+        a_IR = p["lora_a"].astype(x_BTI.dtype)
+        b_RO = p["lora_b"].astype(x_BTI.dtype)
+        y_BTO = y_BTO + lora_scale * ((x_BTI @ a_IR) @ b_RO)
+    return y_BTO
+
+
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as Hugging Face computes it: normalize in fp32, cast back, then scale."""
+    x32 = x_BTD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale_D.astype(x_BTD.dtype) * x32.astype(x_BTD.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies [head_dim // 2], float32, as transformers computes them."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.rope_type == "linear":
+        return (inv_freq / rs.factor).astype(np.float32)
+    if rs.rope_type == "llama3":
+        # transformers.modeling_rope_utils._compute_llama3_parameters, line for line.
+        old_len = rs.original_max_position_embeddings
+        low_freq_wavelen = old_len / rs.low_freq_factor
+        high_freq_wavelen = old_len / rs.high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * inv_freq_llama / rs.factor + smooth * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+    raise ValueError(f"unsupported rope_scaling type {rs.rope_type!r}")
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim] for per-token positions (computed in fp32, then cast)."""
+    inv_freq_K = jnp.asarray(rope_inv_freq(cfg))
+    freqs_BTK = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K
+    emb_BTD = jnp.concatenate([freqs_BTK, freqs_BTK], axis=-1)
+    return jnp.cos(emb_BTD).astype(dtype), jnp.sin(emb_BTD).astype(dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax.Array:
+    """HF's rotate_half convention: the two halves of head_dim form the rotated pairs."""
+    half = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :half], x_BTHD[..., half:]
+    rotated_BTHD = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BTHD * cos_BTD[:, :, None, :] + rotated_BTHD * sin_BTD[:, :, None, :]
