@@ -1,0 +1,346 @@
+"""Where rows come from: `dataset_info.json` entries, local files, saved HF datasets, the hub.
+
+`dataset: a,b` names entries of `<dataset_dir>/dataset_info.json` (LLaMA-Factory's registry: `file_name`,
+`hf_hub_url`, `formatting`, `columns`, `tags`, `split`, `num_samples`) or paths to json / jsonl / csv /
+parquet / arrow files or to a folder saved with `datasets.Dataset.save_to_disk`. Paths named by the registry
+must stay inside `dataset_dir`; the user's own config may name any absolute path.
+
+Mixing and splitting reuse Hugging Face `datasets` on index tables, so `interleave_*` and `val_size` pick
+exactly the rows LLaMA-Factory picks for the same seed.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REGISTRY = "dataset_info.json"
+FILE_TYPES = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+
+
+@dataclass
+class DatasetAttr:
+    """One dataset: where it is and how its columns map (LF's `parser.DatasetAttr`, text-only)."""
+
+    name: str
+    load_from: str  # "file" | "disk" | "hf_hub"
+    path: str
+    formatting: str = "alpaca"
+    ranking: bool = False
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+    system: str | None = None
+    tools: str | None = None
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    response: str | None = "output"
+    history: str | None = None
+    messages: str | None = "conversations"
+    role_tag: str | None = "from"
+    content_tag: str | None = "value"
+    user_tag: str | None = "human"
+    assistant_tag: str | None = "gpt"
+    observation_tag: str | None = "observation"
+    function_tag: str | None = "function_call"
+    system_tag: str | None = "system"
+
+    def join(self, info: dict[str, Any]) -> None:
+        """Apply a registry entry's `formatting`, `columns`, `tags`, ... (LF's `DatasetAttr.join`)."""
+        for key, default in (("formatting", "alpaca"), ("ranking", False), ("subset", None), ("split", "train"),
+                             ("folder", None), ("num_samples", None)):
+            setattr(self, key, info.get(key, default))
+        if "columns" in info:  # LF sets every column, absent ones to None
+            for key in ("prompt", "query", "response", "history", "messages", "system", "tools"):
+                setattr(self, key, info["columns"].get(key))
+        if "tags" in info:
+            for key in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+                        "system_tag"):
+                setattr(self, key, info["tags"].get(key))
+        if self.formatting not in ("alpaca", "sharegpt", "openai"):
+            raise ValueError(f"dataset {self.name!r}: unknown formatting {self.formatting!r} "
+                             "(use alpaca, sharegpt or openai)")
+
+
+def split_names(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return [str(item).strip() for item in value]
+
+
+def _read_registry(dataset_dir: str) -> dict[str, Any] | None:
+    path = Path(dataset_dir) / REGISTRY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _inside(base: Path, relative: str, what: str) -> Path:
+    if os.path.isabs(relative):
+        raise ValueError(f"{what}: absolute path {relative!r} in {REGISTRY}; registry paths are relative to "
+                         f"dataset_dir ({base}). Put an absolute path in your own config instead.")
+    path = (base / relative).resolve()
+    if path != base.resolve() and base.resolve() not in path.parents:
+        raise ValueError(f"{what}: path {relative!r} escapes dataset_dir ({base}); '..' is not allowed in "
+                         f"{REGISTRY}. Put an absolute path in your own config instead.")
+    return path
+
+
+def _detect(attr: DatasetAttr, first: dict[str, Any]) -> None:
+    """Guess the format of a file named directly (not through the registry) from its first row."""
+    for key in ("conversations", "messages"):
+        turns = first.get(key)
+        if isinstance(turns, list):
+            attr.formatting, attr.messages = "sharegpt", key
+            if turns and isinstance(turns[0], dict) and "role" in turns[0]:
+                attr.role_tag, attr.content_tag, attr.user_tag, attr.assistant_tag = "role", "content", "user", \
+                    "assistant"
+                attr.observation_tag, attr.function_tag = "tool", "function_call"
+            attr.system = "system" if "system" in first else None
+            attr.tools = "tools" if "tools" in first else None
+            return
+    attr.formatting = "alpaca"
+    attr.system = "system" if "system" in first else None
+    attr.history = "history" if "history" in first else None
+
+
+def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[DatasetAttr]:
+    """Dataset names / paths -> DatasetAttr list, with errors that say what exists."""
+    names = split_names(names)
+    registry = _read_registry(dataset_dir) if dataset_dir != "ONLINE" else None
+    base = Path(dataset_dir)
+    attrs = []
+    for name in names:
+        if registry is not None and name in registry:
+            info = registry[name]
+            if "file_name" in info:
+                path = _inside(base, info["file_name"], f"dataset {name!r}")
+                if not path.exists():
+                    raise FileNotFoundError(
+                        f"dataset {name!r} in {base / REGISTRY} names {info['file_name']!r}, which is not in "
+                        f"{base.resolve()}. Add the file there, or use one of the datasets present: "
+                        f"{', '.join(present_datasets(dataset_dir)) or '(none)'}."
+                    )
+                attr = DatasetAttr(name, "disk" if _is_saved_dataset(path) else "file", str(path))
+            elif "hf_hub_url" in info:
+                attr = DatasetAttr(name, "hf_hub", info["hf_hub_url"])
+            else:
+                kinds = ", ".join(k for k in info if k.endswith("_url") or k.endswith("_name")) or "no source"
+                raise ValueError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
+                                 "(local) and hf_hub_url (online) entries.")
+            attr.join(info)
+            if attr.ranking:
+                raise ValueError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
+            attrs.append(attr)
+            continue
+        path = _local_path(name, base)
+        if path is not None:
+            attr = DatasetAttr(name, "disk" if _is_saved_dataset(path) else "file", str(path))
+            _detect(attr, _first_row(attr))
+            attrs.append(attr)
+        elif dataset_dir == "ONLINE" or (registry is None and "/" in name and not name.startswith((".", "/"))):
+            attrs.append(DatasetAttr(name, "hf_hub", name))
+        else:
+            known = sorted(registry) if registry else []
+            hint = difflib.get_close_matches(name, known, n=3)
+            raise ValueError(
+                f"Unknown dataset {name!r}: not an entry of {base / REGISTRY}"
+                + (" (no such file)" if registry is None else "")
+                + f" and no file or folder at that path. "
+                + (f"Did you mean {', '.join(hint)}? " if hint else "")
+                + (f"Datasets present in {dataset_dir}: {', '.join(present_datasets(dataset_dir))}." if known else "")
+            )
+    return attrs
+
+
+def present_datasets(dataset_dir: str) -> list[str]:
+    """Registry entries whose files exist (what a user can train on right now)."""
+    registry = _read_registry(dataset_dir) or {}
+    return sorted(n for n, info in registry.items() if "file_name" in info
+                  and (Path(dataset_dir) / info["file_name"]).exists())
+
+
+def _local_path(name: str, base: Path) -> Path | None:
+    if os.path.isabs(name):
+        return Path(name) if Path(name).exists() else None
+    candidate = base / name
+    if candidate.exists():
+        return _inside(base, name, f"dataset {name!r}")
+    if Path(name).exists():  # relative to the working directory: the user's own path
+        return Path(name).resolve()
+    return None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                              or (path / "state.json").exists())
+
+
+def _file_type(attr: DatasetAttr) -> tuple[str, list[str]]:
+    path = Path(attr.path)
+    files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
+    types = {FILE_TYPES.get(Path(f).suffix[1:]) for f in files}
+    if None in types or len(types) != 1:
+        raise ValueError(f"dataset {attr.name!r} ({attr.path}): files must all be one of "
+                         f"{', '.join(sorted(FILE_TYPES))}; found {', '.join(Path(f).name for f in files)}.")
+    return types.pop(), files
+
+
+def _read_json(file: str) -> list[Any]:
+    text = Path(file).read_text(encoding="utf-8")
+    if file.endswith(".jsonl") or (not text.lstrip().startswith("[")):
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}, line {line_no} (row {len(rows)}): invalid JSON: {e}") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{file}: expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def _hf_dataset(attr: DatasetAttr, streaming: bool):
+    import datasets
+
+    if attr.load_from == "disk":
+        ds = datasets.load_from_disk(attr.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if attr.split not in ds:
+                raise ValueError(f"dataset {attr.name!r} ({attr.path}) has splits {list(ds)}, not {attr.split!r}")
+            ds = ds[attr.split]
+        return ds.to_iterable_dataset() if streaming else ds
+    if attr.load_from == "hf_hub":
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise ValueError(f"dataset {attr.name!r} is on the hub ({attr.path}) but the hub is offline "
+                             "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it and name the local path.")
+        return datasets.load_dataset(attr.path, name=attr.subset, data_dir=attr.folder, split=attr.split,
+                                     streaming=streaming)
+    kind, files = _file_type(attr)
+    return datasets.load_dataset(kind, data_files=files, split=attr.split, streaming=streaming)
+
+
+def _first_row(attr: DatasetAttr) -> dict[str, Any]:
+    for row in iter_rows(attr):
+        return row if isinstance(row, dict) else {}
+    return {}
+
+
+def load_rows(attr: DatasetAttr, max_samples: int | None = None, seed: int = 42) -> Sequence[dict[str, Any]]:
+    """All rows of one dataset, random access (a list, or a Hugging Face Dataset for columnar files)."""
+    if attr.load_from == "file" and _file_type(attr)[0] == "json":
+        rows: Sequence = [row for f in _file_type(attr)[1] for row in _read_json(f)]
+    else:
+        rows = _hf_dataset(attr, streaming=False)
+    if attr.num_samples is not None:  # LF: a permutation, repeated (with replacement) past the dataset size
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(rows))[:attr.num_samples]
+        if attr.num_samples > len(idx):
+            idx = np.concatenate([idx, rng.choice(len(rows), attr.num_samples - len(idx))])
+        rows = _Select(rows, idx.tolist())
+    if max_samples is not None:
+        rows = _Select(rows, list(range(min(max_samples, len(rows)))))
+    return rows
+
+
+def iter_rows(attr: DatasetAttr) -> Iterator[dict[str, Any]]:
+    """Rows one at a time, without loading the dataset into memory (jsonl is read line by line)."""
+    if attr.load_from == "file":
+        kind, files = _file_type(attr)
+        if kind == "json":
+            for file in files:
+                if file.endswith(".jsonl"):
+                    with open(file, encoding="utf-8") as f:
+                        for line_no, line in enumerate(f, 1):
+                            if line.strip():
+                                try:
+                                    yield json.loads(line)
+                                except json.JSONDecodeError as e:
+                                    raise ValueError(f"{file}, line {line_no}: invalid JSON: {e}") from None
+                else:
+                    yield from _read_json(file)
+            return
+    yield from _hf_dataset(attr, streaming=True)
+
+
+class _Select(Sequence):
+    def __init__(self, rows: Sequence, indices: list[int]):
+        self.rows, self.indices = rows, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.rows[self.indices[i]]
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """A row of the merged dataset: which source, which row in it."""
+
+    source: int
+    row: int
+
+
+def mix(lengths: list[int], strategy: str, probs: list[float] | None, seed: int) -> list[RowRef]:
+    """The merged row order for datasets of these sizes: LF's `merge_dataset` (concat or HF interleave)."""
+    if len(lengths) == 1 or strategy == "concat":
+        return [RowRef(s, r) for s, n in enumerate(lengths) for r in range(n)]
+    if not strategy.startswith("interleave"):
+        raise ValueError(f"Unknown mix_strategy {strategy!r}: use concat, interleave_under or interleave_over.")
+    import datasets
+
+    tables = [datasets.Dataset.from_dict({"s": [s] * n, "r": list(range(n))}) for s, n in enumerate(lengths)]
+    mixed = datasets.interleave_datasets(
+        tables, probabilities=probs, seed=seed,
+        stopping_strategy="first_exhausted" if strategy.endswith("under") else "all_exhausted",
+    )
+    return [RowRef(s, r) for s, r in zip(mixed["s"], mixed["r"])]
+
+
+def split(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) positions: HF `train_test_split` with LF's arguments, so the same rows go to eval."""
+    if val_size <= 1e-6:
+        return list(range(n)), []
+    import datasets
+
+    size = int(val_size) if val_size > 1 else val_size
+    parts = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=size, seed=seed)
+    return list(parts["train"]["i"]), list(parts["test"]["i"])
+
+
+def parse_probs(value: str | Sequence[float] | None, n: int, strategy: str) -> list[float] | None:
+    if value is None:
+        return None
+    if strategy == "concat":
+        raise ValueError("interleave_probs is only valid with mix_strategy interleave_under or interleave_over.")
+    probs = [float(p) for p in split_names(value)] if isinstance(value, str) else [float(p) for p in value]
+    if len(probs) != n:
+        raise ValueError(f"interleave_probs has {len(probs)} values for {n} datasets.")
+    return probs
+
+
+def loader(attr: DatasetAttr) -> Callable[[], Iterator[dict[str, Any]]]:
+    return lambda: iter_rows(attr)
+
+
+def replace(attr: DatasetAttr, **kw) -> DatasetAttr:
+    return dataclasses.replace(attr, **kw)

@@ -1,0 +1,61 @@
+"""One conversation -> (input_ids, labels), exactly as LLaMA-Factory 0.9.x `SupervisedDatasetProcessor`."""
+
+from jaxsft.data.formats import Conversation
+from jaxsft.data.templates import Encoder
+
+IGNORE_INDEX = -100
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LF's truncation budget for one (prompt, response) pair given `cutoff_len` tokens left."""
+    if target_len * 2 < cutoff_len:  # truncate the source
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:  # truncate the target
+        max_target_len = cutoff_len - source_len
+    else:  # truncate both, in proportion
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
+def encode_supervised(
+    conversation: Conversation, tokenizer, template: Encoder, cutoff_len: int, train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE_INDEX where nothing is learned) of one conversation.
+
+    Pairs are truncated turn by turn with `infer_seqlen`; with `mask_history` they are visited last-first (the
+    last turn wins the budget and alone keeps labels) and put back in order. `efficient_eos` templates learn
+    the EOS closing each answer on the first token of the next prompt and append one final EOS.
+    """
+    pairs = template.encode_multiturn(tokenizer, conversation.messages, conversation.system, conversation.tools)
+    eos = tokenizer.eos_token_id
+    input_ids: list[int] = []
+    labels: list[int] = []
+    total_length = 1 if template.efficient_eos else 0
+    if mask_history:
+        pairs = pairs[::-1]
+    for turn_idx, (source_ids, target_ids) in enumerate(pairs):
+        if total_length >= cutoff_len:
+            break
+        source_len, target_len = infer_seqlen(len(source_ids), len(target_ids), cutoff_len - total_length)
+        source_ids, target_ids = source_ids[:source_len], target_ids[:target_len]
+        total_length += source_len + target_len
+        if train_on_prompt:
+            source_label = source_ids
+        elif template.efficient_eos and turn_idx != 0 and source_len > 0:  # LF has no `source_len > 0`: an
+            source_label = [eos] + [IGNORE_INDEX] * (source_len - 1)  # empty prompt would misalign its labels
+        else:
+            source_label = [IGNORE_INDEX] * source_len
+        target_label = [IGNORE_INDEX] * target_len if mask_history and turn_idx != 0 else target_ids
+        if mask_history:
+            input_ids = source_ids + target_ids + input_ids
+            labels = source_label + target_label + labels
+        else:
+            input_ids += source_ids + target_ids
+            labels += source_label + target_label
+    if template.efficient_eos:
+        input_ids += [eos]
+        labels += [eos]
+    return input_ids, labels
