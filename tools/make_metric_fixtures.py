@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import EvalPrediction, PreTrainedTokenizerFast
 
 import llamafactory
+from llamafactory.extras.ploting import smooth
 from llamafactory.train.sft.metric import ComputeAccuracy, ComputeSimilarity, eval_logit_processor
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -46,6 +47,8 @@ PAIRS = [
     ("a", "b"),
     ("是", "是"),
 ]
+
+SMOOTH_INPUT = [2.5, 2.1, 2.3, 1.7, 1.9, 1.2, 1.4, 0.9, 1.1, 0.7, 0.8, 0.5]
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -150,6 +153,8 @@ def main() -> None:
         "generated_by": f"llamafactory {llamafactory.__version__} (tools/make_metric_fixtures.py)",
         "similarity": similarity_fixture(tokenizer),
         "accuracy": accuracy_fixture(),
+        # LF's loss-plot EMA (extras/ploting.py), checked by tests/test_run_logging.py.
+        "plot_smooth": {"values": SMOOTH_INPUT, "smoothed": smooth(SMOOTH_INPUT)},
     }
     out = FIXTURES / "metrics_expected.json"
     with open(out, "w", encoding="utf-8") as f:

@@ -1,0 +1,243 @@
+"""What a person watching a training run sees and keeps: progress bar, trainer_log.jsonl, TensorBoard
+scalars, loss plots and *_results.json, laid out the way LLaMA-Factory / Hugging Face lay them out.
+
+- `trainer_log.jsonl`: one JSON object per logging step, LF's `LogCallback` keys (`current_steps`,
+  `total_steps`, `loss`, `eval_loss`, `lr`, `epoch`, `percentage`, `elapsed_time`,
+  `remaining_time`, `throughput`, `total_tokens`) plus jaxsft's (`accuracy`, `grad_norm`,
+  `tokens_per_sec`, `mfu`, and whatever else the loop logs). LlamaBoard can read it.
+- `runs/<time>_<host>/`: TensorBoard scalars named as HF's TensorBoardCallback names them
+  (`train/loss`, `train/learning_rate`, `eval/loss`, ...).
+- `training_loss.png`, `training_eval_loss.png`, `training_eval_accuracy.png`: LF's plot (raw curve
+  faded, TensorBoard-style EMA on top), written by `close()` when `plot_loss`.
+- `{split}_results.json` and `all_results.json`: HF's `save_metrics` (indent 4, sorted keys).
+
+Only the main process writes or prints anything; on the others every method does nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import time
+from typing import Any
+
+TRAINER_LOG = "trainer_log.jsonl"
+
+# metric key the loop passes -> TensorBoard tag suffix (HF's names where HF has one).
+_TB_NAMES = {"lr": "learning_rate"}
+
+
+def smooth(scalars: list[float]) -> list[float]:
+    """LF's (and TensorBoard's) EMA; the weight grows with the number of points."""
+    if not scalars:
+        return []
+    last, smoothed = scalars[0], []
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(scalars))) - 0.5)
+    for value in scalars:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def _plain(value: Any) -> Any:
+    """numpy / jax scalars -> Python numbers, so json and tensorboardX take them."""
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+        return value.item()
+    return value
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class RunLogger:
+    """Progress bar, jsonl log, TensorBoard and plots for one training run.
+
+    The loop calls `advance(step)` after every optimizer step (cheap: moves the bar), and
+    `log_train(step, metrics)` when `should_log(step)`, with metrics averaged over the logging window
+    (`loss`, `accuracy`, `lr`, `grad_norm`, `tokens_per_sec`, `mfu`, `epoch`, `total_tokens`, ...;
+    None values are dropped). `log_eval(step, metrics)` takes eval metrics with or without the
+    `eval_` prefix. `initial_step` > 0 (resume) appends to an existing trainer_log.jsonl; a fresh run
+    replaces it, as LF does with `overwrite_output_dir`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        total_steps: int,
+        *,
+        is_main_process: bool,
+        logging_steps: float,
+        plot_loss: bool,
+        tensorboard: bool = True,
+        initial_step: int = 0,
+    ):
+        self.output_dir = output_dir
+        self.total_steps = int(total_steps)
+        self.enabled = bool(is_main_process)
+        # HF: logging_steps < 1 is a ratio of the total steps.
+        every = math.ceil(total_steps * logging_steps) if 0 < logging_steps < 1 else int(logging_steps)
+        self.logging_every = max(every, 1)
+        self.plot_loss = plot_loss
+        self.initial_step = initial_step
+        self.start_time = time.time()
+        self.history: list[dict[str, Any]] = []  # every line written to trainer_log.jsonl
+        self._bar = None
+        self._tb = None
+        self._log_file = None
+        if not self.enabled:
+            return
+
+        from tqdm.auto import tqdm
+
+        os.makedirs(output_dir, exist_ok=True)
+        self._log_file = open(os.path.join(output_dir, TRAINER_LOG), "a" if initial_step else "w", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            run_name = f"{datetime.datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}"
+            self._tb = SummaryWriter(logdir=os.path.join(output_dir, "runs", run_name))
+        self._bar = tqdm(total=self.total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        self.start_time = time.time()  # after the slow imports, so the first ETA is not skewed
+
+    # ------------------------------------------------------------------------------------------
+    def should_log(self, step: int) -> bool:
+        """HF's rule: log when the step is a multiple of logging_steps."""
+        return step % self.logging_every == 0
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar to `step` (optimizer steps done)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def _progress(self, step: int) -> dict[str, Any]:
+        """LF's LogCallback timing fields; remaining time from this run's own steps per second."""
+        elapsed = time.time() - self.start_time
+        done = step - self.initial_step
+        remaining = (self.total_steps - step) * elapsed / done if done > 0 else 0.0
+        return {
+            "current_steps": step,
+            "total_steps": self.total_steps,
+            "percentage": round(step / self.total_steps * 100, 2) if self.total_steps else 100,
+            "elapsed_time": _hms(elapsed),
+            "remaining_time": _hms(remaining),
+        }
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self._log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._log_file.flush()
+
+    def log_train(self, step: int, metrics: dict[str, Any]) -> None:
+        """One training logging step: jsonl line, TensorBoard scalars, bar postfix and a printed line."""
+        if not self.enabled:
+            return
+        metrics = {k: _plain(v) for k, v in metrics.items() if v is not None}
+        record = self._progress(step)
+        record.update(metrics)
+        total_tokens = metrics.get("total_tokens")
+        if total_tokens:  # LF's throughput: tokens seen in this run / wall time since it started
+            record["throughput"] = round(total_tokens / max(time.time() - self.start_time, 1e-9), 2)
+        self._write(record)
+
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{_TB_NAMES.get(key, key)}", value, step)
+            self._tb.flush()
+
+        self.advance(step)
+        postfix = {}
+        if "loss" in metrics:
+            postfix["loss"] = f"{metrics['loss']:.4f}"
+        if "lr" in metrics:
+            postfix["lr"] = f"{metrics['lr']:.2e}"
+        if "tokens_per_sec" in metrics:
+            postfix["tok/s"] = f"{metrics['tokens_per_sec']:.0f}"
+        self._bar.set_postfix(postfix, refresh=True)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+        self._bar.write(str({**shown, "step": step}))
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Eval results at `step` (keys like `loss` or `eval_loss`; written as `eval_*`)."""
+        if not self.enabled:
+            return
+        metrics = {
+            (k if k.startswith("eval_") else f"eval_{k}"): _plain(v) for k, v in metrics.items() if v is not None
+        }
+        record = self._progress(step)
+        record.update(metrics)
+        self._write(record)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"eval/{key[len('eval_'):]}", value, step)
+            self._tb.flush()
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+        self._bar.write(str({**shown, "step": step}))
+
+    # ------------------------------------------------------------------------------------------
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        """`output_dir/name` as HF writes its results files: indent 4, sorted keys."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.output_dir, name), "w", encoding="utf-8") as f:
+            json.dump({k: _plain(v) for k, v in data.items()}, f, indent=4, sort_keys=True)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any]) -> None:
+        """HF's log_metrics + save_metrics: print the block, write `{split}_results.json`, merge the
+        metrics into `all_results.json`."""
+        if not self.enabled:
+            return
+        lines = [f"***** {split} metrics *****"]
+        width = max((len(k) for k in metrics), default=0)
+        lines += [f"  {k:<{width}} = {_plain(metrics[k])}" for k in sorted(metrics)]
+        self._bar.write("\n".join(lines))
+        self.write_json(f"{split}_results.json", metrics)
+        all_path = os.path.join(self.output_dir, "all_results.json")
+        combined = {}
+        if os.path.exists(all_path):
+            with open(all_path, encoding="utf-8") as f:
+                combined = json.load(f)
+        combined.update({k: _plain(v) for k, v in metrics.items()})
+        self.write_json("all_results.json", combined)
+
+    def _plot(self, key: str) -> str | None:
+        """LF's plot_loss for one key of the log history; None when nothing was logged under it."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        points = [(r["current_steps"], r[key]) for r in self.history if key in r]
+        if not points:
+            return None
+        steps, values = [p[0] for p in points], [p[1] for p in points]
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(111)
+        ax.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
+        ax.plot(steps, smooth(values), color="#1f77b4", label="smoothed")
+        ax.set_title(f"training {key} of {self.output_dir}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.legend()
+        path = os.path.join(self.output_dir, "training_{}.png".format(key.replace("/", "_")))
+        fig.savefig(path, format="png", dpi=100)
+        return path
+
+    def close(self) -> None:
+        """Write the loss plots (when plot_loss) and close the bar, the log and TensorBoard."""
+        if not self.enabled:
+            return
+        if self.plot_loss:
+            for key in ("loss", "eval_loss", "eval_accuracy"):
+                path = self._plot(key)
+                if path:
+                    self._bar.write(f"Figure saved at: {path}")
+        self._bar.close()
+        self._log_file.close()
+        if self._tb is not None:
+            self._tb.close()
+        self.enabled = False  # a second close, or a log after close, does nothing
