@@ -17,14 +17,13 @@ import math
 import os
 from pathlib import Path
 
+import llamafactory
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import EvalPrediction, PreTrainedTokenizerFast
-
-import llamafactory
 from llamafactory.extras.ploting import smooth
 from llamafactory.train.sft.metric import ComputeAccuracy, ComputeSimilarity, eval_logit_processor
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import EvalPrediction, PreTrainedTokenizerFast
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 TOKENIZER_DIR = FIXTURES / "byte_tokenizer"
@@ -101,7 +100,10 @@ def accuracy_case(name: str, logits_BTV: np.ndarray, labels_BT: np.ndarray) -> d
     metric(EvalPrediction(predictions=preds, label_ids=labels_BT), compute_result=False)
     per_example = [float(x) for x in metric.score_dict["accuracy"]]
     overall = metric._dump()["accuracy"]
-    nan_to_none = lambda x: None if math.isnan(x) else x  # noqa: E731  (JSON has no NaN)
+
+    def nan_to_none(x: float) -> float | None:  # JSON has no NaN
+        return None if math.isnan(x) else x
+
     return {
         "name": name,
         "logits": np.round(logits_BTV, 4).tolist(),
