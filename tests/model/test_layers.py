@@ -1,0 +1,77 @@
+"""RoPE frequencies and RMSNorm against transformers' own functions."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+
+ROPE_CASES = {
+    "default": {"rope_theta": 500000.0},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "llama3": {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+}
+
+
+def _hf_llama_config(**kwargs):
+    return transformers.LlamaConfig(
+        vocab_size=256, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, intermediate_size=64,
+        num_hidden_layers=1, max_position_embeddings=131072, **kwargs
+    )
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_inv_freq_matches_transformers(case):
+    hf = _hf_llama_config(**ROPE_CASES[case])
+    rope_type = hf.rope_parameters["rope_type"]
+    if rope_type == "default":
+        want = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(hf)[0]
+    else:
+        want = ROPE_INIT_FUNCTIONS[rope_type](hf)[0]
+    cfg = ModelConfig.from_hf(hf.to_dict())
+    assert cfg.head_dim == 128
+    np.testing.assert_allclose(rope_inv_freq(cfg), want.numpy(), rtol=1e-6)
+    if case != "default":  # the scaling really changes something
+        assert not np.allclose(rope_inv_freq(cfg), rope_inv_freq(ModelConfig.from_hf(_hf_llama_config().to_dict())))
+
+
+def test_apply_rope_matches_transformers():
+    hf = _hf_llama_config(**ROPE_CASES["llama3"])
+    cfg = ModelConfig.from_hf(hf.to_dict())
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf)
+    rng = np.random.default_rng(0)
+    q_BTHD = rng.normal(size=(2, 5, 3, 128)).astype(np.float32)
+    small_BT = np.array([[0, 1, 2, 3, 4], [7, 9, 30, 63, 0]])
+    large_BT = np.array([[0, 1000, 2000, 3000, 4000], [7, 100, 5000, 20000, 0]])
+    # torch's and numpy's fp32 pow differ in the last ulp of some inv_freq; at position p that is an
+    # angle error near p * 6e-8, so large positions get a proportionally looser tolerance.
+    for pos_BT, atol in ((small_BT, 1e-5), (large_BT, 5e-3)):
+        cos_ref, sin_ref = rotary(torch.zeros(1), torch.tensor(pos_BT))
+        want = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(
+            torch.tensor(q_BTHD), torch.tensor(q_BTHD), cos_ref, sin_ref, unsqueeze_dim=2
+        )[0].numpy()
+        cos, sin = rope_cos_sin(cfg, pos_BT, np.float32)
+        np.testing.assert_allclose(apply_rope(q_BTHD, cos, sin), want, rtol=0, atol=atol)
+
+
+def test_rms_norm_matches_transformers():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    w = rng.normal(size=(16,)).astype(np.float32)
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(w))
+        want = norm(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-6)
