@@ -1,4 +1,4 @@
-"""One conversation -> (input_ids, labels), exactly as LLaMA-Factory 0.9.x `SupervisedDatasetProcessor`."""
+"""One conversation -> (input_ids, labels), exactly as LLaMA-Factory 0.9.5 `SupervisedDatasetProcessor`."""
 
 from jaxsft.data.formats import Conversation
 from jaxsft.data.templates import Encoder
@@ -21,7 +21,7 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 def encode_supervised(
     conversation: Conversation, tokenizer, template: Encoder, cutoff_len: int, train_on_prompt: bool = False,
-    mask_history: bool = False,
+    mask_history: bool = False, preserve_thinking: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where nothing is learned) of one conversation.
 
@@ -29,7 +29,10 @@ def encode_supervised(
     last turn wins the budget and alone keeps labels) and put back in order. `efficient_eos` templates learn
     the EOS closing each answer on the first token of the next prompt and append one final EOS.
     """
-    pairs = template.encode_multiturn(tokenizer, conversation.messages, conversation.system, conversation.tools)
+    pairs = template.encode_multiturn(
+        tokenizer, conversation.messages, conversation.system, conversation.tools,
+        discarding_history_cot=mask_history and not preserve_thinking,
+    )
     eos = tokenizer.eos_token_id
     input_ids: list[int] = []
     labels: list[int] = []

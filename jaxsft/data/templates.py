@@ -1,4 +1,4 @@
-"""Chat templates: a conversation -> (prompt ids, response ids) per turn, as LLaMA-Factory 0.9.x renders it.
+"""Chat templates: a conversation -> (prompt ids, response ids) per turn, as LLaMA-Factory 0.9.5 renders it.
 
 A template is a set of slot lists. A slot is a string (`{{content}}` is replaced by the text, then
 tokenized without special tokens), `{"bos_token"}` / `{"eos_token"}` (the tokenizer's id), or
@@ -28,8 +28,8 @@ BOS: set = {"bos_token"}
 class Encoder(Protocol):
     efficient_eos: bool
 
-    def encode_multiturn(self, tokenizer, messages: list[Message], system: str, tools: str) -> list[
-        tuple[list[int], list[int]]]: ...
+    def encode_multiturn(self, tokenizer, messages: list[Message], system: str, tools: str,
+                         discarding_history_cot: bool = False) -> list[tuple[list[int], list[int]]]: ...
 
 
 def _apply(slots: tuple[Slot, ...], **kwargs: str) -> list[Slot]:
@@ -123,22 +123,37 @@ class Template:
         pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", re.DOTALL)
         return re.sub(pattern, "", content).lstrip("\n")
 
-    def encode_multiturn(self, tokenizer, messages: list[Message], system: str = "", tools: str = "") -> list[
-        tuple[list[int], list[int]]]:
-        """[(prompt ids, response ids)] for each user/assistant pair."""
-        if self.kind == "reasoning" and self.enable_thinking is False:  # drop all chain of thought
-            messages = [Message(m.role, self.remove_thought(m.content)) if i % 2 else m for i, m in
-                        enumerate(messages)]
+    def encode_multiturn(
+        self, tokenizer, messages: list[Message], system: str = "", tools: str = "",
+        discarding_history_cot: bool = False,
+    ) -> list[tuple[list[int], list[int]]]:
+        """[(prompt ids, response ids)] for each user/assistant pair.
+
+        Reasoning templates (LF's ReasoningTemplate): with `enable_thinking: false` every thought is removed
+        and an empty `<think>\\n\\n</think>\\n\\n` goes into the prompt (not learned); otherwise an answer
+        without a thought gets the empty one in its response (learned). `discarding_history_cot` (LF 0.9.5:
+        `mask_history` without `preserve_thinking`) strips thoughts from earlier answers and only the last
+        one gets an empty thought.
+        """
+        if self.kind == "reasoning":
+            messages = list(messages)
+            if self.enable_thinking is False:
+                for i in range(1, len(messages), 2):
+                    messages[i] = Message(messages[i].role, self.remove_thought(messages[i].content))
+            if discarding_history_cot:
+                for i in range(1, len(messages) - 2, 2):
+                    messages[i] = Message(messages[i].role, self.remove_thought(messages[i].content))
         encoded = self._encode(tokenizer, messages, system, tools)
         if self.kind == "reasoning":
             empty_thought = tokenizer.encode("".join(self.thought_words), add_special_tokens=False)
             open_tag, close_tag = self.thought_words[0].strip(), self.thought_words[1].strip()
-            for i in range(0, len(messages), 2):
+            turns = [len(messages) - 2] if discarding_history_cot else range(0, len(messages), 2)
+            for i in turns:
                 content = messages[i + 1].content
-                if open_tag not in content and close_tag not in content:  # add an empty thought
-                    if not self.enable_thinking:  # in the prompt: no loss on it
+                if open_tag not in content and close_tag not in content:
+                    if not self.enable_thinking:
                         encoded[i] = encoded[i] + empty_thought
-                    else:  # in the response: learned
+                    else:
                         encoded[i + 1] = empty_thought + encoded[i + 1]
         return [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
 
@@ -221,8 +236,6 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     ),
     Template("deepseek3", user=("<｜User｜>{{content}}<｜Assistant｜>",), prefix=(BOS,)),
     # efficient_eos: the EOS closing each answer is learned as the first label of the next prompt
-    Template("baichuan2", user=("<reserved_106>{{content}}<reserved_107>",), assistant=("{{content}}",),
-             efficient_eos=True),
     Template("breeze", user=("[INST] {{content}} [/INST] ",), assistant=("{{content}}",), prefix=(BOS,),
              efficient_eos=True),
 ]}
@@ -307,8 +320,8 @@ class ChatTemplate:
     default_system: str | None = None
     efficient_eos: bool = False
 
-    def encode_multiturn(self, tokenizer, messages: list[Message], system: str = "", tools: str = "") -> list[
-        tuple[list[int], list[int]]]:
+    def encode_multiturn(self, tokenizer, messages: list[Message], system: str = "", tools: str = "",
+                         discarding_history_cot: bool = False) -> list[tuple[list[int], list[int]]]:
         hf = [_hf_message(m) for m in messages]
         system = system or self.default_system
         if system:
