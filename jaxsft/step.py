@@ -1,0 +1,104 @@
+"""Pure train and eval steps. `(state, frozen, batch) -> (state, metrics)`, jitted once by the loop.
+
+State is a plain dict: `step` (updates done), `trainable` (flat param dict), `opt_state`, `rng`.
+Frozen params travel beside it, never differentiated. A batch holds `[A, R, T]` arrays: A
+micro-batches of R rows, accumulated inside the step with `lax.scan`. The loss is the sum of
+cross entropy over label tokens divided by the label tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsft.loss import loss_sums, token_losses
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.transformer import forward
+from jaxsft.params import Flat, Partition, merge
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRunner:
+    """Everything static the forward needs besides params and the batch."""
+    model: ModelConfig
+    partition: Partition
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+    compute_dtype: Any = jnp.float32
+    lora_scale: float | None = None
+
+    def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]) -> jax.Array:
+        params = merge(trainable, frozen, self.partition)
+        kwargs = {"lora_scale": self.lora_scale} if self.lora_scale is not None else {}
+        return forward(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                       attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+                       compute_dtype=self.compute_dtype, **kwargs)
+
+
+def init_state(trainable: Flat, optimizer: optax.GradientTransformation, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": optimizer.init(trainable),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+def _tree_add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: Callable,
+                    skip_nonfinite: bool = False) -> Callable:
+    def micro_loss(trainable, frozen, micro):
+        sums = loss_sums(runner.logits(trainable, frozen, micro), micro["targets"])
+        return sums["loss_sum"], sums
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def train_step(state: dict, frozen: Flat, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
+        trainable = state["trainable"]
+
+        def accumulate(carry, micro):
+            grads, sums = grad_fn(trainable, frozen, micro)
+            return _tree_add(carry, (grads, sums)), None
+
+        zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "label_tokens", "correct")}
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch)
+        label_tokens = jnp.maximum(sums["label_tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / label_tokens, grads)
+        loss = sums["loss_sum"] / label_tokens
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_trainable = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_trainable, trainable)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state,
+                     "rng": jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))}
+        if skip_nonfinite:  # a bad batch leaves params and optimizer untouched (the step still counts)
+            keep_old = {**state, "step": new_state["step"], "rng": new_state["rng"]}
+            new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, keep_old)
+        metrics = {
+            "loss": loss,
+            "accuracy": sums["correct"] / label_tokens,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "label_tokens": sums["label_tokens"],
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(runner: ModelRunner) -> Callable:
+    """Per-token loss, label mask and correctness [R, T]; the host groups them per example."""
+    def eval_step(trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        loss_BT, valid_BT, correct_BT = token_losses(runner.logits(trainable, frozen, batch), batch["targets"])
+        return {"loss": loss_BT, "valid": valid_BT, "correct": correct_BT}
+    return eval_step
