@@ -1,0 +1,286 @@
+"""The SFT data pipeline: rows -> conversations -> (ids, labels) once -> per-epoch packed, sharded batches.
+
+`build_datasets(args, tokenizer)` reads, converts and tokenizes everything once (kept in memory; or
+saved to / loaded from `tokenized_path` in LLaMA-Factory's tokenized layout). Batches come from a grain
+`MapDataset` over (epoch, row): each epoch shuffles the examples with (seed, epoch), packs them (greedy
+knapsack over the whole epoch), shuffles the rows, gives row `j * process_count + process_index` to this
+process, and batches `rows_per_process` rows; the iterator's `get_state()` / `set_state()` resume exactly.
+With `streaming: true`, see `jaxsft.data.streaming`.
+"""
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxsft.data import sources
+from jaxsft.data.formats import InvalidExample, to_conversation
+from jaxsft.data.packing import Example, efficiency, empty_row, greedy_knapsack, make_row, plan_epoch, stack_rows
+from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
+from jaxsft.data.templates import get_template
+
+logger = logging.getLogger(__name__)
+MAX_REASONS = 5
+DEFAULTS = dict(
+    eval_dataset=None, dataset_dir="data", template=None, cutoff_len=2048, max_samples=None, val_size=0.0,
+    train_on_prompt=False, mask_history=False, packing=False, neat_packing=False, streaming=False,
+    mix_strategy="concat", interleave_probs=None, seed=42, tokenized_path=None, skip_invalid_examples=True,
+    default_system=None, enable_thinking=True, preprocessing_num_workers=None, preserve_thinking=False,
+)
+
+
+def _arg(args: Any, name: str) -> Any:
+    return getattr(args, name, DEFAULTS.get(name))
+
+
+@dataclass
+class Counts:
+    """What preprocessing did to one split."""
+
+    rows: int = 0  # rows read
+    examples: int = 0  # examples kept
+    dropped: int = 0
+    reasons: list[str] = field(default_factory=list)  # the first few, with file / row / field
+    tokens: int = 0
+    label_tokens: int = 0  # learned targets (labels after the first token that are not IGNORE_INDEX)
+
+    def drop(self, reason: str) -> None:
+        self.dropped += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+
+def learned(labels: np.ndarray) -> int:
+    return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
+
+
+def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
+                args: Any) -> tuple[list[Example], Counts]:
+    """Convert and tokenize the referenced rows; drop (and count) invalid ones and ones with nothing to learn."""
+    counts = Counts()
+    examples: list[Example] = []
+    cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
+    preserve = bool(_arg(args, "preserve_thinking"))
+    for ref in refs:
+        attr, rows = attrs[ref.source], rows_of[ref.source]
+        row_no = rows.indices[ref.row] if isinstance(rows, sources._Select) else ref.row
+        counts.rows += 1
+        try:
+            conversation = to_conversation(rows[ref.row], attr, attr.path, row_no)
+            ids, labels = encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve)
+        except InvalidExample as e:
+            if e.kind == "malformed" and not _arg(args, "skip_invalid_examples"):
+                raise
+            counts.drop(str(e))
+            continue
+        except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
+            if not _arg(args, "skip_invalid_examples"):
+                raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
+            counts.drop(f"{attr.path}, row {row_no}: {e}")
+            continue
+        example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
+        n_learned = learned(example[1])
+        if n_learned == 0:
+            counts.drop(f"{attr.path}, row {row_no}: no label tokens left after truncation to cutoff_len={cutoff}")
+            continue
+        examples.append(example)
+        counts.examples += 1
+        counts.tokens += len(ids)
+        counts.label_tokens += n_learned
+    return examples, counts
+
+
+def _load(names, args: Any) -> tuple[list[Sequence], list, list[sources.RowRef]]:
+    attrs = sources.resolve(names, _arg(args, "dataset_dir"))
+    rows_of = [sources.load_rows(a, _arg(args, "max_samples"), _arg(args, "seed")) for a in attrs]
+    probs = sources.parse_probs(_arg(args, "interleave_probs"), len(attrs), _arg(args, "mix_strategy"))
+    refs = sources.mix([len(r) for r in rows_of], _arg(args, "mix_strategy"), probs, _arg(args, "seed"))
+    return rows_of, attrs, refs
+
+
+@dataclass
+class SFTData:
+    """Encoded train / eval examples and the batches made from them."""
+
+    train: list[Example]
+    eval: list[Example] | None
+    seq_len: int
+    pad_id: int
+    packing: bool
+    stats: dict[str, Any]
+    process_index: int = 0
+    process_count: int = 1
+
+    def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
+        """Rows this process reads per epoch (whole batches only; the same on every process)."""
+        total = len(plan_epoch(self.lengths, self.seq_len, seed, 0, self.packing))
+        return (total // self.process_count) // rows_per_process * rows_per_process
+
+    def batches_per_epoch(self, rows_per_process: int) -> int:
+        return self.rows_per_epoch(rows_per_process) // rows_per_process
+
+    def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int) -> grain.MapDataset:
+        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs)
+        if len(rows) == 0:
+            raise ValueError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
+                             f"per process x {self.process_count} processes; lower the batch size.")
+        return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
+
+    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1) -> grain.DatasetIterator:
+        """Batches of `rows_per_process` rows for `num_epochs` epochs; checkpoint with get_state()/set_state()."""
+        ds = self.train_dataset(rows_per_process, seed, num_epochs)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+    def eval_batches(self, rows_per_process: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every eval example once (packed when training is), in order; short batches padded with empty rows
+        (all targets IGNORE_INDEX), the same number of batches on every process."""
+        if not self.eval:
+            return
+        lengths = [len(ids) for ids, _ in self.eval]
+        plan = greedy_knapsack(lengths, self.seq_len)[0] if self.packing else [[i] for i in range(len(lengths))]
+        mine = plan[self.process_index::self.process_count]
+        per_process = -(-len(plan) // self.process_count)
+        n_batches = -(-per_process // rows_per_process)
+        for b in range(n_batches):
+            members = mine[b * rows_per_process:(b + 1) * rows_per_process]
+            rows = [make_row(self.eval, m, self.seq_len, self.pad_id) for m in members]
+            rows += [empty_row(self.seq_len, self.pad_id)] * (rows_per_process - len(rows))
+            yield stack_rows(rows)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(ids) for ids, _ in self.train]
+
+
+class _EpochRows(Sequence):
+    """Random access to this process's rows across epochs: row i is (epoch i // R, j = i % R)."""
+
+    def __init__(self, data: SFTData, rows_per_epoch: int, seed: int, num_epochs: int):
+        self.data, self.rows_per_epoch, self.seed, self.num_epochs = data, rows_per_epoch, seed, num_epochs
+        self._plans: dict[int, list[list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.rows_per_epoch * self.num_epochs
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        with self._lock:
+            if epoch not in self._plans:
+                if len(self._plans) > 2:
+                    self._plans.pop(min(self._plans))
+                d = self.data
+                self._plans[epoch] = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing)
+            return self._plans[epoch]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        epoch, j = divmod(i, self.rows_per_epoch)
+        d = self.data
+        members = self._plan(epoch)[j * d.process_count + d.process_index]
+        return make_row(d.train, members, d.seq_len, d.pad_id)
+
+
+def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: int, packing: bool) -> dict:
+    lengths = [len(ids) for ids, _ in examples]
+    rows = len(greedy_knapsack(lengths, seq_len)[0]) if packing else len(lengths)
+    return {f"{name}_rows_read": counts.rows, f"{name}_examples": counts.examples, f"{name}_dropped": counts.dropped,
+            f"{name}_dropped_reasons": counts.reasons, f"{name}_tokens": counts.tokens,
+            f"{name}_label_tokens": counts.label_tokens, f"{name}_packed_rows": rows,
+            f"{name}_packing_efficiency": efficiency(lengths, rows, seq_len)}
+
+
+def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_count: int = 1):
+    """Everything training and evaluation read, from LLaMA-Factory-named data arguments (see DEFAULTS).
+
+    The tokenizer is fixed in place as LF does (a template's EOS / pad / stop words). Returns an `SFTData`,
+    or a `streaming.StreamingSFTData` when `args.streaming`.
+    """
+    if _arg(args, "mask_history") and _arg(args, "train_on_prompt"):
+        raise ValueError("mask_history and train_on_prompt cannot both be true (as in LLaMA-Factory).")
+    if _arg(args, "eval_dataset") and _arg(args, "val_size") > 1e-6:
+        raise ValueError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
+    template = get_template(
+        _arg(args, "template") or "empty", tokenizer, default_system=_arg(args, "default_system"),
+        enable_thinking=_arg(args, "enable_thinking"), train_on_prompt=_arg(args, "train_on_prompt"),
+    )
+    seq_len = int(_arg(args, "cutoff_len"))
+    packing = bool(_arg(args, "packing") or _arg(args, "neat_packing"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if _arg(args, "streaming"):
+        from jaxsft.data.streaming import StreamingSFTData
+
+        return StreamingSFTData.build(args, tokenizer, template, process_index=process_index,
+                                      process_count=process_count)
+    tokenized_path = _arg(args, "tokenized_path")
+    if tokenized_path and Path(tokenized_path).is_dir() and any(Path(tokenized_path).iterdir()):
+        logger.warning("Loading the tokenized dataset from %s; other data arguments are ignored.", tokenized_path)
+        train, evals = load_tokenized(tokenized_path)
+        stats = {"source": f"tokenized_path {tokenized_path}"}
+        stats.update(_split_stats("train", train, _counts_of(train), seq_len, packing))
+        if evals is not None:
+            stats.update(_split_stats("eval", evals, _counts_of(evals), seq_len, packing))
+        return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count)
+
+    rows_of, attrs, refs = _load(_arg(args, "dataset"), args)
+    train_pos, eval_pos = sources.split(len(refs), float(_arg(args, "val_size") or 0), _arg(args, "seed"))
+    train, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer, args)
+    stats = _split_stats("train", train, counts, seq_len, packing)
+    evals = None
+    if eval_pos:
+        evals, eval_counts = encode_rows(rows_of, attrs, [refs[i] for i in eval_pos], template, tokenizer, args)
+    elif _arg(args, "eval_dataset"):
+        e_rows, e_attrs, e_refs = _load(_arg(args, "eval_dataset"), args)
+        evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
+    if evals is not None:
+        stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
+    if not train:
+        raise ValueError("No training examples left after preprocessing. First reasons: "
+                         + "; ".join(counts.reasons or ["(no rows)"]))
+    if tokenized_path:
+        save_tokenized(tokenized_path, train, evals)
+    return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count)
+
+
+def _counts_of(examples: list[Example]) -> Counts:
+    return Counts(rows=len(examples), examples=len(examples), tokens=sum(len(i) for i, _ in examples),
+                  label_tokens=sum(learned(labels) for _, labels in examples))
+
+
+def save_tokenized(path: str, train: list[Example], evals: list[Example] | None) -> None:
+    """LLaMA-Factory's tokenized layout: a DatasetDict (train / validation) of input_ids, attention_mask, labels."""
+    import datasets
+
+    def table(examples: list[Example]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({
+            "input_ids": [ids.tolist() for ids, _ in examples],
+            "attention_mask": [[1] * len(ids) for ids, _ in examples],
+            "labels": [labels.tolist() for _, labels in examples],
+        })
+
+    splits = {"train": table(train)}
+    if evals is not None:
+        splits["validation"] = table(evals)
+    datasets.DatasetDict(splits).save_to_disk(path)
+    logger.info("Tokenized dataset saved at %s.", path)
+
+
+def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
+    import datasets
+
+    saved = datasets.load_from_disk(path)
+    if not isinstance(saved, datasets.DatasetDict):
+        saved = datasets.DatasetDict({"train": saved})
+    if "position_ids" in saved["train"].column_names:
+        raise ValueError(f"{path} holds rows packed by LLaMA-Factory; jaxsft packs itself. Re-tokenize with "
+                         "packing: false in LLaMA-Factory, or point tokenized_path at a new folder.")
+
+    def examples(split) -> list[Example]:
+        split = split.with_format("numpy")
+        return [(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32)) for r in split]
+
+    return examples(saved["train"]), (examples(saved["validation"]) if "validation" in saved else None)
