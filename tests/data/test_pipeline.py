@@ -1,0 +1,142 @@
+"""build_datasets: LF-identical mixing/splitting, checkpointable grain iterator, sharding, eval, tokenized_path."""
+
+import gzip
+import hashlib
+import json
+import types
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsft.data.pipeline import build_datasets
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+with gzip.open(FIXTURES / "lf_pipeline.json.gz", "rt") as _f:
+    LF_PIPELINE = json.load(_f)["pipeline"]
+
+
+def _digest(ids) -> str:
+    return hashlib.sha1(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("case", LF_PIPELINE, ids=lambda c: json.dumps(c["config"], sort_keys=True))
+def test_mixing_and_splitting_pick_what_llamafactory_picks(case, data_dir, new_tokenizer):
+    args = types.SimpleNamespace(dataset_dir=str(data_dir), template=case["template"], cutoff_len=case["cutoff_len"],
+                                 seed=case["seed"], **case["config"])
+    data = build_datasets(args, new_tokenizer())
+    assert [[len(ids), _digest(ids)] for ids, _ in data.train] == case["train_dataset"]
+    if "eval_dataset" in case:
+        assert [[len(ids), _digest(ids)] for ids, _ in data.eval] == case["eval_dataset"]
+    else:
+        assert data.eval is None
+
+
+@pytest.fixture(scope="module")
+def mixed(data_dir):
+    from transformers import AutoTokenizer
+
+    args = types.SimpleNamespace(dataset="identity,glaive_toolcall_en_demo", dataset_dir=str(data_dir),
+                                 template="qwen", cutoff_len=512, packing=True, val_size=0.1, max_samples=120)
+    return build_datasets(args, AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer")))
+
+
+def _equal_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_resumed_iterator_sees_exactly_the_remaining_batches(mixed):
+    per_epoch = mixed.batches_per_epoch(3)
+    assert per_epoch >= 4
+    full = list(mixed.train_iterator(3, seed=7, num_epochs=2))
+    assert len(full) == 2 * per_epoch
+    for k in (1, per_epoch - 1, per_epoch + 2):  # inside the first epoch, at its end, inside the second
+        it = mixed.train_iterator(3, seed=7, num_epochs=2)
+        head = [next(it) for _ in range(k)]
+        state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+        resumed = mixed.train_iterator(3, seed=7, num_epochs=2)
+        resumed.set_state(state)
+        _equal_batches(head + list(resumed), full)
+
+
+def test_epochs_are_reshuffled_and_seeded(mixed):
+    per_epoch = mixed.batches_per_epoch(2)
+    a = list(mixed.train_iterator(2, seed=1, num_epochs=2))
+    b = list(mixed.train_iterator(2, seed=1, num_epochs=2))
+    c = list(mixed.train_iterator(2, seed=2, num_epochs=1))
+    _equal_batches(a, b)
+    assert not np.array_equal(a[0]["input_ids"], a[per_epoch]["input_ids"])
+    assert not np.array_equal(a[0]["input_ids"], c[0]["input_ids"])
+
+
+def _segments(batches):
+    """(input ids of each packed example) over all rows."""
+    out = []
+    for batch in batches:
+        for ids, seg in zip(batch["input_ids"], batch["segment_ids"]):
+            out += [tuple(ids[seg == s]) for s in range(1, seg.max() + 1)]
+    return out
+
+
+def test_processes_read_disjoint_shards_of_equal_length(mixed):
+    shards = []
+    for p in range(2):
+        data = build_datasets.__globals__["SFTData"](mixed.train, mixed.eval, mixed.seq_len, mixed.pad_id,
+                                                     mixed.packing, mixed.stats, process_index=p, process_count=2)
+        shards.append(list(data.train_iterator(2, seed=5, num_epochs=1)))
+    assert len(shards[0]) == len(shards[1]) > 0
+    a, b = _segments(shards[0]), _segments(shards[1])
+    everything = Counter(tuple(ids) for ids, _ in mixed.train)  # the data holds some identical examples
+    used = Counter(a) + Counter(b)
+    assert all(used[k] <= everything[k] for k in used)  # no example read twice, by one process or both
+    assert len(a) + len(b) > 0.8 * len(mixed.train)  # only the rows past the last full global batch are left
+
+
+def test_eval_batches_hold_every_eval_example_once(mixed):
+    batches = list(mixed.eval_batches(4))
+    got = sorted(_segments(batches))
+    assert got == sorted(tuple(ids) for ids, _ in mixed.eval)
+    assert all(b["input_ids"].shape == (4, mixed.seq_len) for b in batches)
+    learned = sum(int((b["targets"] != -100).sum()) for b in batches)
+    assert learned == mixed.stats["eval_label_tokens"]
+
+
+def test_unpacked_rows_hold_one_example_each(data_dir, new_tokenizer):
+    args = types.SimpleNamespace(dataset="identity", dataset_dir=str(data_dir), template="llama3", cutoff_len=128)
+    data = build_datasets(args, new_tokenizer())
+    batches = list(data.train_iterator(8, seed=0))
+    assert len(batches) == len(data.train) // 8 == data.batches_per_epoch(8)
+    for b in batches:
+        assert (b["segment_ids"].max(axis=1) == 1).all()
+    assert data.stats["train_examples"] == 91 and data.stats["train_dropped"] == 0
+
+
+def test_tokenized_path_round_trip(tmp_path, data_dir, new_tokenizer):
+    args = types.SimpleNamespace(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=256,
+                                 val_size=10, tokenized_path=str(tmp_path / "tok"))
+    first = build_datasets(args, new_tokenizer())
+    assert (tmp_path / "tok" / "dataset_dict.json").exists()
+    args.dataset = "no_such_dataset"  # ignored once the tokenized data exists, as in LLaMA-Factory
+    second = build_datasets(args, new_tokenizer())
+    for a, b in ((first.train, second.train), (first.eval, second.eval)):
+        assert len(a) == len(b)
+        for (ia, la), (ib, lb) in zip(a, b):
+            np.testing.assert_array_equal(ia, ib)
+            np.testing.assert_array_equal(la, lb)
+
+
+def test_examples_with_nothing_to_learn_are_dropped_and_counted(tmp_path, new_tokenizer):
+    rows = [{"instruction": "a long question " * 200, "input": "", "output": "fine, thanks " * 10},
+            {"instruction": "hi", "input": "", "output": "hello"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    # infer_seqlen gives the answer int(16 * t / (s + t)) = 0 tokens when the prompt is huge
+    args = types.SimpleNamespace(dataset=str(tmp_path / "d.json"), dataset_dir=str(tmp_path), template="qwen",
+                                 cutoff_len=16, train_on_prompt=False)
+    data = build_datasets(args, new_tokenizer())
+    assert data.stats["train_examples"] == 1 and data.stats["train_dropped"] == 1
+    assert "no label tokens left after truncation to cutoff_len=16" in data.stats["train_dropped_reasons"][0]
