@@ -111,6 +111,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _host_device() -> jax.Device:
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS excludes cpu: read through the default device instead
+        return jax.devices()[0]
+
+
 def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -129,7 +136,7 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
         _tree_set(params, leaf_path, np.empty(shape, np_dtype))
     seen: dict[str, Path] = {}
     # The flax framework reads bf16 (numpy's cannot); keep those arrays on the host CPU device.
-    cpu = jax.devices("cpu")[0]
+    cpu = _host_device()
     for file in _safetensors_files(path):
         with jax.default_device(cpu), safe_open(file, framework="flax") as f:
             for name in f.keys():
