@@ -98,8 +98,12 @@ def _inside(base: Path, relative: str, what: str) -> Path:
     return path
 
 
-def _detect(attr: DatasetAttr, first: dict[str, Any]) -> None:
-    """Guess the format of a file named directly (not through the registry) from its first row."""
+def _detect(attr: DatasetAttr, head: list[dict[str, Any]]) -> None:
+    """Guess the format of a file named directly (not through the registry) from its first rows."""
+    first = dict(head[0]) if head else {}
+    for row in head[1:]:
+        for key, value in row.items():
+            first.setdefault(key, value)
     for key in ("conversations", "messages"):
         turns = first.get(key)
         if isinstance(turns, list):
@@ -148,7 +152,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
         path = _local_path(name, base)
         if path is not None:
             attr = DatasetAttr(name, "disk" if _is_saved_dataset(path) else "file", str(path))
-            _detect(attr, _first_row(attr))
+            _detect(attr, _head(attr))
             attrs.append(attr)
         elif dataset_dir == "ONLINE" or (registry is None and "/" in name and not name.startswith((".", "/"))):
             attrs.append(DatasetAttr(name, "hf_hub", name))
@@ -238,10 +242,14 @@ def _hf_dataset(attr: DatasetAttr, streaming: bool):
     return datasets.load_dataset(kind, data_files=files, split=attr.split, streaming=streaming)
 
 
-def _first_row(attr: DatasetAttr) -> dict[str, Any]:
+def _head(attr: DatasetAttr, n: int = 100) -> list[dict[str, Any]]:
+    head = []
     for row in iter_rows(attr):
-        return row if isinstance(row, dict) else {}
-    return {}
+        if len(head) == n:
+            break
+        if isinstance(row, dict):
+            head.append(row)
+    return head
 
 
 def load_rows(attr: DatasetAttr, max_samples: int | None = None, seed: int = 42) -> Sequence[dict[str, Any]]:
