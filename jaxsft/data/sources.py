@@ -9,11 +9,10 @@ Mixing and splitting reuse Hugging Face `datasets` on index tables, so `interlea
 exactly the rows LLaMA-Factory picks for the same seed.
 """
 
-import dataclasses
 import difflib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,11 +343,3 @@ def parse_probs(value: str | Sequence[float] | None, n: int, strategy: str) -> l
     if len(probs) != n:
         raise ValueError(f"interleave_probs has {len(probs)} values for {n} datasets.")
     return probs
-
-
-def loader(attr: DatasetAttr) -> Callable[[], Iterator[dict[str, Any]]]:
-    return lambda: iter_rows(attr)
-
-
-def replace(attr: DatasetAttr, **kw) -> DatasetAttr:
-    return dataclasses.replace(attr, **kw)
