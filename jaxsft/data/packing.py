@@ -87,16 +87,17 @@ def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
 
 
 def plan_epoch(
-    lengths: Sequence[int], seq_len: int, seed: int, epoch: int, packing: bool
+    lengths: Sequence[int], seq_len: int, seed: int, epoch: int, packing: bool, shuffle: bool = True
 ) -> list[list[int]]:
     """The rows of one epoch, as lists of example indices: examples shuffled (seed, epoch), then packed
-    (ties between equal lengths follow the shuffle) and the rows shuffled; or one example per row."""
+    (ties between equal lengths follow the shuffle) and the rows shuffled; or one example per row.
+    Without `shuffle`, examples and rows keep their order (every epoch the same)."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if not packing:
         return [[int(i)] for i in order]
     bins, _ = greedy_knapsack(lengths, seq_len, order.tolist())
-    return [bins[i] for i in rng.permutation(len(bins))]
+    return [bins[i] for i in rng.permutation(len(bins))] if shuffle else bins
 
 
 def efficiency(lengths: Sequence[int], num_rows: int, seq_len: int) -> float:

@@ -29,8 +29,9 @@ MAX_REASONS = 5
 DEFAULTS = dict(
     eval_dataset=None, dataset_dir="data", template=None, cutoff_len=2048, max_samples=None, val_size=0.0,
     train_on_prompt=False, mask_history=False, packing=False, neat_packing=False, streaming=False,
-    mix_strategy="concat", interleave_probs=None, seed=42, tokenized_path=None, skip_invalid_examples=True,
+    mix_strategy="concat", interleave_probs=None, seed=42, tokenized_path=None, skip_invalid_examples=False,
     default_system=None, enable_thinking=True, preprocessing_num_workers=None, preserve_thinking=False,
+    tool_format=None, disable_shuffling=False,
 )
 
 
@@ -115,6 +116,7 @@ class SFTData:
     stats: dict[str, Any]
     process_index: int = 0
     process_count: int = 1
+    shuffle: bool = True  # false: `disable_shuffling`, examples and rows keep the dataset order
 
     def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
         """Rows this process reads per epoch (whole batches only; the same on every process)."""
@@ -173,7 +175,7 @@ class _EpochRows(Sequence):
                 if len(self._plans) > 2:
                     self._plans.pop(min(self._plans))
                 d = self.data
-                self._plans[epoch] = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing)
+                self._plans[epoch] = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing, d.shuffle)
             return self._plans[epoch]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -207,10 +209,12 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
     template = get_template(
         _arg(args, "template") or "empty", tokenizer, default_system=_arg(args, "default_system"),
         enable_thinking=_arg(args, "enable_thinking"), train_on_prompt=_arg(args, "train_on_prompt"),
+        tool_format=_arg(args, "tool_format"),
     )
     seq_len = int(_arg(args, "cutoff_len"))
     packing = bool(_arg(args, "packing") or _arg(args, "neat_packing"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shuffle = not _arg(args, "disable_shuffling")
     if _arg(args, "streaming"):
         from jaxsft.data.streaming import StreamingSFTData
 
@@ -224,7 +228,7 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
         stats.update(_split_stats("train", train, _counts_of(train), seq_len, packing))
         if evals is not None:
             stats.update(_split_stats("eval", evals, _counts_of(evals), seq_len, packing))
-        return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count)
+        return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
 
     rows_of, attrs, refs = _load(_arg(args, "dataset"), args)
     train_pos, eval_pos = sources.split(len(refs), float(_arg(args, "val_size") or 0), _arg(args, "seed"))
@@ -243,7 +247,7 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
                          + "; ".join(counts.reasons or ["(no rows)"]))
     if tokenized_path:
         save_tokenized(tokenized_path, train, evals)
-    return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count)
+    return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
 
 
 def _counts_of(examples: list[Example]) -> Counts:

@@ -153,6 +153,15 @@ class StreamingSFTData:
     stats: dict[str, Any] = field(default_factory=dict)
     process_index: int = 0
     process_count: int = 1
+    train: list = field(default_factory=list)  # streaming keeps no training examples in memory
+
+    def batches_per_epoch(self, rows_per_process: int, seed: int = 42) -> int:
+        """Counted by one pass over the stream (everything is tokenized once; memory stays bounded)."""
+        key = ("batches_per_epoch", rows_per_process, seed)
+        if key not in self.stats:
+            rows = sum(1 for _ in _StreamIterator(self, seed, 1))
+            self.stats[key] = rows // rows_per_process
+        return self.stats[key]
 
     @classmethod
     def build(cls, args: Any, tokenizer, template, *, process_index: int = 0, process_count: int = 1):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jaxsft.data.formats import Message
-from jaxsft.data.tool_format import format_function_call, format_tools
+from jaxsft.data.tool_format import TOOL_FORMATS, format_function_call, format_tools
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _fix_special_tokens(template: Template, tokenizer) -> None:
 
 def get_template(
     name: str, tokenizer, *, default_system: str | None = None, enable_thinking: bool | None = True,
-    train_on_prompt: bool = False,
+    train_on_prompt: bool = False, tool_format: str | None = None,
 ) -> Encoder:
     """The named template (or `auto`: the tokenizer's chat_template); fixes the tokenizer's EOS/pad as LF does.
 
@@ -287,6 +287,11 @@ def get_template(
     template = TEMPLATES[name]
     if train_on_prompt and template.efficient_eos:
         raise ValueError(f"Template {name!r} uses efficient_eos and does not support train_on_prompt.")
+    if tool_format is not None:  # LF: plain function slots and this format for tools and calls
+        if tool_format not in TOOL_FORMATS:
+            raise ValueError(f"Unknown tool_format {tool_format!r}. Known: {', '.join(sorted(TOOL_FORMATS))}.")
+        slots = ("{{content}}",) if template.efficient_eos else ("{{content}}", EOS)
+        template = dataclasses.replace(template, function=slots, function_format=tool_format, tool_format=tool_format)
     if default_system is not None:
         template = dataclasses.replace(template, default_system=default_system)
     if template.kind == "reasoning":

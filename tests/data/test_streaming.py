@@ -33,6 +33,7 @@ def test_streaming_iterator_resumes_exactly(data_dir, new_tokenizer):
     assert len(data.eval) == 20
     full = list(data.train_iterator(3, seed=1, num_epochs=2))
     assert len(full) > 10
+    assert data.batches_per_epoch(3, seed=1) == len(list(data.train_iterator(3, seed=1, num_epochs=1)))
     for k in (1, 7, len(full) // 2 + 1, len(full) - 1):
         it = data.train_iterator(3, seed=1, num_epochs=2)
         head = [next(it) for _ in range(k)]
