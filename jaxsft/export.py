@@ -1,0 +1,185 @@
+"""Hugging Face exports: a merged model transformers loads as is, or a PEFT LoRA adapter.
+
+Files are written the way `save_pretrained` writes them: `config.json`, `generation_config.json`,
+`model.safetensors` or `model-00001-of-0000N.safetensors` shards with `model.safetensors.index.json`,
+tokenizer files; `adapter_config.json` + `adapter_model.safetensors` for an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+from safetensors.numpy import save_file
+
+from jaxsft import lora
+from jaxsft.config import Config, ConfigError
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.hf import INDEX_FILE, load_hf_config, load_hf_params, params_to_hf_state_dict, resolve_model_path
+
+logger = logging.getLogger("jaxsft")
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+    if dtype not in NP_DTYPES:
+        raise ConfigError(f"export_dtype {dtype!r} is not supported; choose one of {', '.join(NP_DTYPES)}")
+    return NP_DTYPES[dtype]
+
+
+def _hf_order(name: str) -> tuple[int, int]:
+    """Layer-major order like a torch state dict: embeddings, layer 0, layer 1, ..., final norm, lm_head."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return (1, int(parts[2]))
+    return (0, 0) if "embed_tokens" in name else (2, 0)
+
+
+def write_safetensors(state: dict[str, np.ndarray], out_dir: Path, shard_size_gb: float,
+                      prefix: str = "model") -> list[str]:
+    """One file, or shards of at most `shard_size_gb` (10^9 bytes, as HF counts) plus the index, split
+    by huggingface_hub's own algorithm. Stale model files from an earlier export are removed first."""
+    for old in [*out_dir.glob(f"{prefix}*.safetensors"), out_dir / f"{prefix}.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    split = split_state_dict_into_shards_factory(
+        state, get_storage_size=lambda x: x.nbytes, filename_pattern=prefix + "{suffix}.safetensors",
+        max_shard_size=int(shard_size_gb * 10**9))
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out_dir / filename), metadata=SAFETENSORS_METADATA)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return list(split.filename_to_tensors)
+
+
+def copy_tokenizer(tokenizer_dir: Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+            copied.append(name)
+    if chat_template is not None:
+        (out_dir / "chat_template.jinja").write_text(chat_template)
+        copied.append("chat_template.jinja")
+    return copied
+
+
+def export_hf(params: dict, model_cfg: ModelConfig, source_model_dir: str | Path, out_dir: str | Path, *,
+              dtype: str = "float32", shard_size_gb: float = 5, tokenizer_dir: str | Path | None = None,
+              lora_scale: float | None = None, chat_template: str | None = None) -> Path:
+    """A standalone Hugging Face model: source config (dtype updated), generation config, weights (LoRA
+    merged with `lora_scale`) in `dtype`, sharded at `shard_size_gb`, and the tokenizer files."""
+    source, out = resolve_model_path(source_model_dir), Path(out_dir)
+    np_dtype = _np_dtype(dtype)
+    if lora.has_adapters(params):
+        if lora_scale is None:
+            raise ValueError("params hold LoRA adapters; pass lora_scale so they can be merged")
+        params = lora.merge_adapters(params, lora_scale)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np_dtype), params)
+    state = params_to_hf_state_dict(params, model_cfg)
+    state = {name: state[name] for name in sorted(state, key=_hf_order)}
+    out.mkdir(parents=True, exist_ok=True)
+
+    hf_config = json.loads((source / "config.json").read_text())
+    dtype_keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["dtype", "torch_dtype"]
+    for key in dtype_keys:
+        hf_config[key] = dtype
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+    files = write_safetensors(state, out, shard_size_gb)
+    copied = copy_tokenizer(resolve_model_path(tokenizer_dir) if tokenizer_dir else source, out, chat_template)
+    logger.info("exported %d tensors (%s) to %s in %s; tokenizer files: %s", len(state), dtype, out,
+                ", ".join(files), ", ".join(copied) or "none")
+    return out
+
+
+def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Path, *, rank: int, alpha: float,
+                        targets: list[str], use_rslora: bool = False, base_model_name_or_path: str | None = None,
+                        modules_to_save: list[str] | tuple = (), lora_dropout: float = 0.0,
+                        dtype: str | None = None) -> Path:
+    """A PEFT LoRA adapter `PeftModel.from_pretrained(base, out_dir)` loads: adapter_config.json and
+    adapter_model.safetensors with PEFT's names and shapes (adapters, plus `modules_to_save` weights)."""
+    out = Path(out_dir)
+    adapted = lora.adapted_modules(params)
+    if sorted(adapted) != sorted(targets):
+        raise ValueError(f"targets {targets} differ from the modules that hold adapters {adapted}")
+    modules_to_save = lora.csv_names(modules_to_save)
+    state = lora.peft_state_dict(params, model_cfg, modules_to_save, _np_dtype(dtype) if dtype else None)
+    got_rank = lora.adapter_rank(params)
+    if got_rank != rank:
+        raise ValueError(f"rank {rank} differs from the adapters' rank {got_rank}")
+    tie = model_cfg.tie_word_embeddings and "embed_tokens" in modules_to_save
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "use_rslora": use_rslora,
+        "lora_dropout": lora_dropout,
+        "bias": "none",
+        "modules_to_save": modules_to_save or None,
+        "ensure_weight_tying": tie,
+        "base_model_name_or_path": base_model_name_or_path,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(out / lora.ADAPTER_WEIGHTS), metadata=SAFETENSORS_METADATA)
+    logger.info("exported a LoRA adapter (r=%d, %d tensors) to %s", rank, len(state), out)
+    return out
+
+
+def export_from_config(params: dict, cfg: Config, model_cfg: ModelConfig, lora_scale: float | None = None,
+                       out_dir: str | Path | None = None) -> Path:
+    """Export per the run config: a PEFT adapter with `export_adapter: true` (LoRA runs), else a merged model."""
+    out = out_dir or cfg.export_dir
+    if out is None:
+        raise ConfigError("export needs export_dir")
+    if cfg.export_adapter:
+        adapted = lora.adapted_modules(params)
+        if not adapted or lora_scale is None:
+            raise ConfigError("export_adapter: true but the params hold no LoRA adapters (finetuning_type: lora)")
+        rank = lora.adapter_rank(params)
+        # The adapter's alpha reproduces the scale trained with, whatever rank the adapter came with.
+        alpha = lora_scale * (rank ** 0.5 if cfg.use_rslora else rank)
+        return export_peft_adapter(params, model_cfg, out, rank=rank, alpha=alpha, targets=adapted,
+                                   use_rslora=cfg.use_rslora, base_model_name_or_path=cfg.model_name_or_path,
+                                   modules_to_save=lora.csv_names(cfg.additional_target), lora_dropout=cfg.lora_dropout,
+                                   dtype=None)
+    return export_hf(params, model_cfg, cfg.model_name_or_path, out, dtype=cfg.export_dtype,
+                     shard_size_gb=cfg.export_size, lora_scale=lora_scale)
+
+
+def run_export(cfg: Config) -> Path:
+    """LLaMA-Factory's export stage: base model + `adapter_name_or_path` merged, written to `export_dir`."""
+    if cfg.model_name_or_path is None:
+        raise ConfigError("export needs model_name_or_path")
+    model_cfg = load_hf_config(cfg.model_name_or_path)
+    params = load_hf_params(cfg.model_name_or_path, model_cfg)
+    scale = None
+    if cfg.adapter_name_or_path:
+        params, scale = lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
+    if not cfg.export_adapter and scale is not None:
+        params, scale = lora.merge_adapters(params, scale), None
+    return export_from_config(params, cfg, model_cfg, scale)

@@ -1,0 +1,343 @@
+"""LoRA as param-tree transforms: add adapters, choose what trains, merge, and PEFT adapter I/O.
+
+Adapters live beside the kernel they adapt (docs/internals.md): `lora_a [L, in, r]`, `lora_b
+[L, r, out]`; the model's `dense` adds `scale * (x @ A) @ B`. PEFT stores the same matrices as
+`lora_A.weight [r, in]` and `lora_B.weight [out, r]` per layer, so the mapping is a transpose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxsft.config import ConfigError
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.hf import params_to_hf_state_dict
+from jaxsft.params import LAYERS, Flat, Partition
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_HF_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # for messages
+_PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
+
+
+def _linear_modules(params: dict) -> dict[str, tuple[str, ...]]:
+    """Module name -> tree path of every per-layer linear layer (a dict with a `kernel`), in HF's order.
+    lm_head is not among them: it sits outside the layer stack, as PEFT's `all-linear` leaves it out."""
+    found: dict[str, tuple[str, ...]] = {}
+
+    def walk(node: dict, path: tuple[str, ...]):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                if "kernel" in value:
+                    found[key] = path + (key,)
+                else:
+                    walk(value, path + (key,))
+
+    walk(params[LAYERS], (LAYERS,))
+    order = {name: i for i, name in enumerate(_HF_ORDER)}
+    return {name: found[name] for name in sorted(found, key=lambda n: (order.get(n, len(order)), n))}
+
+
+def csv_names(text: str | list[str] | None) -> list[str]:
+    items = text if isinstance(text, (list, tuple)) else (text or "").split(",")
+    return list(dict.fromkeys(t.strip() for t in items if t.strip()))
+
+
+def target_modules(params: dict, lora_target: str) -> list[str]:
+    """Module names LoRA adapts: `all` (every linear layer but lm_head, i.e. PEFT's `all-linear`) or a
+    comma list such as `q_proj,v_proj`."""
+    available = _linear_modules(params)
+    names = csv_names(lora_target)
+    if not names:
+        raise ConfigError("lora_target is empty; use 'all' or a comma list of modules, e.g. q_proj,v_proj")
+    if "all" in names:
+        return list(available)
+    for name in names:
+        if name not in available:
+            hint = (f"; LoRA on {name} is not supported, train it fully with additional_target: {name}"
+                    if name in ("lm_head", "embed_tokens") else "")
+            raise ConfigError(f"lora_target: module '{name}' not found in the model; choose 'all' or from "
+                              f"{', '.join(available)}{hint}")
+    return [name for name in available if name in names]
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _copy(tree: dict) -> dict:
+    """New dicts all the way down, same leaves (so transforms never mutate their input)."""
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def has_adapters(params: dict) -> bool:
+    return any(path[-1].key in ADAPTER_LEAVES for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def add_adapters(params: dict, targets: list[str], rank: int, rng: jax.Array, dtype=jnp.float32) -> dict:
+    """Fresh adapters beside each target kernel, initialised as PEFT does: A ~ kaiming_uniform(a=sqrt(5))
+    on the [r, in] weight, i.e. U(-1/sqrt(in), 1/sqrt(in)) (drawn directly in our [in, r] layout), B = 0,
+    so the adapted model starts equal to the base model."""
+    if rank <= 0:
+        raise ConfigError(f"lora_rank must be > 0, got {rank}")
+    available = _linear_modules(params)
+    out = _copy(params)
+    for i, name in enumerate(targets):
+        if name not in available:
+            raise ConfigError(f"LoRA target '{name}' not found; choose from {', '.join(available)}")
+        module = _get(out, available[name])
+        if "lora_a" in module:
+            raise ValueError(f"{'/'.join(available[name])} already holds an adapter; merge it first")
+        L, fan_in, fan_out = module["kernel"].shape
+        bound = 1.0 / math.sqrt(fan_in)
+        a_LIR = jax.random.uniform(jax.random.fold_in(rng, i), (L, fan_in, rank), jnp.float32, -bound, bound)
+        module["lora_a"] = a_LIR.astype(dtype)
+        module["lora_b"] = jnp.zeros((L, rank, fan_out), dtype)
+    return out
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def lora_partition(flat: Flat, additional_target: str | list[str] | None = None) -> Partition:
+    """Adapters train, and so do the modules named in `additional_target` (whole, e.g. embed_tokens,
+    lm_head, norm); every other leaf is frozen."""
+    adapters = {p for p in flat if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES}
+    if not adapters:
+        raise ValueError("params hold no LoRA adapters; call add_adapters (or load_peft_adapter) first")
+    adapted = {p.split("/")[-2] for p in adapters}
+    modules = sorted({part for p in flat for part in p.split("/")[:-1]} - {LAYERS, "self_attn", "mlp"})
+    extra = set()
+    for name in csv_names(additional_target):
+        if name == "lm_head" and "lm_head/kernel" not in flat and "embed_tokens/embedding" in flat:
+            raise ConfigError("additional_target: this model ties lm_head to embed_tokens (tie_word_embeddings); "
+                              "name embed_tokens, which trains both")
+        if name not in modules:
+            raise ConfigError(f"additional_target: module '{name}' not found; choose from {', '.join(modules)}")
+        if name in adapted:
+            raise ConfigError(f"additional_target: '{name}' is also a lora_target; a module is either adapted "
+                              f"or fully trained, not both")
+        extra |= {p for p in flat if name in p.split("/")[:-1]}
+    return Partition(trainable=frozenset(adapters | extra))
+
+
+def merge_adapters(params: dict, scale: float) -> dict:
+    """Fold `scale * A @ B` into each adapted kernel (in fp32, stored back in the kernel's dtype) and
+    drop the adapters. A tree without adapters comes back unchanged."""
+    out = _copy(params)
+
+    def walk(node: dict):
+        for value in node.values():
+            if isinstance(value, dict):
+                if "lora_a" in value:
+                    kernel = value["kernel"]
+                    delta_LIO = jnp.einsum("lir,lro->lio", jnp.asarray(value.pop("lora_a"), jnp.float32),
+                                           jnp.asarray(value.pop("lora_b"), jnp.float32),
+                                           precision=jax.lax.Precision.HIGHEST)
+                    value["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta_LIO).astype(kernel.dtype)
+                walk(value)
+
+    walk(out)
+    return out
+
+
+# --- PEFT adapter files -----------------------------------------------------------------------------
+
+def _module_path(params: dict, hf_module: str) -> tuple[str, ...] | None:
+    """`model.layers.3.self_attn.q_proj` -> (layers, self_attn, q_proj) when params hold it (layer dropped)."""
+    parts = hf_module.split(".")
+    if parts[:1] == ["model"]:
+        parts = parts[1:]
+    if parts[:1] == [LAYERS] and len(parts) > 2 and parts[1].isdigit():
+        parts = [LAYERS, *parts[2:]]
+    node = params
+    for key in parts:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return tuple(parts) if isinstance(node, dict) else None
+
+
+def read_adapter_config(path: Path) -> dict:
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter directory: no {ADAPTER_CONFIG}")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {config['peft_type']!r} is not supported (only LORA)")
+    unsupported = {
+        "use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
+        "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+        "layers_to_transform": (None,), "layer_replication": (None,), "target_parameters": (None, []),
+        "trainable_token_indices": (None,), "use_qalora": (False, None),
+    }
+    for key, allowed in unsupported.items():
+        if config.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported by jaxsft "
+                             f"(supported: {allowed[0]!r}); merge this adapter with PEFT first")
+    return config
+
+
+def adapter_scale(adapter_config: dict) -> float:
+    """The scale a PEFT adapter_config.json implies (PEFT's lora_alpha default is 8)."""
+    return lora_scale(float(adapter_config.get("lora_alpha", 8)), int(adapter_config["r"]),
+                      bool(adapter_config.get("use_rslora", False)))
+
+
+def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelConfig,
+                      dtype=None) -> tuple[dict, float]:
+    """Read a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the tree:
+    adapters beside their kernels (in the kernel's dtype unless `dtype`), `modules_to_save` weights in
+    place of the base ones. Returns (params, lora scale)."""
+    path = Path(path).expanduser()
+    if "," in str(path) and not path.exists():
+        raise ValueError(f"adapter_name_or_path {str(path)!r}: pass one adapter directory (several "
+                         "comma-separated adapters are not supported)")
+    config = read_adapter_config(path)
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = " (adapter_model.bin holds pickled weights, which are not loaded: unpickling runs code)" \
+            if (path / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}{pickled}")
+    if has_adapters(params):
+        raise ValueError("params already hold LoRA adapters; merge them (merge_adapters) before loading another")
+    rank, scale = int(config["r"]), adapter_scale(config)
+    L = model_cfg.num_layers
+
+    out = _copy(params)
+    pieces: dict[tuple[tuple[str, ...], str], dict[int, np.ndarray]] = {}
+    saved: dict[str, np.ndarray] = {}
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu), safe_open(weights, framework="flax") as f:  # flax reads bf16
+        for name in f.keys():
+            short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            match = _PEFT_LORA_NAME.fullmatch(short)
+            if match is None:
+                saved[short] = np.asarray(f.get_tensor(name))
+                continue
+            layer, module, which = int(match[1]), match[2], match[3]
+            module_path = _module_path(out, f"model.layers.{layer}.{module}")
+            if module_path is None or "kernel" not in _get(out, module_path) or layer >= L:
+                raise ValueError(f"{weights}: tensor {name!r} names no linear layer of this {model_cfg.family} "
+                                 f"model ({L} layers); was the adapter trained on another model?")
+            pieces.setdefault((module_path, which), {})[layer] = np.asarray(f.get_tensor(name))
+
+    for (module_path, which), by_layer in pieces.items():
+        missing = sorted(set(range(L)) - set(by_layer))
+        if missing:
+            raise ValueError(f"{weights}: lora_{which} of {'.'.join(module_path[1:])} is missing for layer(s) "
+                             f"{missing}; adapters on a subset of layers are not supported")
+        module = _get(out, module_path)
+        _, fan_in, fan_out = module["kernel"].shape
+        want = (rank, fan_in) if which == "A" else (fan_out, rank)
+        for layer, value in by_layer.items():
+            if value.shape != want:
+                raise ValueError(f"{weights}: layer {layer} {'.'.join(module_path[1:])}.lora_{which} has shape "
+                                 f"{value.shape}, expected {want} (r={rank} from {ADAPTER_CONFIG})")
+        stacked = np.stack([by_layer[i].T for i in range(L)])
+        module["lora_a" if which == "A" else "lora_b"] = jnp.asarray(stacked, dtype or module["kernel"].dtype)
+    for module_path, which in pieces:
+        other = "B" if which == "A" else "A"
+        if (module_path, other) not in pieces:
+            raise ValueError(f"{weights}: {'.'.join(module_path[1:])} has lora_{which} but no lora_{other}")
+
+    if saved:
+        _load_modules_to_save(out, saved, model_cfg, config, weights)
+    return out, scale
+
+
+def _load_modules_to_save(out: dict, saved: dict[str, np.ndarray], model_cfg: ModelConfig, config: dict,
+                          weights: Path) -> None:
+    """Put PEFT `modules_to_save` tensors (HF names) in place of the base weights."""
+    if model_cfg.tie_word_embeddings and ("lm_head.weight" in saved or "model.embed_tokens.weight" in saved):
+        if not config.get("ensure_weight_tying", False):
+            raise ValueError(f"{weights}: the model ties lm_head to embed_tokens but this adapter saves an untied "
+                             "copy (ensure_weight_tying is false); merge it with PEFT, then load the merged model")
+        embed, head = saved.pop("model.embed_tokens.weight", None), saved.pop("lm_head.weight", None)
+        if embed is not None and head is not None and not np.array_equal(embed, head):
+            raise ValueError(f"{weights}: tied embed_tokens and lm_head copies differ")
+        saved["model.embed_tokens.weight"] = embed if embed is not None else head
+    for name, value in saved.items():
+        module, _, suffix = name.rpartition(".")
+        layered = re.fullmatch(r"model\.layers\.(\d+)\..+", module)
+        module_path = _module_path(out, module)
+        node = None if module_path is None else _get(out, module_path)
+        leaf = {"bias": "bias"}.get(suffix) or next((k for k in ("kernel", "scale", "embedding")
+                                                     if node is not None and k in node), None)
+        if node is None or leaf is None or leaf not in node:
+            raise ValueError(f"{weights}: tensor {name!r} is neither a LoRA weight nor a weight of this "
+                             f"{model_cfg.family} model")
+        value = value.T if leaf == "kernel" else value
+        current = node[leaf]
+        want = current.shape[1:] if layered else current.shape
+        if value.shape != want:
+            raise ValueError(f"{weights}: {name!r} has shape {value.shape}, expected {want}")
+        if layered:
+            updated = np.array(current)
+            updated[int(layered[1])] = value
+            node[leaf] = jnp.asarray(updated, current.dtype)
+        else:
+            node[leaf] = jnp.asarray(value, current.dtype)
+
+
+def adapted_modules(params: dict) -> list[str]:
+    """Names of the modules that hold adapters, in tree order."""
+    return [name for name, path in _linear_modules(params).items() if "lora_a" in _get(params, path)]
+
+
+def adapter_rank(params: dict) -> int:
+    """The rank of the adapters the params hold (they all share one)."""
+    modules = _linear_modules(params)
+    ranks = {_get(params, modules[n])["lora_a"].shape[-1] for n in adapted_modules(params)}
+    if len(ranks) != 1:
+        raise ValueError(f"expected adapters of one rank, found ranks {sorted(ranks) or 'none'}")
+    return ranks.pop()
+
+
+def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[str] | tuple = (),
+                    dtype=None) -> dict[str, np.ndarray]:
+    """PEFT's tensor names and shapes for the adapters (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`
+    per layer) and for the fully trained `modules_to_save`, as host numpy arrays."""
+    cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
+    state: dict[str, np.ndarray] = {}
+    modules = _linear_modules(params)
+    for name in adapted_modules(params):
+        module = _get(params, modules[name])
+        a_LIR, b_LRO = cast(module["lora_a"]), cast(module["lora_b"])
+        hf_module = ".".join(modules[name][1:])
+        for i in range(model_cfg.num_layers):
+            base = f"{PEFT_PREFIX}model.layers.{i}.{hf_module}"
+            state[f"{base}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
+            state[f"{base}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
+    names = csv_names(modules_to_save)
+    if names:
+        subtree: dict = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            keys = tuple(k.key for k in path)
+            if keys[-1] not in ADAPTER_LEAVES and any(n in keys[:-1] for n in names):
+                node = subtree
+                for key in keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[keys[-1]] = cast(leaf)
+        if not subtree:
+            raise ValueError(f"modules_to_save {names} match no module of the params")
+        for name, value in params_to_hf_state_dict(subtree, model_cfg).items():
+            state[PEFT_PREFIX + name] = value
+        if model_cfg.tie_word_embeddings and "embed_tokens" in names:  # PEFT's ensure_weight_tying layout
+            state[PEFT_PREFIX + "lm_head.weight"] = state[PEFT_PREFIX + "model.embed_tokens.weight"]
+    return state

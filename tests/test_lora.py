@@ -1,0 +1,194 @@
+"""LoRA transforms: targets match PEFT's, PEFT adapters load with PEFT's logits, only adapters train."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
+from peft import LoraConfig, get_peft_model
+from tiny_models import build_tiny_model, save_tiny_model
+
+from jaxsft import lora
+from jaxsft.config import ConfigError, build_config
+from jaxsft.model import hf, transformer
+from jaxsft.optim import build_optimizer
+from jaxsft.params import flatten, merge, split
+from jaxsft.sharding import make_mesh, tree_shardings
+from jaxsft.step import ModelRunner, init_state, make_train_step
+
+B, T = 2, 12
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """name -> (model dir, ModelConfig, params) for the tiny llama (untied, GQA) and qwen2 (tied, biases)."""
+    out = {}
+    for name in ("llama", "qwen2"):
+        _, path = save_tiny_model(name, tmp_path_factory.mktemp(name))
+        cfg = hf.load_hf_config(path)
+        out[name] = (path, cfg, hf.load_hf_params(path, cfg))
+    return out
+
+
+def batch(seed=0):
+    ids_BT = np.random.default_rng(seed).integers(3, 256, (B, T)).astype(np.int32)
+    return ids_BT, np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), np.ones((B, T), np.int32)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_target_all_is_peft_all_linear(name, bases):
+    _, cfg, params = bases[name]
+    peft_model = get_peft_model(build_tiny_model(name), LoraConfig(r=2, target_modules="all-linear"))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    modules = lora.target_modules(params, "all")
+    with_adapters = lora.add_adapters(params, modules, 2, jax.random.key(0))
+    ours = {name.removesuffix(".lora_A.weight").removeprefix(lora.PEFT_PREFIX)
+            for name in lora.peft_state_dict(with_adapters, cfg) if name.endswith("lora_A.weight")}
+    assert ours == peft_names and len(ours) == 7 * cfg.num_layers
+
+
+def test_target_lists_and_errors(bases):
+    params = bases["llama"][2]
+    assert lora.target_modules(params, "v_proj, q_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match=r"module 'qproj' not found.*q_proj, k_proj, v_proj, o_proj, gate_proj"):
+        lora.target_modules(params, "qproj")
+    with pytest.raises(ConfigError, match="additional_target: lm_head"):
+        lora.target_modules(params, "q_proj,lm_head")
+
+
+def test_add_adapters_init_like_peft(bases):
+    _, cfg, params = bases["llama"]
+    adapted = lora.add_adapters(params, ["q_proj", "down_proj"], 8, jax.random.key(1))
+    assert "lora_a" not in params["layers"]["self_attn"]["q_proj"]  # input untouched
+    down = adapted["layers"]["mlp"]["down_proj"]
+    assert down["lora_a"].shape == (2, 128, 8) and down["lora_b"].shape == (2, 8, 64)
+    assert not np.any(down["lora_b"])
+    bound = 1 / np.sqrt(128)  # kaiming_uniform(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
+    a = np.asarray(down["lora_a"])
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
+    assert abs(a.std() - bound / np.sqrt(3)) < 0.1 * bound
+    ids, pos, seg = batch()
+    np.testing.assert_array_equal(transformer.forward(adapted, cfg, ids, pos, seg, lora_scale=2.0),
+                                  transformer.forward(params, cfg, ids, pos, seg))
+
+
+def test_scale():
+    assert lora.lora_scale(16, 8) == 2.0
+    assert lora.lora_scale(16, 16, use_rslora=True) == 4.0
+
+
+# (model, target_modules, use_rslora, modules_to_save)
+PEFT_CASES = [
+    ("llama", "all-linear", False, None),
+    ("llama", ["q_proj", "v_proj", "down_proj"], True, ["embed_tokens", "lm_head"]),
+    ("qwen2", "all-linear", True, ["embed_tokens"]),  # tied: PEFT keeps lm_head tied via ensure_weight_tying
+]
+
+
+@pytest.mark.parametrize("case", PEFT_CASES, ids=lambda c: f"{c[0]}-rslora{c[2]}-save{bool(c[3])}")
+def test_peft_adapter_loads_with_peft_logits(case, bases, tmp_path):
+    name, targets, rslora, to_save = case
+    path, cfg, params = bases[name]
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False, use_rslora=rslora,
+                        modules_to_save=to_save, ensure_weight_tying=cfg.tie_word_embeddings and bool(to_save))
+    peft_model = get_peft_model(build_tiny_model(name), config)
+    with torch.no_grad():  # make the saved modules differ from the base ones
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path)
+    ids, pos, seg = batch()
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+    adapted, scale = lora.load_peft_adapter(tmp_path, params, cfg)
+    assert scale == pytest.approx(12 / (np.sqrt(4) if rslora else 4))
+    got = np.asarray(transformer.forward(adapted, cfg, ids, pos, seg, lora_scale=scale))
+    base = np.asarray(transformer.forward(params, cfg, ids, pos, seg))
+    assert np.abs(base - want).max() > 0.1  # the adapter matters
+    assert np.abs(got - want).max() < TOL
+    merged = lora.merge_adapters(adapted, scale)
+    assert not lora.has_adapters(merged)
+    assert np.abs(np.asarray(transformer.forward(merged, cfg, ids, pos, seg)) - want).max() < TOL
+
+
+def test_peft_adapter_errors(bases, tmp_path):
+    path, cfg, params = bases["llama"]
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        lora.load_peft_adapter(tmp_path, params, cfg)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        lora.load_peft_adapter(tmp_path, params, cfg)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        lora.load_peft_adapter(tmp_path, params, cfg)
+
+
+def test_partition_and_errors(bases):
+    params = lora.add_adapters(bases["llama"][2], ["q_proj", "v_proj"], 4, jax.random.key(0))
+    flat = flatten(params)
+    part = lora.lora_partition(flat, "embed_tokens,norm")
+    assert part.trainable == {"layers/self_attn/q_proj/lora_a", "layers/self_attn/q_proj/lora_b",
+                              "layers/self_attn/v_proj/lora_a", "layers/self_attn/v_proj/lora_b",
+                              "embed_tokens/embedding", "norm/scale"}
+    with pytest.raises(ConfigError, match="module 'embed' not found; choose from .*embed_tokens"):
+        lora.lora_partition(flat, "embed")
+    with pytest.raises(ConfigError, match="also a lora_target"):
+        lora.lora_partition(flat, "q_proj")
+    tied = flatten(lora.add_adapters(bases["qwen2"][2], ["q_proj"], 4, jax.random.key(0)))
+    with pytest.raises(ConfigError, match="ties lm_head to embed_tokens"):
+        lora.lora_partition(tied, "lm_head")
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        lora.lora_partition(flatten(bases["llama"][2]))
+
+
+def test_adapter_training_touches_only_adapters(bases):
+    _, cfg, params = bases["llama"]
+    flat = flatten(lora.add_adapters(params, lora.target_modules(params, "all"), 4, jax.random.key(0)))
+    part = lora.lora_partition(flat)
+    trainable, frozen = split(flat, part)
+    frozen_before = {k: np.array(v) for k, v in frozen.items()}
+    optimizer, schedule = build_optimizer(build_config({"learning_rate": 1e-2, "weight_decay": 0.1}), 10)
+    runner = ModelRunner(cfg, part, lora_scale=2.0)
+    step = jax.jit(make_train_step(runner, optimizer, schedule))
+    state = init_state(trainable, optimizer, seed=0)
+    ids, pos, seg = batch()
+    targets = np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)
+    data = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, positions=pos, segment_ids=seg,
+                                                         targets=targets).items()}
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, frozen, data)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    assert set(state["trainable"]) == {p for p in flat if p.endswith(("lora_a", "lora_b"))}
+    assert all(np.any(state["trainable"][p]) for p in state["trainable"] if p.endswith("lora_b"))
+    after = flatten(merge(state["trainable"], frozen, part))
+    for path, before in frozen_before.items():
+        assert np.array_equal(np.asarray(after[path]), before), path
+    # Optimizer state: one moment per adapter leaf, keyed by adapter paths; nothing shaped like a base weight.
+    opt_leaves = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+    keyed = {p[-1].key: leaf.shape for p, leaf in opt_leaves if hasattr(p[-1], "key")}
+    assert set(keyed) == set(state["trainable"])
+    assert all(keyed[k] == state["trainable"][k].shape for k in keyed)
+    array_leaves = [leaf for _, leaf in opt_leaves if leaf.ndim > 0]
+    assert len(array_leaves) == 2 * len(state["trainable"])  # adam mu and nu
+    assert sum(leaf.size for leaf in array_leaves) == 2 * sum(v.size for v in state["trainable"].values())
+
+
+def test_adapter_sharding_follows_logical_axes(bases):
+    params = lora.add_adapters(bases["llama"][2], ["q_proj", "down_proj"], 4, jax.random.key(0))
+    flat = flatten(params)
+    mesh = make_mesh({"fsdp": 2, "tensor": 4})
+    shardings = tree_shardings(flat, flatten(transformer.param_logical_axes(params)), mesh)
+    assert shardings["layers/self_attn/q_proj/lora_a"].spec == P(None, "fsdp", None)
+    assert shardings["layers/self_attn/q_proj/lora_b"].spec == P(None, None, "tensor")
+    assert shardings["layers/mlp/down_proj/lora_a"].spec == P(None, "tensor", None)
+    assert shardings["layers/mlp/down_proj/lora_b"].spec == P(None, None, "fsdp")
+    placed = jax.device_put(flat, shardings)
+    assert len(placed["layers/self_attn/q_proj/lora_b"].sharding.device_set) == 8
