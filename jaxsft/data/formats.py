@@ -31,7 +31,8 @@ class Message:
 class Conversation:
     system: str
     tools: str  # JSON text of the tool schemas, or ""
-    messages: list[Message] = field(default_factory=list)  # user/observation, assistant/function, ..., last: the response
+    # user/observation, assistant/function, ...; the last one is the response
+    messages: list[Message] = field(default_factory=list)
 
 
 class InvalidExample(ValueError):

@@ -170,7 +170,8 @@ def _chatml_like(name: str, **kw) -> Template:
 
 _QWEN_TOOLS = dict(
     function=("{{content}}<|im_end|>\n",),
-    observation=("<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",),
+    observation=("<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n"
+                 "<|im_start|>assistant\n",),
     tool_format="qwen", function_format="qwen", stop_words=("<|im_end|>",), replace_eos=True,
 )
 
