@@ -35,22 +35,20 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, frozen: dict, data_state: dict, config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            frozen=ocp.args.StandardSave(frozen),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-        ), force=True)
+        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state),
+                 "config": ocp.args.JsonSave(config)}
+        if frozen:  # full fine-tuning has nothing frozen (orbax refuses empty items)
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any, abstract_frozen: Any) -> dict[str, Any]:
         """Restore onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct leaves)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            frozen=ocp.args.StandardRestore(abstract_frozen),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        ))
-        return {name: restored[name] for name in ITEMS}
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+                 "config": ocp.args.JsonRestore()}
+        if abstract_frozen:
+            items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return {name: restored[name] if name in items else {} for name in ITEMS}
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

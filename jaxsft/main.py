@@ -25,9 +25,12 @@ def _not_implemented(name: str) -> Callable[[Config], None]:
 
 def _stages() -> dict[str, Callable[[Config], None]]:
     """Stage name -> runner. Imported lazily so `--dry_run` never pays for JAX start-up."""
+    from jaxsft.evaluate import run_evaluation
+    from jaxsft.train import run_training
+
     return {
-        "train": _not_implemented("train"),
-        "eval": _not_implemented("eval"),
+        "train": run_training,
+        "eval": run_evaluation,
         "predict": _not_implemented("predict"),
         "export": _not_implemented("export"),
     }
@@ -37,7 +40,7 @@ def planned_stages(cfg: Config) -> list[str]:
     stages = []
     if cfg.do_train:
         stages.append("train")
-    if cfg.do_eval:
+    if cfg.do_eval and not cfg.do_train:  # training evaluates at its end
         stages.append("eval")
     if cfg.do_predict:
         stages.append("predict")

@@ -1,0 +1,77 @@
+"""Evaluation: token-weighted eval_loss and LLaMA-Factory's per-example eval_accuracy.
+
+Packed or not, every eval example is scored once; the per-token outputs of the jitted eval step are
+grouped per example (row, segment) on the host, so packed and unpacked eval give the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+
+from jaxsft.runtime import host_array
+from jaxsft.sharding import global_batch
+
+
+def example_sums(out: dict[str, np.ndarray], segment_ids: np.ndarray) -> tuple[float, float, list[float]]:
+    """(loss sum, label tokens, per-example accuracies) of one eval batch."""
+    loss, valid, correct = out["loss"], out["valid"], out["correct"]
+    accuracies = []
+    for r in range(segment_ids.shape[0]):
+        segs = segment_ids[r]
+        n_segments = int(segs.max())
+        if n_segments == 0:
+            continue  # an all-padding filler row
+        counts = np.bincount(segs, weights=valid[r], minlength=n_segments + 1)[1:]
+        hits = np.bincount(segs, weights=correct[r], minlength=n_segments + 1)[1:]
+        # LF's compute_accuracy: the mean over label positions of each example, then over examples.
+        accuracies.extend((hits[counts > 0] / counts[counts > 0]).tolist())
+    return float(loss[valid].sum()), float(valid.sum()), accuracies
+
+
+def evaluate(eval_step: Callable, trainable, frozen, batches: Iterable[dict[str, np.ndarray]], mesh,
+             prefix: str = "eval") -> dict[str, float]:
+    loss_sum, tokens, accuracies = 0.0, 0.0, []
+    for local in batches:
+        out = eval_step(trainable, frozen, global_batch(local, mesh))
+        out = {k: host_array(v) for k, v in out.items()}
+        segments = host_array(global_batch({"s": local["segment_ids"]}, mesh)["s"])
+        ls, n, acc = example_sums(out, segments)
+        loss_sum, tokens = loss_sum + ls, tokens + n
+        accuracies.extend(acc)
+    if tokens == 0:
+        raise ValueError("the evaluation data has no label tokens")
+    return {f"{prefix}_loss": loss_sum / tokens, f"{prefix}_accuracy": float(np.mean(accuracies)),
+            f"{prefix}_examples": len(accuracies), f"{prefix}_label_tokens": int(tokens)}
+
+
+def jit_eval_step(eval_step: Callable, model, mesh) -> Callable:
+    t_shard, f_shard = model.shardings(mesh)
+    return jax.jit(eval_step, in_shardings=(t_shard, f_shard, None))
+
+
+def run_evaluation(cfg) -> dict[str, float]:
+    """The `do_eval` stage on its own (after training, the training stage has already evaluated)."""
+    from jaxsft.data.pipeline import build_datasets
+    from jaxsft.run_logging import RunLogger
+    from jaxsft.runtime import (build_mesh, init_distributed, is_main_process, load_model, load_tokenizer,
+                                rows_per_process)
+    from jaxsft.step import make_eval_step
+
+    init_distributed(cfg)
+    mesh = build_mesh(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    if not data.eval:
+        raise ValueError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
+    model = load_model(cfg, mesh)
+    step = jit_eval_step(make_eval_step(model.runner), model, mesh)
+    metrics = evaluate(step, model.trainable, model.frozen,
+                       data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)), mesh)
+    log = RunLogger(cfg.output_dir, 0, is_main_process=is_main_process(), logging_steps=1, plot_loss=False,
+                    tensorboard=False)
+    log.save_metrics("eval", metrics)
+    log.close()
+    return metrics

@@ -1,0 +1,149 @@
+"""What every stage builds first: processes, the mesh, the tokenizer, and the model's params placed
+on the mesh and split into trainable and frozen parts for the configured fine-tuning type."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.config import Config, ConfigError
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.hf import load_hf_config, load_hf_params, resolve_model_path
+from jaxsft.model.transformer import param_logical_axes
+from jaxsft.params import Flat, Partition, flatten, freeze_partition, full_partition, split, unflatten
+from jaxsft.sharding import make_mesh, tree_shardings
+from jaxsft.step import ModelRunner
+
+logger = logging.getLogger("jaxsft")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def init_distributed(cfg: Config) -> None:
+    """Start JAX's multi-controller runtime when the config or the environment asks for it."""
+    if jax.distributed.is_initialized():
+        return
+    if cfg.coordinator_address or cfg.num_processes:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id)
+    elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")):
+        if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+            jax.distributed.initialize()
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model_name_or_path)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def resolve_attention_impl(requested: str) -> str:
+    """`auto`: the XLA reference everywhere until a faster kernel is registered for the backend."""
+    if requested != "auto":
+        return requested
+    return "xla"
+
+
+@dataclasses.dataclass
+class Model:
+    """A model ready to run on the mesh."""
+    config: ModelConfig
+    runner: ModelRunner
+    partition: Partition
+    trainable: Flat
+    frozen: Flat
+    axes: Flat  # logical axes of every flat leaf
+
+    def shardings(self, mesh) -> tuple[Flat, Flat]:
+        t = tree_shardings(self.trainable, {k: self.axes[k] for k in self.trainable}, mesh)
+        f = tree_shardings(self.frozen, {k: self.axes[k] for k in self.frozen}, mesh)
+        return t, f
+
+    def params(self) -> dict:
+        from jaxsft.params import merge
+        return merge(self.trainable, self.frozen, self.partition)
+
+
+def _partition(flat: Flat, cfg: Config, model_cfg: ModelConfig) -> Partition:
+    if cfg.finetuning_type == "full":
+        return full_partition(flat)
+    if cfg.finetuning_type == "freeze":
+        return freeze_partition(flat, cfg, model_cfg.num_layers)
+    from jaxsft.lora import lora_partition
+    return lora_partition(flat, cfg.additional_target)
+
+
+def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) -> tuple[dict, float]:
+    from jaxsft import lora
+
+    if cfg.adapter_name_or_path and not cfg.create_new_adapter:
+        return lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
+    if cfg.adapter_name_or_path:  # fold the old adapter in, then start a fresh one
+        params, scale = lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
+        params = lora.merge_adapters(params, scale)
+    targets = lora.target_modules(params, cfg.lora_target)
+    params = lora.add_adapters(params, targets, cfg.lora_rank, jax.random.key(cfg.seed), param_dtype)
+    return params, lora.lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
+
+
+def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
+    """Read the HF checkpoint (or take `params`), add adapters, split and place on the mesh."""
+    model_cfg = load_hf_config(cfg.model_name_or_path)
+    param_dtype = DTYPES[cfg.param_dtype]
+    if params is None:
+        params = load_hf_params(cfg.model_name_or_path, model_cfg, dtype=param_dtype)
+    lora_scale = None
+    if cfg.finetuning_type == "lora":
+        params, lora_scale = _add_lora(params, cfg, model_cfg, param_dtype)
+    elif cfg.adapter_name_or_path:
+        from jaxsft import lora
+        params = lora.merge_adapters(*lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg))
+    flat = flatten(params)
+    axes = flatten(param_logical_axes(params), )
+    partition = _partition(flat, cfg, model_cfg)
+    trainable, frozen = split(flat, partition)
+    runner = ModelRunner(model_cfg, partition, attention_impl=resolve_attention_impl(cfg.attention_impl),
+                         remat_policy=cfg.remat_policy, compute_dtype=DTYPES[cfg.compute_dtype],
+                         lora_scale=lora_scale)
+    model = Model(model_cfg, runner, partition, trainable, frozen, axes)
+    t_shard, f_shard = model.shardings(mesh)
+    model.trainable = jax.device_put(trainable, t_shard)
+    model.frozen = jax.device_put(frozen, f_shard)
+    logger.info(partition.describe(flat))
+    return model
+
+
+def build_mesh(cfg: Config):
+    return make_mesh(cfg.mesh)
+
+
+def rows_per_process(cfg: Config, mesh, per_device: int) -> int:
+    """Rows each process feeds per micro-batch: per-device batch x data-parallel devices / processes."""
+    from jaxsft.sharding import data_parallel_size
+
+    global_rows = per_device * data_parallel_size(mesh)
+    if global_rows % jax.process_count():
+        raise ConfigError(f"batch of {global_rows} rows does not split over {jax.process_count()} processes")
+    return global_rows // jax.process_count()
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def host_array(x: Any) -> np.ndarray:
+    """A global array as numpy on every process (all-gathers across hosts when needed)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+__all__ = ["Model", "load_model", "build_mesh", "load_tokenizer", "init_distributed", "rows_per_process",
+           "is_main_process", "host_array", "unflatten"]

@@ -1,0 +1,244 @@
+"""The training stage: load, build, loop, save.
+
+The loop feeds global batches to the jitted pure step, logs every `logging_steps` (metrics stay on
+device in between, so dispatch never waits), evaluates every `eval_steps`, and saves orbax
+checkpoints that resume exactly (params, optimizer, step, RNG, data iterator position, config).
+SIGTERM/SIGINT finish the current step, save, and exit with a resume hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint
+from jaxsft.config import Config, ConfigError
+from jaxsft.data.pipeline import build_datasets
+from jaxsft.evaluate import evaluate, jit_eval_step
+from jaxsft.flops import peak_flops_per_device, train_flops_per_token
+from jaxsft.optim import build_optimizer
+from jaxsft.run_logging import RunLogger
+from jaxsft.runtime import (build_mesh, init_distributed, is_main_process, load_model, load_tokenizer,
+                            rows_per_process)
+from jaxsft.sharding import global_batch, replicated
+from jaxsft.step import init_state, make_eval_step, make_train_step
+
+logger = logging.getLogger("jaxsft")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs of data to iterate), with Hugging Face's arithmetic."""
+    accumulation = cfg.gradient_accumulation_steps
+    steps_per_epoch = max(batches_per_epoch // accumulation, 1)
+    if batches_per_epoch < accumulation:
+        raise ConfigError(f"an epoch has {batches_per_epoch} batches, fewer than gradient_accumulation_steps "
+                          f"({accumulation}); lower the batch size or the accumulation")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    epochs = math.ceil(total * accumulation / batches_per_epoch)
+    return total, epochs
+
+
+def _state_shardings(state: dict, optimizer, trainable_shardings, mesh) -> dict:
+    return {
+        "step": replicated(mesh),
+        "trainable": trainable_shardings,
+        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], trainable_shardings,
+                                           transform_non_params=lambda _: replicated(mesh)),
+        "rng": replicated(mesh),
+    }
+
+
+def _resume_target(cfg: Config) -> tuple[Path, int] | None:
+    value = cfg.resume_from_checkpoint
+    if value in (None, False, "false", "False"):
+        return None
+    if value is True or str(value).lower() == "true":
+        found = Checkpoints(cfg.output_dir, async_save=False).latest_step()
+        if found is None:
+            raise FileNotFoundError(f"resume_from_checkpoint: true but no complete checkpoint in {cfg.output_dir}")
+        return Path(cfg.output_dir).absolute(), found
+    return find_checkpoint(value)
+
+
+def _print_first_example(data, tokenizer) -> None:
+    if not is_main_process() or not data.train:
+        return
+    ids, labels = data.train[0]
+    ids, labels = list(map(int, ids)), [int(x) for x in labels if x != -100]
+    print(f"training example:\ninput_ids:\n{ids}\ninputs:\n{tokenizer.decode(ids, skip_special_tokens=False)}")
+    print(f"label_ids:\n{[int(x) for x in data.train[0][1]]}\nlabels:\n"
+          f"{tokenizer.decode(labels, skip_special_tokens=False)}", flush=True)
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    init_distributed(cfg)
+    out = Path(cfg.output_dir)
+    resume = _resume_target(cfg)
+    if is_main_process() and resume is None and out.is_dir() and Checkpoints(out, async_save=False).all_steps() \
+            and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} already holds checkpoints; set resume_from_checkpoint: true to "
+                          f"continue, or overwrite_output_dir: true to start over")
+    mesh = build_mesh(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    _print_first_example(data, tokenizer)
+    rows = rows_per_process(cfg, mesh, cfg.per_device_train_batch_size)
+    batches_per_epoch = data.batches_per_epoch(rows)
+    if batches_per_epoch == 0:
+        raise ConfigError(f"{len(data.train)} examples make no full batch of {rows * jax.process_count()} rows; "
+                          f"lower per_device_train_batch_size")
+    total_steps, epochs = plan_steps(cfg, batches_per_epoch)
+    accumulation = cfg.gradient_accumulation_steps
+
+    model = load_model(cfg, mesh)
+    optimizer, schedule = build_optimizer(cfg, total_steps)
+    t_shard, f_shard = model.shardings(mesh)
+    state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed))(model.trainable)
+    state_shardings = _state_shardings(state, optimizer, t_shard, mesh)
+    state = jax.device_put(state, state_shardings)
+    frozen = model.frozen
+    train_step = jax.jit(make_train_step(model.runner, optimizer, schedule, cfg.skip_nonfinite_steps),
+                         in_shardings=(state_shardings, f_shard, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
+
+    iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs)
+    checkpoints = Checkpoints(out, max_to_keep=cfg.save_total_limit)
+    config_record = dataclasses.asdict(cfg)
+    start_step = 0
+    if resume is not None:
+        directory, step = resume
+        source = checkpoints if directory == out.absolute() else Checkpoints(directory, async_save=False)
+        restored = source.restore(step, abstract_like(state), abstract_like(frozen))
+        state, frozen = restored["state"], restored["frozen"]
+        iterator.set_state(restored["data"])
+        start_step = int(state["step"])
+        print(f"resumed from {directory}/checkpoint_{step} at step {start_step}", flush=True)
+
+    run_log = RunLogger(str(out), total_steps, is_main_process=is_main_process(), logging_steps=cfg.logging_steps,
+                        plot_loss=cfg.plot_loss, tensorboard=cfg.report_to not in (None, "none", ["none"]),
+                        initial_step=start_step)
+    flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
+    peak = peak_flops_per_device()
+    save_every = int(cfg.save_steps) if cfg.save_strategy == "steps" else None
+    eval_every = int(cfg.eval_steps) if (cfg.eval_strategy == "steps" and data.eval) else None
+    eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
+    window: list[dict] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    total_tokens, total_label_tokens, losses = 0, 0, []
+    loop_start = time.perf_counter()
+    step = start_step
+    with _StopRequest() as stop:
+        while step < total_steps:
+            micro = [next(iterator) for _ in range(accumulation)]
+            local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            state, metrics = train_step(state, frozen, global_batch(local, mesh, leading_dims=1))
+            step += 1
+            window.append(metrics)
+            window_tokens += tokens
+            total_tokens += tokens
+            run_log.advance(step)
+            stopping = stop.signal is not None  # read once: a signal arriving later waits for the next step
+            log_now = run_log.should_log(step) or step == total_steps
+            save_now = (save_every and step % save_every == 0) or step == total_steps or stopping
+            if log_now or save_now:
+                fetched = jax.device_get(window)
+                _check_finite(fetched, step - len(fetched) + 1, cfg.skip_nonfinite_steps)
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    summary = _summarize(fetched, window_tokens, elapsed, flops_per_token, peak)
+                    total_label_tokens += int(sum(m["label_tokens"] for m in fetched))
+                    losses.append(summary["loss"])
+                    summary.update(step=step, epoch=round(step * accumulation / batches_per_epoch, 4),
+                                   elapsed=round(time.perf_counter() - loop_start, 3), total_tokens=total_tokens)
+                    run_log.log_train(step, summary)
+                    window, window_tokens, window_start = [], 0, time.perf_counter()
+            if eval_every and step % eval_every == 0 and step != total_steps and not stopping:
+                run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows),
+                                                mesh))
+            if save_now and cfg.save_strategy != "no":
+                checkpoints.save(step, state, frozen, iterator.get_state(), config_record)
+            if stopping:
+                checkpoints.close()
+                run_log.close()
+                saved = f"checkpoint saved in {out}. Resume with: resume_from_checkpoint=true" \
+                    if cfg.save_strategy != "no" else "no checkpoint saved (save_strategy: no)"
+                print(f"stopped by signal {stop.signal} after step {step}; {saved}", flush=True)
+                return {"stopped_at_step": step}
+    train_runtime = time.perf_counter() - loop_start
+    checkpoints.close()
+    examples_seen = (step - start_step) * accumulation * rows * jax.process_count()
+    results = {
+        "train_runtime": round(train_runtime, 4),
+        "train_samples_per_second": round(examples_seen / train_runtime, 3),
+        "train_steps_per_second": round((step - start_step) / train_runtime, 3),
+        "train_tokens_per_second": round(total_tokens / train_runtime, 3),
+        "train_loss": round(float(np.mean(losses)), 4) if losses else float("nan"),
+        "epoch": round(step * accumulation / batches_per_epoch, 4),
+        "total_flos": float(flops_per_token * total_tokens),
+    }
+    run_log.save_metrics("train", results)
+    if cfg.do_eval and data.eval:
+        run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows),
+                                              mesh))
+    run_log.close()
+    return results
+
+
+def _check_finite(fetched: list[dict], first_step: int, skip: bool) -> None:
+    for i, m in enumerate(fetched):
+        if not bool(m["finite"]):
+            if skip:
+                logger.warning("step %d: non-finite loss or gradient, update skipped", first_step + i)
+                continue
+            raise NonFiniteLoss(f"step {first_step + i}: loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])} "
+                                f"is not finite; stopped without saving it (the last checkpoint is intact). "
+                                f"Lower learning_rate, or set skip_nonfinite_steps: true")
+
+
+def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops_per_token: float,
+               peak: float | None) -> dict[str, Any]:
+    label_tokens = sum(float(m["label_tokens"]) for m in fetched)
+    loss = sum(float(m["loss"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
+    accuracy = sum(float(m["accuracy"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
+    tokens_per_sec = tokens / max(elapsed, 1e-9)
+    mfu = tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else None
+    return {"loss": round(loss, 4), "accuracy": round(accuracy, 4), "lr": float(fetched[-1]["lr"]),
+            "grad_norm": round(float(np.mean([float(m["grad_norm"]) for m in fetched])), 4),
+            "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu is not None else None}
+
+

@@ -1,0 +1,133 @@
+"""The training stage end to end on the embedded tiny Llama and identity data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsft.checkpoint import Checkpoints, abstract_like
+from jaxsft.config import build_config
+from jaxsft.evaluate import run_evaluation
+from jaxsft.model.hf import load_hf_config, load_hf_params
+from jaxsft.params import flatten
+from jaxsft.runtime import build_mesh, load_model
+from jaxsft.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny-llama")
+BASE = {
+    "model_name_or_path": TINY, "dataset": "identity", "dataset_dir": str(REPO / "examples" / "data"),
+    "template": "llama3", "cutoff_len": 256, "packing": True, "do_train": True,
+    "per_device_train_batch_size": 2, "learning_rate": 3e-3, "lr_scheduler_type": "cosine",
+    "logging_steps": 1, "report_to": "none", "seed": 7,
+}
+
+
+def config(tmp_path, **overrides):
+    return build_config({**BASE, "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def log_lines(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["loss"] for r in log_lines(out_dir) if "loss" in r and "step" in r}
+
+
+def test_quickstart_learns_eval_accuracy_rises(tmp_path):
+    cfg = config(tmp_path, finetuning_type="full", val_size=0.1, max_steps=40, do_train=False, do_eval=True,
+                 logging_steps=10)
+    before = run_evaluation(cfg)
+    cfg = config(tmp_path, finetuning_type="full", val_size=0.1, max_steps=40, do_eval=True, logging_steps=10,
+                 plot_loss=True, overwrite_output_dir=True)
+    results = run_training(cfg)
+    out = Path(cfg.output_dir)
+    after = json.loads((out / "eval_results.json").read_text())
+    assert after["eval_accuracy"] > before["eval_accuracy"] + 0.1, (before, after)
+    assert after["eval_loss"] < before["eval_loss"] - 1.0
+    train = json.loads((out / "train_results.json").read_text())
+    for key in ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "train_loss", "epoch"):
+        assert train[key] == results[key] and train[key] > 0
+    lines = log_lines(out)
+    assert [r["step"] for r in lines if "loss" in r] == [10, 20, 30, 40]
+    for key in ("epoch", "loss", "accuracy", "lr", "grad_norm", "tokens_per_sec", "elapsed"):
+        assert key in lines[0], key
+    assert (out / "training_loss.png").stat().st_size > 1000
+    assert Checkpoints(out, async_save=False).latest_step() == 40
+
+
+def test_freeze_leaves_frozen_params_bit_identical(tmp_path):
+    cfg = config(tmp_path, finetuning_type="freeze", freeze_trainable_layers=1,
+                 freeze_trainable_modules="mlp", freeze_extra_modules="norm", max_steps=5)
+    run_training(cfg)
+    original = flatten(load_hf_params(TINY, load_hf_config(TINY)))
+    model = load_model(cfg, build_mesh(cfg))
+    from jaxsft.optim import build_optimizer
+    from jaxsft.step import init_state
+    optimizer, _ = build_optimizer(cfg, 5)
+    state = init_state(model.trainable, optimizer, cfg.seed)
+    restored = Checkpoints(cfg.output_dir, async_save=False).restore(5, abstract_like(state),
+                                                                   abstract_like(model.frozen))
+    trained = flatten(__import__("jaxsft.params", fromlist=["merge"]).merge(
+        restored["state"]["trainable"], restored["frozen"], model.partition))
+    for key, value in original.items():
+        now = np.asarray(trained[key])
+        if key.startswith("layers/mlp/"):
+            np.testing.assert_array_equal(now[0], value[0], err_msg=key)  # layer 0 frozen
+            assert not np.array_equal(now[1], value[1]), key            # last layer trained
+        elif key == "norm/scale":
+            assert not np.array_equal(now, value)
+        else:
+            np.testing.assert_array_equal(now, value, err_msg=key)
+    # frozen params have no optimizer state: every optimizer leaf belongs to a trainable param
+    assert set(restored["state"]["trainable"]) == {k for k in original if k.startswith("layers/mlp/")} | {"norm/scale"}
+
+
+def _run_cli(out_dir, *extra, wait=True):
+    args = [sys.executable, "-m", "jaxsft.main"] + [f"{k}={v}" for k, v in BASE.items()] + [
+        f"output_dir={out_dir}", "finetuning_type=full", "max_steps=20", "save_steps=1000", *extra]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    result = _run_cli(straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = train_losses(straight)
+    assert sorted(reference) == list(range(1, 21))
+
+    interrupted = tmp_path / "interrupted"
+    proc = _run_cli(interrupted, wait=False)
+    log = interrupted / "trainer_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Resume with: resume_from_checkpoint=true" in output
+    stopped = max(train_losses(interrupted))
+    assert 5 <= stopped < 20, "the run should have stopped early"
+    assert Checkpoints(interrupted, async_save=False).latest_step() == stopped
+
+    result = _run_cli(interrupted, "resume_from_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {interrupted.absolute()}/checkpoint_{stopped} at step {stopped}" in result.stdout
+    resumed = train_losses(interrupted)
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(stopped + 1, 21):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    final_straight = json.loads((straight / "train_results.json").read_text())
+    final_resumed = json.loads((interrupted / "train_results.json").read_text())
+    assert final_resumed["epoch"] == final_straight["epoch"]
