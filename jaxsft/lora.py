@@ -114,25 +114,43 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _hf_module(modules: tuple[str, ...]) -> str:
+    """HF module name of a tree module path, with `N` for the layer index: model.layers.N.mlp.up_proj."""
+    if modules[0] == "lm_head":
+        return "lm_head"
+    if modules[0] == LAYERS:
+        return "model.layers.N." + ".".join(modules[1:])
+    return "model." + ".".join(modules)
+
+
+def saved_module_paths(paths, name: str) -> set[str]:
+    """Leaf paths of the modules a PEFT `modules_to_save` entry selects: PEFT keeps every module whose
+    name ends with it, so `norm` means the final norm and every layer norm, as in LLaMA-Factory."""
+    return {p for p in paths if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES
+            and _hf_module(tuple(p.split("/")[:-1])).endswith(name)}
+
+
 def lora_partition(flat: Flat, additional_target: str | list[str] | None = None) -> Partition:
     """Adapters train, and so do the modules named in `additional_target` (whole, e.g. embed_tokens,
-    lm_head, norm); every other leaf is frozen."""
+    lm_head; matched like PEFT's modules_to_save); every other leaf is frozen."""
     adapters = {p for p in flat if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES}
     if not adapters:
         raise ValueError("params hold no LoRA adapters; call add_adapters (or load_peft_adapter) first")
-    adapted = {p.split("/")[-2] for p in adapters}
-    modules = sorted({part for p in flat for part in p.split("/")[:-1]} - {LAYERS, "self_attn", "mlp"})
-    extra = set()
+    adapted = {p.rsplit("/", 1)[0] for p in adapters}
+    extra: set[str] = set()
     for name in csv_names(additional_target):
         if name == "lm_head" and "lm_head/kernel" not in flat and "embed_tokens/embedding" in flat:
             raise ConfigError("additional_target: this model ties lm_head to embed_tokens (tie_word_embeddings); "
                               "name embed_tokens, which trains both")
-        if name not in modules:
+        matched = saved_module_paths(flat, name)
+        if not matched:
+            modules = sorted({p.split("/")[-2] for p in flat if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES})
             raise ConfigError(f"additional_target: module '{name}' not found; choose from {', '.join(modules)}")
-        if name in adapted:
-            raise ConfigError(f"additional_target: '{name}' is also a lora_target; a module is either adapted "
-                              f"or fully trained, not both")
-        extra |= {p for p in flat if name in p.split("/")[:-1]}
+        both = sorted({p.rsplit("/", 1)[0] for p in matched} & adapted)
+        if both:
+            raise ConfigError(f"additional_target: '{name}' selects {', '.join(both)}, which LoRA adapts; a module "
+                              f"is either adapted (lora_target) or fully trained (additional_target), not both")
+        extra |= matched
     return Partition(trainable=frozenset(adapters | extra))
 
 
@@ -326,14 +344,14 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
             state[f"{base}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
     names = csv_names(modules_to_save)
     if names:
+        flat = {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
         subtree: dict = {}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            keys = tuple(k.key for k in path)
-            if keys[-1] not in ADAPTER_LEAVES and any(n in keys[:-1] for n in names):
-                node = subtree
-                for key in keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[keys[-1]] = cast(leaf)
+        for path in sorted(set().union(*(saved_module_paths(flat, n) for n in names))):
+            node = subtree
+            *parents, leaf = path.split("/")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = cast(flat[path])
         if not subtree:
             raise ValueError(f"modules_to_save {names} match no module of the params")
         for name, value in params_to_hf_state_dict(subtree, model_cfg).items():

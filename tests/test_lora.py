@@ -132,13 +132,16 @@ def test_peft_adapter_errors(bases, tmp_path):
 def test_partition_and_errors(bases):
     params = lora.add_adapters(bases["llama"][2], ["q_proj", "v_proj"], 4, jax.random.key(0))
     flat = flatten(params)
-    part = lora.lora_partition(flat, "embed_tokens,norm")
+    part = lora.lora_partition(flat, "embed_tokens,model.norm")
     assert part.trainable == {"layers/self_attn/q_proj/lora_a", "layers/self_attn/q_proj/lora_b",
                               "layers/self_attn/v_proj/lora_a", "layers/self_attn/v_proj/lora_b",
                               "embed_tokens/embedding", "norm/scale"}
+    # PEFT's modules_to_save suffix rule, as LLaMA-Factory passes additional_target: `norm` is every norm.
+    assert lora.lora_partition(flat, "norm").trainable - part.trainable == {
+        "layers/input_layernorm/scale", "layers/post_attention_layernorm/scale"}
     with pytest.raises(ConfigError, match="module 'embed' not found; choose from .*embed_tokens"):
         lora.lora_partition(flat, "embed")
-    with pytest.raises(ConfigError, match="also a lora_target"):
+    with pytest.raises(ConfigError, match="selects layers/self_attn/q_proj, which LoRA adapts"):
         lora.lora_partition(flat, "q_proj")
     tied = flatten(lora.add_adapters(bases["qwen2"][2], ["q_proj"], 4, jax.random.key(0)))
     with pytest.raises(ConfigError, match="ties lm_head to embed_tokens"):

@@ -14,6 +14,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax
+import orbax.checkpoint as ocp
+
 from jaxsft.checkpoint import Checkpoints, find_checkpoint
 from jaxsft.config import FIELDS, Config, ConfigError
 from jaxsft.export import export_from_config
@@ -22,12 +25,21 @@ from jaxsft.model.hf import load_hf_config
 from jaxsft.params import Partition, freeze_partition, merge
 
 
+def _abstract(item_dir: Path):
+    """Restore target from the saved metadata, on the host CPU (orbax restores flat dicts whose keys
+    hold '/' wrongly without a target)."""
+    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, Config]:
     """(param tree with trainable and frozen parts merged back, the run's config)."""
     directory, step = find_checkpoint(path)
     checkpoints = Checkpoints(directory, async_save=False)
+    step_dir = directory / f"checkpoint_{step}"
     try:
-        restored = checkpoints.restore(step, None, None)
+        restored = checkpoints.restore(step, _abstract(step_dir / "state"), _abstract(step_dir / "frozen"))
     finally:
         checkpoints.close()
     values = {k: v for k, v in restored["config"].items() if k in FIELDS}
