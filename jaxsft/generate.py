@@ -9,7 +9,7 @@ is why left- and right-padded prompts both work.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,17 @@ def sample_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+# The streaming `generate` call in flight. Host callbacks run on a runtime thread, so this is a module
+# global (not thread-local): streaming calls must not run concurrently.
+_stream_callbacks: list[Callable[[np.ndarray, np.ndarray], None]] = []
+
+
+def _emit(token_B: np.ndarray, done_B: np.ndarray) -> None:
+    """Host side of `on_token`: forward one step's tokens to the running call's callback."""
+    if _stream_callbacks:
+        _stream_callbacks[-1](np.asarray(token_B), np.asarray(done_B))
+
+
 def _run_layers(params, cfg, cache, ids_BT, seg_BT, pos_BT, index, compute_dtype, attention_impl):
     """Write tokens at cache slot `index` onward and return (final-normed h_BTD, new cache)."""
     seg_BS = jax.lax.dynamic_update_slice(cache["seg"], seg_BT, (0, index))
@@ -73,7 +84,7 @@ def _run_layers(params, cfg, cache, ids_BT, seg_BT, pos_BT, index, compute_dtype
 
 
 def _generate(params, ids_BP, seg_BP, pos_BP, last_B, max_new_tokens, stop_ids, rng, *, cfg, sampling,
-              num_new, pad_id, compute_dtype, attention_impl):
+              num_new, pad_id, compute_dtype, attention_impl, stream=False):
     B, P = ids_BP.shape
     S = P + num_new
     kv_shape = (cfg.num_layers, B, S, cfg.num_kv_heads, cfg.head_dim)
@@ -90,6 +101,8 @@ def _generate(params, ids_BP, seg_BP, pos_BP, last_B, max_new_tokens, stop_ids, 
     def choose(h_B1D, rng, done_B):
         token_B = sample_tokens(lm_logits(params, cfg, h_B1D)[:, 0], rng, sampling)
         token_B = jnp.where(done_B, pad_id, token_B)
+        if stream:  # rows already done before this step are skipped on the host
+            jax.debug.callback(_emit, token_B, done_B, ordered=True)
         return token_B, done_B | jnp.isin(token_B, stop_ids)
 
     rng, step_rng = jax.random.split(rng)
@@ -120,7 +133,7 @@ def _generate(params, ids_BP, seg_BP, pos_BP, last_B, max_new_tokens, stop_ids, 
 
 _generate_jit = jax.jit(
     _generate,
-    static_argnames=("cfg", "sampling", "num_new", "pad_id", "compute_dtype", "attention_impl"),
+    static_argnames=("cfg", "sampling", "num_new", "pad_id", "compute_dtype", "attention_impl", "stream"),
 )
 
 
@@ -156,10 +169,13 @@ def generate(
     padding_side: str = "left",
     compute_dtype=jnp.float32,
     attention_impl: str = "xla",
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, ending with the stop token when one was produced.
 
     stop_token_ids defaults to the config's eos ids; pass () to always run max_new_tokens.
+    `on_token(row, token)` is called on the host for every new token as it is produced (for
+    streaming), in order; the compiled program is the same for every callback.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
@@ -173,6 +189,26 @@ def generate(
             f"prompt length + max_new_tokens exceeds max_position_embeddings ({cfg.max_position_embeddings})"
         )
     ids_BP, seg_BP, pos_BP, last_B = pad_prompts(prompts, prompt_len, pad_id, padding_side)
+    if on_token is not None:
+        def forward(token_B: np.ndarray, done_B: np.ndarray) -> None:
+            for row in np.flatnonzero(~done_B):
+                on_token(int(row), int(token_B[row]))
+        _stream_callbacks.append(forward)
+    try:
+        out_BN = _run(ids_BP, seg_BP, pos_BP, last_B, params, cfg, max_new_tokens, stop, rng, sampling, num_new,
+                      pad_id, compute_dtype, attention_impl, on_token is not None)
+    finally:
+        if on_token is not None:
+            _stream_callbacks.pop()
+    results = []
+    for row in np.asarray(out_BN)[:, :max_new_tokens].tolist():
+        hits = [i for i, t in enumerate(row) if t in stop]
+        results.append(row[: hits[0] + 1] if hits else row)
+    return results
+
+
+def _run(ids_BP, seg_BP, pos_BP, last_B, params, cfg, max_new_tokens, stop, rng, sampling, num_new, pad_id,
+         compute_dtype, attention_impl, stream):
     out_BN = _generate_jit(
         params,
         ids_BP,
@@ -188,9 +224,9 @@ def generate(
         pad_id=pad_id,
         compute_dtype=compute_dtype,
         attention_impl=attention_impl,
+        stream=stream,
     )
-    results = []
-    for row in np.asarray(out_BN)[:, :max_new_tokens].tolist():
-        hits = [i for i, t in enumerate(row) if t in stop]
-        results.append(row[: hits[0] + 1] if hits else row)
-    return results
+    out_BN = np.asarray(out_BN)
+    if stream:
+        jax.effects_barrier()  # every callback has run before the caller sees the result
+    return out_BN

@@ -26,12 +26,13 @@ def _not_implemented(name: str) -> Callable[[Config], None]:
 def _stages() -> dict[str, Callable[[Config], None]]:
     """Stage name -> runner. Imported lazily so `--dry_run` never pays for JAX start-up."""
     from jaxsft.evaluate import run_evaluation
+    from jaxsft.predict import run_prediction
     from jaxsft.train import run_training
 
     return {
         "train": run_training,
         "eval": run_evaluation,
-        "predict": _not_implemented("predict"),
+        "predict": run_prediction,
         "export": _not_implemented("export"),
     }
 

@@ -1,0 +1,190 @@
+"""The predict stage (`do_predict` + `predict_with_generate`): generate an answer for every eval prompt,
+write LLaMA-Factory's `generated_predictions.jsonl` and score it (ROUGE-1/2/L, BLEU-4).
+
+Prompts are encoded as LF 0.9.5's predict encodes them (`jaxsft.data.prompts`), generated greedily
+(`do_sample: false`) or sampled, stopping on the tokenizer's EOS and the template's stop words (LF's
+`eos_token_id = [eos] + additional special tokens`). After `do_train` in the same run, the params are
+the latest checkpoint in `output_dir`; otherwise `model_name_or_path` (+ `adapter_name_or_path`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsft.config import Config
+from jaxsft.generate import Sampling, generate
+from jaxsft.metrics import decode_for_similarity, rouge_bleu
+from jaxsft.runtime import DTYPES, Model, is_main_process, load_model, resolve_attention_impl
+
+logger = logging.getLogger("jaxsft")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """LF's generation `eos_token_id`: the EOS, then every additional special token (the template's stop words)."""
+    extra = getattr(tokenizer, "additional_special_tokens_ids", None)
+    if not isinstance(extra, list):  # transformers 5: extra special tokens live elsewhere
+        names = [str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])]
+        extra = tokenizer.convert_tokens_to_ids(names) if names else []
+    ids = [tokenizer.eos_token_id] + [i for i in extra if i is not None and i != -1]
+    return list(dict.fromkeys(ids))
+
+
+def sampling_of(cfg: Config) -> Sampling:
+    if not cfg.do_sample:
+        return Sampling()
+    return Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+
+def restore_trained(cfg: Config, model: Model, mesh, directory: str | Path, step: int) -> Model:
+    """`model` with the trainable and frozen params of checkpoint `step` in `directory`."""
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.optim import build_optimizer
+    from jaxsft.step import init_state
+    from jaxsft.train import _state_shardings
+
+    optimizer, _ = build_optimizer(cfg, max(cfg.max_steps, 1))
+    t_shard, f_shard = model.shardings(mesh)
+    shapes = jax.eval_shape(lambda t: init_state(t, optimizer, cfg.seed), model.trainable)
+    shardings = _state_shardings(shapes, optimizer, t_shard, mesh)
+    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            shapes, shardings)
+    abstract_frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                             model.frozen, f_shard)
+    restored = Checkpoints(directory, async_save=False).restore(step, abstract_state, abstract_frozen)
+    model.trainable, model.frozen = restored["state"]["trainable"], restored["frozen"]
+    return model
+
+
+def load_for_generation(cfg: Config, mesh, checkpoint: str | Path | None = None) -> Model:
+    """The model to generate with: a jaxsft checkpoint (an `output_dir` or one `checkpoint_<step>` dir), or
+    `model_name_or_path` (+ `adapter_name_or_path`)."""
+    model = load_model(cfg, mesh)
+    if checkpoint is not None:
+        from jaxsft.checkpoint import find_checkpoint
+        directory, step = find_checkpoint(checkpoint)
+        logger.info("generating with %s/checkpoint_%d", directory, step)
+        model = restore_trained(cfg, model, mesh, directory, step)
+    return model
+
+
+def generation_params(model: Model) -> dict:
+    """The merged param tree, LoRA adapters folded into their kernels."""
+    params = model.params()
+    if model.runner.lora_scale is not None:
+        from jaxsft.lora import merge_adapters
+        params = merge_adapters(params, model.runner.lora_scale)
+    return params
+
+
+def _trained_checkpoint(cfg: Config) -> Path | None:
+    """After `do_train` in this run: the output_dir whose latest checkpoint holds the trained params."""
+    if not cfg.do_train:
+        return None
+    from jaxsft.checkpoint import Checkpoints
+    if Path(cfg.output_dir).is_dir() and Checkpoints(cfg.output_dir, async_save=False).latest_step() is not None:
+        return Path(cfg.output_dir)
+    logger.warning("do_predict after do_train found no checkpoint in %s (save_strategy: %s); predicting with the "
+                   "untrained model_name_or_path", cfg.output_dir, cfg.save_strategy)
+    return None
+
+
+def predict(model: Model, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]], cfg: Config,
+            batch_size: int) -> list[list[int]]:
+    """Generated ids of every prompt (ending with the stop token when one was produced), in order."""
+    params = generation_params(model)
+    stop = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rng = jax.random.key(cfg.seed)
+    outputs: list[list[int]] = []
+    show = is_main_process() and not cfg.disable_tqdm
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(prompts), desc="predict", dynamic_ncols=True, disable=not show)
+    for start in range(0, len(prompts), batch_size):
+        batch = [ids.tolist() for ids, _ in prompts[start:start + batch_size]]
+        rng, step_rng = jax.random.split(rng)
+        outputs += generate(params, model.config, batch, max_new_tokens=cfg.max_new_tokens,
+                            sampling=sampling_of(cfg), stop_token_ids=stop, rng=step_rng, pad_id=pad_id,
+                            padding_side="left", compute_dtype=DTYPES[cfg.compute_dtype],
+                            attention_impl=resolve_attention_impl(cfg.attention_impl))
+        bar.update(len(batch))
+    bar.close()
+    return outputs
+
+
+def write_predictions(path: str | Path, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]],
+                      outputs: list[list[int]], skip_special_tokens: bool) -> list[dict[str, str]]:
+    """LF's `save_predictions`: prompt decoded with special tokens, predict and label as configured."""
+    records = [{"prompt": tokenizer.decode(ids.tolist(), skip_special_tokens=False),
+                "predict": tokenizer.decode(out, skip_special_tokens=skip_special_tokens),
+                "label": tokenizer.decode(label.tolist(), skip_special_tokens=skip_special_tokens)}
+               for (ids, label), out in zip(prompts, outputs)]
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return records
+
+
+def run_prediction(cfg: Config) -> dict[str, Any]:
+    """Load, encode the eval prompts, generate, write predictions and `predict_results.json`."""
+    from jaxsft.data.prompts import build_prompts
+    from jaxsft.runtime import build_mesh, init_distributed, load_tokenizer
+    from jaxsft.sharding import data_parallel_size
+
+    init_distributed(cfg)
+    mesh = build_mesh(cfg)
+    tokenizer = load_tokenizer(cfg)
+    prompts, counts, _ = build_prompts(cfg, tokenizer)
+    if not prompts:
+        raise ValueError("do_predict: no prediction examples left. First reasons: "
+                         + "; ".join(counts.reasons or ["(no rows)"]))
+    model = load_for_generation(cfg, mesh, _trained_checkpoint(cfg))
+    # Every process generates every prompt (replicated inputs); only process 0 writes.
+    batch_size = cfg.per_device_eval_batch_size * data_parallel_size(mesh)
+    start = time.perf_counter()
+    outputs = predict(model, tokenizer, prompts, cfg, batch_size)
+    runtime = time.perf_counter() - start
+    predictions = decode_for_similarity_rows(outputs, tokenizer)
+    labels = decode_for_similarity_rows([label.tolist() for _, label in prompts], tokenizer)
+    metrics = {f"predict_{k}": v for k, v in rouge_bleu(predictions, labels).items()}
+    metrics.update(predict_runtime=round(runtime, 4),
+                   predict_samples_per_second=round(len(prompts) / runtime, 3),
+                   predict_steps_per_second=round(math.ceil(len(prompts) / batch_size) / runtime, 3))
+    if is_main_process():
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        path = os.path.join(cfg.output_dir, "generated_predictions.jsonl")
+        write_predictions(path, tokenizer, prompts, outputs, cfg.skip_special_tokens)
+        print(f"Saving prediction results to {path}", flush=True)
+        save_metrics(cfg.output_dir, "predict", metrics)
+    return metrics
+
+
+def save_metrics(output_dir: str, split: str, metrics: dict[str, Any]) -> None:
+    """HF's log_metrics + save_metrics (as `RunLogger.save_metrics`, without opening a run's log and bar,
+    which would truncate the trainer_log.jsonl a training stage wrote before)."""
+    width = max(len(k) for k in metrics)
+    print("\n".join([f"***** {split} metrics *****"] + [f"  {k:<{width}} = {metrics[k]}" for k in sorted(metrics)]),
+          flush=True)
+    with open(os.path.join(output_dir, f"{split}_results.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=4, sort_keys=True)
+    all_path = os.path.join(output_dir, "all_results.json")
+    combined = {}
+    if os.path.exists(all_path):
+        with open(all_path, encoding="utf-8") as f:
+            combined = json.load(f)
+    combined.update(metrics)
+    with open(all_path, "w", encoding="utf-8") as f:
+        json.dump(combined, f, indent=4, sort_keys=True)
+
+
+def decode_for_similarity_rows(rows: list[list[int]], tokenizer) -> list[str]:
+    """`decode_for_similarity` of ragged rows (LF pads them; padding decodes to nothing)."""
+    return [decode_for_similarity(np.asarray([row], np.int64), tokenizer)[0] if row else "" for row in rows]
