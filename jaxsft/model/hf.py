@@ -112,10 +112,11 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _host_device() -> jax.Device:
+    # local_devices: in a multi-process run, device 0 may belong to another process.
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS excludes cpu: read through the default device instead
-        return jax.devices()[0]
+        return jax.local_devices()[0]
 
 
 def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
