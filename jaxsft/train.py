@@ -81,6 +81,20 @@ def _state_shardings(state: dict, optimizer, trainable_shardings, mesh) -> dict:
     }
 
 
+def build_train_step(cfg: Config, model, mesh, total_steps: int):
+    """The initial train state placed on the mesh, and the jitted step with the loop's shardings
+    (`(state, frozen, batch[A, R, T]) -> (state, metrics)`, state donated). Shared with tools/bench.py."""
+    optimizer, schedule = build_optimizer(cfg, total_steps)
+    t_shard, f_shard = model.shardings(mesh)
+    state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed))(model.trainable)
+    state_shardings = _state_shardings(state, optimizer, t_shard, mesh)
+    state = jax.device_put(state, state_shardings)
+    train_step = jax.jit(make_train_step(model.runner, optimizer, schedule, cfg.skip_nonfinite_steps),
+                         in_shardings=(state_shardings, f_shard, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return state, train_step
+
+
 def _resume_target(cfg: Config) -> tuple[Path, int] | None:
     value = cfg.resume_from_checkpoint
     if value in (None, False, "false", "False"):
@@ -124,15 +138,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     accumulation = cfg.gradient_accumulation_steps
 
     model = load_model(cfg, mesh)
-    optimizer, schedule = build_optimizer(cfg, total_steps)
-    t_shard, f_shard = model.shardings(mesh)
-    state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed))(model.trainable)
-    state_shardings = _state_shardings(state, optimizer, t_shard, mesh)
-    state = jax.device_put(state, state_shardings)
+    state, train_step = build_train_step(cfg, model, mesh, total_steps)
     frozen = model.frozen
-    train_step = jax.jit(make_train_step(model.runner, optimizer, schedule, cfg.skip_nonfinite_steps),
-                         in_shardings=(state_shardings, f_shard, None),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
     iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs)
