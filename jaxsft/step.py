@@ -30,10 +30,14 @@ class ModelRunner:
     remat_policy: str = "none"
     compute_dtype: Any = jnp.float32
     lora_scale: float | None = None
+    lora_dropout: float = 0.0  # applied only when logits() gets a dropout rng (training)
 
-    def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]) -> jax.Array:
+    def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
         params = merge(trainable, frozen, self.partition)
         kwargs = {"lora_scale": self.lora_scale} if self.lora_scale is not None else {}
+        if dropout_rng is not None and self.lora_dropout > 0:
+            kwargs.update(lora_dropout=self.lora_dropout, dropout_rng=dropout_rng)
         return forward(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
                        attention_impl=self.attention_impl, remat_policy=self.remat_policy,
                        compute_dtype=self.compute_dtype, **kwargs)
@@ -54,8 +58,8 @@ def _tree_add(a, b):
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: Callable,
                     skip_nonfinite: bool = False) -> Callable:
-    def micro_loss(trainable, frozen, micro):
-        sums = loss_sums(runner.logits(trainable, frozen, micro), micro["targets"])
+    def micro_loss(trainable, frozen, micro, dropout_rng):
+        sums = loss_sums(runner.logits(trainable, frozen, micro, dropout_rng), micro["targets"])
         return sums["loss_sum"], sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -63,13 +67,18 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
     def train_step(state: dict, frozen: Flat, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
         trainable = state["trainable"]
 
-        def accumulate(carry, micro):
-            grads, sums = grad_fn(trainable, frozen, micro)
+        def accumulate(carry, micro_and_key):
+            micro, dropout_rng = micro_and_key
+            grads, sums = grad_fn(trainable, frozen, micro, dropout_rng)
             return _tree_add(carry, (grads, sums)), None
 
         zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
         zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "label_tokens", "correct")}
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch)
+        dropout_keys = None  # one key per micro-batch, only when there is dropout to draw
+        if runner.lora_dropout > 0:
+            step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2)
+            dropout_keys = jax.random.split(step_key, jax.tree_util.tree_leaves(batch)[0].shape[0])
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (batch, dropout_keys))
         label_tokens = jnp.maximum(sums["label_tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / label_tokens, grads)
         loss = sums["loss_sum"] / label_tokens

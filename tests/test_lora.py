@@ -195,3 +195,54 @@ def test_adapter_sharding_follows_logical_axes(bases):
     assert shardings["layers/mlp/down_proj/lora_b"].spec == P(None, None, "fsdp")
     placed = jax.device_put(flat, shardings)
     assert len(placed["layers/self_attn/q_proj/lora_b"].sharding.device_set) == 8
+
+
+def test_lora_dropout_only_in_training(bases):
+    from jaxsft.model.layers import dense
+    from jaxsft.step import make_eval_step
+
+    dense = jax.jit(dense, static_argnums=(2, 3))
+    rng = np.random.default_rng(0)
+    x_BTI = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    p = {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+         "lora_a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+         "lora_b": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)}
+    clean = dense(x_BTI, p, 0.5)
+    np.testing.assert_array_equal(dense(x_BTI, p, 0.5, 0.3), clean)  # no rng: no dropout
+    one = dense(x_BTI, p, 0.5, 0.3, jax.random.key(0))
+    assert np.abs(one - clean).max() > 1e-3
+    np.testing.assert_array_equal(dense(x_BTI, p, 0.5, 0.3, jax.random.key(0)), one)  # same key, same mask
+    np.testing.assert_array_equal(dense(x_BTI, {**p, "lora_b": 0 * p["lora_b"]}, 0.5, 0.3, jax.random.key(0)),
+                                  dense(x_BTI, {**p, "lora_b": 0 * p["lora_b"]}, 0.5))  # base path untouched
+    # Inverted dropout keeps the expectation: the mean over many masks is the clean output.
+    many = jax.jit(jax.vmap(lambda k: dense(x_BTI, p, 0.5, 0.3, k)))(jax.random.split(jax.random.key(1), 4000))
+    assert np.abs(many.mean(0) - clean).max() < 0.05 * np.abs(clean).max()
+
+    # In the train step: dropout changes the updates (deterministically); eval never drops.
+    _, cfg, params = bases["llama"]
+    flat = flatten(lora.add_adapters(params, ["q_proj", "up_proj"], 4, jax.random.key(0)))
+    part = lora.lora_partition(flat)
+    trainable, frozen = split(flat, part)
+    optimizer, schedule = build_optimizer(build_config({"learning_rate": 1e-2}), 10)
+    ids, pos, seg = batch()
+    data = {"input_ids": ids, "positions": pos, "segment_ids": seg,
+            "targets": np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)}
+    stacked = {k: jnp.asarray(v)[None] for k, v in data.items()}
+
+    steps = {rate: jax.jit(make_train_step(ModelRunner(cfg, part, lora_scale=2.0, lora_dropout=rate), optimizer,
+                                           schedule)) for rate in (0.0, 0.5)}
+
+    def two_steps(rate):
+        step, state = steps[rate], init_state(trainable, optimizer, seed=0)
+        for _ in range(2):
+            state, metrics = step(state, frozen, stacked)
+        return state["trainable"], float(metrics["loss"])
+
+    (plain, plain_loss), (dropped, dropped_loss) = two_steps(0.0), two_steps(0.5)
+    assert plain_loss != dropped_loss
+    assert np.abs(plain["layers/self_attn/q_proj/lora_b"] - dropped["layers/self_attn/q_proj/lora_b"]).max() > 1e-6
+    np.testing.assert_array_equal(two_steps(0.5)[0]["layers/self_attn/q_proj/lora_b"],
+                                  dropped["layers/self_attn/q_proj/lora_b"])
+    evals = [jax.jit(make_eval_step(ModelRunner(cfg, part, lora_scale=2.0, lora_dropout=r)))(dropped, frozen, data)
+             ["loss"] for r in (0.0, 0.5)]
+    np.testing.assert_array_equal(*evals)

@@ -11,11 +11,13 @@ import numpy as np
 from jaxsft.model.config import ModelConfig
 
 
-def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None) -> jax.Array:
+def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None, lora_dropout: float = 0.0,
+          dropout_rng: jax.Array | None = None) -> jax.Array:
     """`x @ kernel (+ bias) (+ lora_scale * (x @ lora_a) @ lora_b)`, computed in x's dtype.
 
     Params may be stored wider than the compute dtype; they are cast at use. The LoRA update goes
-    through the rank-r bottleneck so W + AB is never materialized.
+    through the rank-r bottleneck so W + AB is never materialized. With `dropout_rng`, the LoRA input
+    (only) goes through inverted dropout of rate `lora_dropout`, as PEFT's `lora_dropout` does.
     """
     y_BTO = x_BTI @ p["kernel"].astype(x_BTI.dtype)
     if "bias" in p:
@@ -25,6 +27,9 @@ def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None) -> jax.Arr
             raise ValueError("params hold lora_a/lora_b adapters but no lora_scale was given")
         a_IR = p["lora_a"].astype(x_BTI.dtype)
         b_RO = p["lora_b"].astype(x_BTI.dtype)
+        if dropout_rng is not None and lora_dropout > 0:
+            keep_BTI = jax.random.bernoulli(dropout_rng, 1.0 - lora_dropout, x_BTI.shape)
+            x_BTI = jnp.where(keep_BTI, x_BTI / (1.0 - lora_dropout), 0).astype(x_BTI.dtype)
         y_BTO = y_BTO + lora_scale * ((x_BTI @ a_IR) @ b_RO)
     return y_BTO
 

@@ -75,6 +75,8 @@ def decoder_layer(
     attention_impl: str = "xla",
     lora_scale: float | None = None,
     kv_cache: dict | None = None,
+    lora_dropout: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm block. Returns (x_BTD, (k, v)) where k, v are what later tokens attend to.
 
@@ -85,10 +87,15 @@ def decoder_layer(
     B, T, _ = x_BTD.shape
     H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn = layer["self_attn"]
+    keys = iter(jax.random.split(dropout_rng, 7) if dropout_rng is not None else [None] * 7)
+
+    def lin(x, p):  # one dense of this layer, with its own LoRA-dropout key
+        return dense(x, p, lora_scale, lora_dropout, next(keys))
+
     h_BTD = rms_norm(x_BTD, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q_BTHD = dense(h_BTD, attn["q_proj"], lora_scale).reshape(B, T, H, Dh)
-    k_BTKD = dense(h_BTD, attn["k_proj"], lora_scale).reshape(B, T, K, Dh)
-    v_BTKD = dense(h_BTD, attn["v_proj"], lora_scale).reshape(B, T, K, Dh)
+    q_BTHD = lin(h_BTD, attn["q_proj"]).reshape(B, T, H, Dh)
+    k_BTKD = lin(h_BTD, attn["k_proj"]).reshape(B, T, K, Dh)
+    v_BTKD = lin(h_BTD, attn["v_proj"]).reshape(B, T, K, Dh)
     if cfg.qk_norm:  # qwen3: per-head RMSNorm before RoPE
         q_BTHD = rms_norm(q_BTHD, attn["q_norm"]["scale"], cfg.rms_norm_eps)
         k_BTKD = rms_norm(k_BTKD, attn["k_norm"]["scale"], cfg.rms_norm_eps)
@@ -114,13 +121,13 @@ def decoder_layer(
         kv_positions_BS=pos_kv_BS,
         sliding_window=cfg.sliding_window,
     )
-    x_BTD = x_BTD + dense(o_BTHD.reshape(B, T, H * Dh), attn["o_proj"], lora_scale)
+    x_BTD = x_BTD + lin(o_BTHD.reshape(B, T, H * Dh), attn["o_proj"])
 
     mlp = layer["mlp"]
     h_BTD = rms_norm(x_BTD, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    gate_BTF = jax.nn.silu(dense(h_BTD, mlp["gate_proj"], lora_scale))
-    up_BTF = dense(h_BTD, mlp["up_proj"], lora_scale)
-    x_BTD = x_BTD + dense(gate_BTF * up_BTF, mlp["down_proj"], lora_scale)
+    gate_BTF = jax.nn.silu(lin(h_BTD, mlp["gate_proj"]))
+    up_BTF = lin(h_BTD, mlp["up_proj"])
+    x_BTD = x_BTD + lin(gate_BTF * up_BTF, mlp["down_proj"])
     return x_BTD, (k_BSKD, v_BSKD)
 
 
@@ -139,13 +146,16 @@ def hidden_states(
     remat_policy: str = "none",
     compute_dtype=jnp.float32,
     lora_scale: float | None = None,
+    lora_dropout: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] in compute_dtype."""
+    """Final-normed hidden states [B, T, D] in compute_dtype. LoRA dropout runs only given `dropout_rng`."""
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     rope = rope_cos_sin(cfg, positions_BT, compute_dtype)
 
-    def body(x_BTD, layer):
+    def body(x_BTD, layer_and_key):
+        layer, key = layer_and_key
         x_BTD, _ = decoder_layer(
             x_BTD,
             layer,
@@ -155,6 +165,8 @@ def hidden_states(
             positions_BT,
             attention_impl=attention_impl,
             lora_scale=lora_scale,
+            lora_dropout=lora_dropout,
+            dropout_rng=key,
         )
         return x_BTD, None
 
@@ -162,7 +174,9 @@ def hidden_states(
         # prevent_cse=False is safe (and faster) under scan.
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     x_BTD = embed(params, input_ids_BT, compute_dtype)
-    x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+    use_dropout = dropout_rng is not None and lora_dropout > 0
+    keys_L = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
+    x_BTD, _ = jax.lax.scan(body, x_BTD, (params["layers"], keys_L))
     return rms_norm(x_BTD, params["norm"]["scale"], cfg.rms_norm_eps)
 
 
