@@ -45,6 +45,41 @@ def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
     return out_BTKGD.reshape(B, T, H, D)
 
 
+def _xla_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window):
+    mask_BTS = attention_mask(seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window)
+    return _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
+
+
+def packed_lengths_offsets(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout from segment ids (1, 2, ... contiguous, 0 = trailing padding):
+    per-segment lengths [B, M] and start offsets [B, M + 1], unused entries -1."""
+    B, T = segment_ids_BT.shape
+    ids_M = jnp.arange(1, max_segments + 1, dtype=segment_ids_BT.dtype)
+    lengths_BM = (segment_ids_BT[:, None, :] == ids_M[None, :, None]).sum(-1).astype(jnp.int32)
+    starts_BM = jnp.cumsum(lengths_BM, axis=1) - lengths_BM
+    present_BM = lengths_BM > 0
+    lengths_BM = jnp.where(present_BM, lengths_BM, -1)
+    offsets_BM = jnp.where(present_BM, starts_BM, -1)
+    offsets_BM1 = jnp.concatenate([offsets_BM, jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    return lengths_BM, offsets_BM1
+
+
+def _cudnn_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window):
+    """cuDNN flash attention with the packed (THD) layout: segments as lengths and offsets, causal
+    within each. Training-shaped only (queries are the keys); decoding uses the xla path."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    if q_BTHD.shape[1] != k_BSKD.shape[1]:
+        raise ValueError("attention impl 'cudnn' runs training-shaped attention (T == S); decode with 'xla'")
+    # A row of T tokens holds at most T // 2 examples of >= 2 tokens (shorter ones have no target).
+    max_segments = max(1, q_BTHD.shape[1] // 2)
+    lengths_BM, offsets_BM1 = packed_lengths_offsets(seg_q_BT, max_segments)
+    return dot_product_attention(
+        q_BTHD, k_BSKD, v_BSKD, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
+        kv_offsets=offsets_BM1, scale=q_BTHD.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL,
+        sliding_window_length=sliding_window)
+
+
 def _not_yet(name: str, backend: str) -> Callable:
     def impl(*args, **kwargs):
         raise NotImplementedError(
@@ -54,12 +89,12 @@ def _not_yet(name: str, backend: str) -> Callable:
     return impl
 
 
-# name -> (platforms it runs on or None for any, fn(q, k, v, mask) -> out). Fused kernels that take
-# segment ids directly (pallas, splash) or lengths/offsets (cudnn) replace the mask argument when
-# they are added; the public `attention` signature stays.
+# name -> (platforms it runs on or None for any, fn(q, k, v, seg_q, seg_kv, pos_q, pos_kv, window)).
+# Each implementation builds what it needs: a mask (xla), lengths/offsets (cudnn), segment ids
+# (pallas, splash).
 ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
-    "xla": (None, _xla_attention),
-    "cudnn": (("gpu", "cuda"), _not_yet("cudnn", "jax.nn.dot_product_attention(implementation='cudnn')")),
+    "xla": (None, _xla_impl),
+    "cudnn": (("gpu", "cuda"), _cudnn_impl),
     "pallas": (("gpu", "cuda"), _not_yet("pallas", "Pallas GPU flash attention")),
     "splash": (("tpu",), _not_yet("splash", "TPU splash attention")),
 }
@@ -101,7 +136,5 @@ def attention(
         q_positions_BT = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
     if kv_positions_BS is None:
         kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    mask_BTS = attention_mask(
-        segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS, sliding_window
-    )
-    return fn(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
+    return fn(q_BTHD, k_BSKD, v_BSKD, segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS,
+              sliding_window)

@@ -1,0 +1,69 @@
+"""Fused attention kernels against the XLA reference (forward and gradients), where they can run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsft.model.attention import attention, packed_lengths_offsets
+from jaxsft.runtime import resolve_attention_impl
+
+
+def test_packed_lengths_offsets_from_segment_ids():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    lengths, offsets = packed_lengths_offsets(seg, max_segments=4)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def test_auto_is_xla_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU choice")
+    assert resolve_attention_impl("auto") == "xla"
+
+
+def test_cudnn_refused_off_gpu():
+    if jax.default_backend() in ("gpu", "cuda"):
+        pytest.skip("runs where there is no GPU")
+    q = jnp.ones((1, 8, 2, 16))
+    seg = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="attention impl 'cudnn' needs a gpu/cuda backend"):
+        attention(q, q, q, seg, seg, impl="cudnn")
+
+
+def _packed_case(dtype):
+    rng = np.random.default_rng(0)
+    B, T, H, K, D = 2, 256, 8, 2, 64
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, K, D)), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, K, D)), dtype)
+    seg = np.zeros((B, T), np.int32)
+    pos = np.zeros((B, T), np.int32)
+    for b, lengths in enumerate([(100, 60, 80), (200, 40)]):
+        at = 0
+        for s, n in enumerate(lengths, start=1):
+            seg[b, at:at + n], pos[b, at:at + n] = s, np.arange(n)
+            at += n
+    return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
+
+
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"),
+                    reason="cuDNN attention needs an NVIDIA GPU backend (runs when a GPU is lent)")
+def test_cudnn_matches_xla_forward_and_grad():
+    q, k, v, seg, pos = _packed_case(jnp.bfloat16)
+    valid = (seg > 0)[..., None, None]
+
+    def loss(impl):
+        def fn(q, k, v):
+            out = attention(q, k, v, seg, seg, impl=impl, q_positions_BT=pos, kv_positions_BS=pos)
+            return jnp.where(valid, out, 0).astype(jnp.float32).sum(), out
+        return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, out_ref), grads_ref = loss("xla")
+    (_, out), grads = loss("cudnn")
+    mask = np.asarray(valid[..., 0, 0])
+    np.testing.assert_allclose(np.asarray(out, np.float32)[mask], np.asarray(out_ref, np.float32)[mask],
+                               atol=2e-2, rtol=2e-2)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g, np.float32)[mask], np.asarray(g_ref, np.float32)[mask],
+                                   atol=5e-2, rtol=5e-2)
