@@ -40,19 +40,33 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a decision the loop checks after every step.
+
+    One process: a Python signal handler sets a flag. Several processes must stop at the same step
+    (a checkpoint save is collective), so there JAX's preemption service catches SIGTERM and
+    `reached_preemption_sync_point` tells every process the agreed step; SIGINT is left alone.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
+        self._multihost = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, _frame):
         self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        if self._multihost:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = signal.SIGTERM
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -179,7 +193,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             window_tokens += tokens
             total_tokens += tokens
             run_log.advance(step)
-            stopping = stop.signal is not None  # read once: a signal arriving later waits for the next step
+            stopping = stop.requested(step)  # read once: a signal arriving later waits for the next step
             log_now = run_log.should_log(step) or step == total_steps
             save_now = (save_every and step % save_every == 0) or step == total_steps or stopping
             if log_now or save_now:

@@ -3,9 +3,12 @@ process with 8 devices, and a checkpoint the two wrote resumes in one."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +61,28 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     after = losses(resumed)
     assert sorted(after) == [4, 5, 6]
     assert {s: after[s] for s in (4, 5, 6)} == {s: reference[s] for s in (4, 5, 6)}
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice reaching one host: all hosts agree on a step, save together, exit 0."""
+    out = tmp_path / "pre"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxsft.main", *ARGS, "max_steps=400", "save_steps=1000",
+                               f"output_dir={out}", f"coordinator_address=localhost:{port}", "num_processes=2",
+                               f"process_id={i}"],
+                              cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    log = out / "trainer_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    stops = []
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+        match = re.search(r"stopped by signal 15 after step (\d+); checkpoint saved", output)
+        assert match, output[-3000:]
+        stops.append(int(match.group(1)))
+    assert stops[0] == stops[1] < 400
+    assert [p.name for p in out.glob("checkpoint_*")] == [f"checkpoint_{stops[0]}"]
