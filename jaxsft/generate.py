@@ -9,6 +9,7 @@ is why left- and right-padded prompts both work.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -52,15 +53,34 @@ def sample_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-# The streaming `generate` call in flight. Host callbacks run on a runtime thread, so this is a module
+# The streaming `generate` call in flight. Host callbacks run on runtime threads, so this is a module
 # global (not thread-local): streaming calls must not run concurrently.
-_stream_callbacks: list[Callable[[np.ndarray, np.ndarray], None]] = []
+_stream_callbacks: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
 
 
-def _emit(token_B: np.ndarray, done_B: np.ndarray) -> None:
+def _emit(step: np.ndarray, token_B: np.ndarray, done_B: np.ndarray) -> None:
     """Host side of `on_token`: forward one step's tokens to the running call's callback."""
     if _stream_callbacks:
-        _stream_callbacks[-1](np.asarray(token_B), np.asarray(done_B))
+        _stream_callbacks[-1](int(step), np.asarray(token_B), np.asarray(done_B))
+
+
+class _InOrder:
+    """Calls `on_token(row, token)` step by step, whatever order the (unordered) host callbacks arrive in.
+
+    Ordered effects would keep the order but XLA refuses them on more than one device."""
+
+    def __init__(self, on_token: Callable[[int, int], None]):
+        self.on_token, self.next_step, self.pending = on_token, 0, {}
+        self.lock = threading.Lock()
+
+    def __call__(self, step: int, token_B: np.ndarray, done_B: np.ndarray) -> None:
+        with self.lock:
+            self.pending[step] = (token_B, done_B)
+            while self.next_step in self.pending:
+                token_B, done_B = self.pending.pop(self.next_step)
+                for row in np.flatnonzero(~done_B):
+                    self.on_token(int(row), int(token_B[row]))
+                self.next_step += 1
 
 
 def _run_layers(params, cfg, cache, ids_BT, seg_BT, pos_BT, index, compute_dtype, attention_impl):
@@ -98,17 +118,17 @@ def _generate(params, ids_BP, seg_BP, pos_BP, last_B, max_new_tokens, stop_ids, 
     h_B1D = jnp.take_along_axis(h_BPD, last_B[:, None, None], axis=1)
     next_pos_B = jnp.take_along_axis(pos_BP, last_B[:, None], axis=1)[:, 0] + 1
 
-    def choose(h_B1D, rng, done_B):
+    def choose(h_B1D, rng, done_B, step):
         token_B = sample_tokens(lm_logits(params, cfg, h_B1D)[:, 0], rng, sampling)
         token_B = jnp.where(done_B, pad_id, token_B)
         if stream:  # rows already done before this step are skipped on the host
-            jax.debug.callback(_emit, token_B, done_B, ordered=True)
+            jax.debug.callback(_emit, step, token_B, done_B)
         return token_B, done_B | jnp.isin(token_B, stop_ids)
 
     rng, step_rng = jax.random.split(rng)
     done_B = jnp.zeros((B,), bool)
     out_BN = jnp.full((B, num_new), pad_id, jnp.int32)
-    token_B, done_B = choose(h_B1D, step_rng, done_B)
+    token_B, done_B = choose(h_B1D, step_rng, done_B, jnp.int32(0))
     out_BN = out_BN.at[:, 0].set(token_B)
 
     def cond(state):
@@ -123,7 +143,7 @@ def _generate(params, ids_BP, seg_BP, pos_BP, last_B, max_new_tokens, stop_ids, 
             params, cfg, cache, token_B[:, None], seg_B1, pos_B1, P + step - 1, compute_dtype, attention_impl
         )
         rng, step_rng = jax.random.split(rng)
-        token_B, done_B = choose(h_B1D, step_rng, done_B)
+        token_B, done_B = choose(h_B1D, step_rng, done_B, step)
         out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, step))
         return step + 1, cache, token_B, done_B, out_BN, rng
 
@@ -190,10 +210,7 @@ def generate(
         )
     ids_BP, seg_BP, pos_BP, last_B = pad_prompts(prompts, prompt_len, pad_id, padding_side)
     if on_token is not None:
-        def forward(token_B: np.ndarray, done_B: np.ndarray) -> None:
-            for row in np.flatnonzero(~done_B):
-                on_token(int(row), int(token_B[row]))
-        _stream_callbacks.append(forward)
+        _stream_callbacks.append(_InOrder(on_token))
     try:
         out_BN = _run(ids_BP, seg_BP, pos_BP, last_B, params, cfg, max_new_tokens, stop, rng, sampling, num_new,
                       pad_id, compute_dtype, attention_impl, on_token is not None)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxsft.config import Config
+from jaxsft.config import Config, ConfigError
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
 from jaxsft.runtime import DTYPES, Model, is_main_process, load_model, resolve_attention_impl
@@ -139,6 +139,8 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
     from jaxsft.runtime import build_mesh, init_distributed, load_tokenizer
     from jaxsft.sharding import data_parallel_size
 
+    if not (cfg.eval_dataset or (cfg.dataset and cfg.val_size > 1e-6)):
+        raise ConfigError("do_predict predicts the evaluation data: set eval_dataset, or val_size with dataset")
     init_distributed(cfg)
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)

@@ -1,0 +1,86 @@
+"""Evaluation numbers equal what transformers computes on the same encoded examples, packed or not."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model
+from transformers import AutoTokenizer
+
+from jaxsft.config import build_config
+from jaxsft.data.pipeline import build_datasets
+from jaxsft.evaluate import evaluate, jit_eval_step
+from jaxsft.runtime import build_mesh, load_model, rows_per_process
+from jaxsft.step import make_eval_step
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = (REPO / ".." / "shared" / "data" / "llamafactory").resolve()
+TOKENIZER = REPO / "tests" / "fixtures" / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama whose vocab covers the test tokenizer (plus the template's added tokens)."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    model = build_tiny_model("llama", std=0.3)
+    model.resize_token_embeddings(2048, mean_resizing=False)
+    with torch.no_grad():  # resized rows random too, like every other weight
+        torch.manual_seed(1)
+        model.get_input_embeddings().weight.copy_(0.3 * torch.randn_like(model.get_input_embeddings().weight))
+        model.get_output_embeddings().weight.copy_(0.3 * torch.randn_like(model.get_output_embeddings().weight))
+    model.save_pretrained(directory, safe_serialization=True)
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, directory / f.name)
+    return model.eval(), directory
+
+
+def _cfg(directory, packing):
+    return build_config({
+        "model_name_or_path": str(directory), "dataset": "identity", "dataset_dir": str(DATA_DIR),
+        "template": "llama3", "cutoff_len": 128, "val_size": 0.2, "packing": packing, "do_eval": True,
+        "per_device_eval_batch_size": 1, "finetuning_type": "full", "output_dir": str(directory / "out"),
+    })
+
+
+def _jaxsft_eval(directory, packing):
+    cfg = _cfg(directory, packing)
+    data = build_datasets(cfg, AutoTokenizer.from_pretrained(str(directory)))
+    mesh = build_mesh(cfg)
+    model = load_model(cfg, mesh)
+    step = jit_eval_step(make_eval_step(model.runner), model, mesh)
+    rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
+    return evaluate(step, model.trainable, model.frozen, data.eval_batches(rows), mesh), data
+
+
+def _hf_eval(model, examples):
+    """transformers fp32: token-weighted CE over every label (shifted), and LF's compute_accuracy."""
+    loss_sum, tokens, accuracies = 0.0, 0, []
+    for ids, labels in examples:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids.tolist()], dtype=torch.long)).logits[0].double()
+        shift_logits, shift_labels = logits[:-1], torch.tensor(labels[1:].tolist())
+        mask = shift_labels != -100
+        loss_sum += torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum").item()
+        tokens += int(mask.sum())
+        accuracies.append((shift_logits.argmax(-1)[mask] == shift_labels[mask]).double().mean().item())
+    return loss_sum / tokens, float(np.mean(accuracies)), tokens
+
+
+def test_eval_loss_and_accuracy_equal_transformers_packed_or_not(tiny):
+    model, directory = tiny
+    unpacked, data = _jaxsft_eval(directory, packing=False)
+    packed, packed_data = _jaxsft_eval(directory, packing=True)
+    assert len(data.eval) == 19 and data.stats["eval_packed_rows"] == 19
+    assert packed_data.stats["eval_packed_rows"] < len(packed_data.eval)  # several examples share a row
+
+    hf_loss, hf_accuracy, hf_tokens = _hf_eval(model, data.eval)
+    assert unpacked["eval_label_tokens"] == packed["eval_label_tokens"] == hf_tokens
+    assert unpacked["eval_examples"] == packed["eval_examples"] == len(data.eval)
+    assert unpacked["eval_loss"] == pytest.approx(hf_loss, rel=1e-4)
+    assert packed["eval_loss"] == pytest.approx(hf_loss, rel=1e-4)
+    assert packed["eval_loss"] == pytest.approx(unpacked["eval_loss"], rel=1e-5)
+    assert unpacked["eval_accuracy"] == pytest.approx(hf_accuracy, abs=1e-9)
+    assert packed["eval_accuracy"] == pytest.approx(unpacked["eval_accuracy"], abs=1e-9)
+    assert 0 < hf_accuracy < 1  # random but not degenerate

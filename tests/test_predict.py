@@ -1,0 +1,114 @@
+"""The predict stage end to end on the tiny example model: LF's files and fields, and predictions equal to
+transformers' greedy `generate` on the same prompt ids (with the base model, and after training)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from jaxsft.config import build_config
+from jaxsft.data.prompts import build_prompts
+from jaxsft.main import cli
+from jaxsft.runtime import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny-llama")
+MAX_NEW = 12
+PREDICT = {
+    "model_name_or_path": TINY, "dataset": "identity", "dataset_dir": str(REPO / "examples" / "data"),
+    "template": "llama3", "cutoff_len": 256, "val_size": 0.1, "do_predict": True, "predict_with_generate": True,
+    "do_sample": False, "max_new_tokens": MAX_NEW, "per_device_eval_batch_size": 2, "finetuning_type": "full",
+    "seed": 7, "report_to": "none",
+}
+
+
+def _lf_stop_ids(tokenizer) -> list[int]:
+    """LF 0.9.5 run_sft's gen_kwargs['eos_token_id'] (transformers > 4.58 branch)."""
+    extra = getattr(tokenizer, "additional_special_tokens_ids", None)
+    if not isinstance(extra, list):
+        extra = tokenizer.convert_tokens_to_ids([str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])])
+    return list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in extra if i != -1]))
+
+
+def _hf_greedy(model, cfg) -> tuple[list[str], list[str]]:
+    """transformers greedy generate on each prompt as LF's predict would decode it: (predicts, labels)."""
+    tokenizer = load_tokenizer(cfg)
+    prompts, _, _ = build_prompts(cfg, tokenizer)
+    stop = [i for i in _lf_stop_ids(tokenizer) if i < model.config.vocab_size]
+    predicts = []
+    for ids, _ in prompts:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids.tolist()]), max_new_tokens=MAX_NEW, do_sample=False,
+                                 num_beams=1, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        predicts.append(tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+    return predicts, [tokenizer.decode(label.tolist(), skip_special_tokens=True) for _, label in prompts]
+
+
+def _read(out_dir: Path) -> tuple[list[dict], dict]:
+    records = [json.loads(line) for line in (out_dir / "generated_predictions.jsonl").read_text("utf-8").splitlines()]
+    return records, json.loads((out_dir / "predict_results.json").read_text())
+
+
+def _args(values: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path):
+    out = tmp_path / "predict"
+    assert cli(_args({**PREDICT, "output_dir": out})) == 0
+    records, metrics = _read(out)
+    assert len(records) == 10  # val_size 0.1 of 91 rows, as LF's train_test_split
+    assert all(list(r) == ["prompt", "predict", "label"] for r in records)
+    assert records[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
+    assert records[0]["prompt"].endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    raw = (out / "generated_predictions.jsonl").read_text("utf-8")
+    assert "您" in raw or "我" in raw  # ensure_ascii=False: Chinese labels are written as is
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    predicts, labels = _hf_greedy(model, build_config({**PREDICT, "output_dir": str(out)}))
+    assert [r["predict"] for r in records] == predicts
+    assert [r["label"] for r in records] == labels
+    assert len(set(predicts)) > 1 and all(predicts)  # not degenerate
+
+    keys = ("predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_bleu-4")
+    assert all(0 <= metrics[k] <= 100 for k in keys)
+    assert metrics["predict_samples_per_second"] > 0 and metrics["predict_runtime"] > 0
+    assert set(keys) <= set(json.loads((out / "all_results.json").read_text()))
+
+
+def test_predict_after_train_uses_the_trained_params(tmp_path):
+    out = tmp_path / "train_predict"
+    train = {"do_train": True, "max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
+             "packing": True, "logging_steps": 1, "save_steps": 3}
+    assert cli(_args({**PREDICT, **train, "output_dir": out})) == 0
+    records, _ = _read(out)
+    assert (out / "trainer_log.jsonl").read_text().strip()  # predict did not truncate training's log
+
+    # transformers on the checkpoint's weights (restored and converted independently of predict.py)
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.model.hf import load_hf_config, params_to_hf_state_dict
+    from jaxsft.params import unflatten
+    import orbax.checkpoint as ocp
+    manager = Checkpoints(out, async_save=False).manager
+    restored = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    trained = unflatten(restored["state"]["trainable"])  # full fine-tuning: everything is trainable
+    state = params_to_hf_state_dict(jax_tree_to_numpy(trained), load_hf_config(TINY))
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
+    predicts, _ = _hf_greedy(model, build_config({**PREDICT, "output_dir": str(out)}))
+    assert [r["predict"] for r in records] == predicts
+    base, _ = _hf_greedy(transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval(),
+                         build_config({**PREDICT, "output_dir": str(out)}))
+    assert predicts != base  # training changed the answers
+
+
+def jax_tree_to_numpy(tree):
+    import jax
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def test_predict_without_eval_data_is_a_one_line_error(tmp_path, capsys):
+    assert cli(_args({**PREDICT, "output_dir": tmp_path, "val_size": 0})) == 2
+    assert "set eval_dataset, or val_size with dataset" in capsys.readouterr().err
