@@ -16,11 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from jaxsft.errors import ConfigError
 from jaxsft.reference_keys import LLAMAFACTORY_KEYS
-
-
-class ConfigError(ValueError):
-    """A configuration a person must fix; the message says what and how."""
 
 
 def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
@@ -33,7 +30,7 @@ def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -68,7 +68,7 @@ def test_init_params_matches_contract(params):
     assert "lm_head" not in qwen3
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots"])
 def test_remat_policies_give_same_grads(params, policy):
     ids_BT, pos_BT, seg_BT = _batch()
 
