@@ -2,19 +2,42 @@
 
 A checkpoint `output_dir/checkpoint_<step>/` holds: `state` (step, trainable params, optimizer state,
 RNG), `frozen` (the frozen params, so export works from any checkpoint), `data` (the grain iterator
-state) and `config` (the resolved config). Orbax writes into a temporary directory and renames it on
-success, so a save killed halfway leaves nothing that `latest_step` would pick up.
+state) and `config` (the resolved config). Orbax writes into a temporary directory
+(`checkpoint_<step>.orbax-checkpoint-tmp`) and renames it on success, so a save killed halfway leaves
+nothing that `latest_step` would pick up. A save that fails for lack of disk space raises `DiskFull`
+naming the checkpoints that are intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxsft.errors import MissingPath, UserError
+
 ITEMS = ("state", "frozen", "data", "config")
+
+
+class DiskFull(UserError, OSError):
+    """A checkpoint could not be written for lack of space; earlier checkpoints are intact."""
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, also when tensorstore reports it as a ValueError ("[os_error_code='28']")."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Checkpoints:
@@ -27,6 +50,22 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # leftovers of a killed save are removed, never loaded
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending: int | None = None  # the step of an async save that may not have finished
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            steps = self.all_steps()
+            failed = self._pending if self._pending is not None and self._pending not in steps else step
+            intact = ", ".join(f"checkpoint_{s}" for s in steps if s != failed) or "none"
+            free = shutil.disk_usage(self.directory).free / 2**20
+            raise DiskFull(f"no space left on device while saving checkpoint_{failed} in "
+                           f"{self.directory} ({free:.1f} MiB free); intact checkpoints: {intact}. Free some space "
+                           f"(or lower save_total_limit), then rerun with resume_from_checkpoint: true") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -39,7 +78,9 @@ class Checkpoints:
                  "config": ocp.args.JsonSave(config)}
         if frozen:  # full fine-tuning has nothing frozen (orbax refuses empty items)
             items["frozen"] = ocp.args.StandardSave(frozen)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._writing(step):  # orbax first waits for the previous async save: its error surfaces here
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._pending = step
 
     def restore(self, step: int, abstract_state: Any, abstract_frozen: Any) -> dict[str, Any]:
         """Restore onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct leaves)."""
@@ -53,11 +94,18 @@ class Checkpoints:
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def delete_all(self) -> None:
+        """Remove every checkpoint (overwrite_output_dir: a new run must not collide with old steps)."""
+        for step in self.all_steps():
+            self.manager.delete(step)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing(None):
+            self.manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -74,5 +122,5 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
         return path.parent, int(path.name.split("_", 1)[1])
     step = Checkpoints(path, async_save=False).latest_step()
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint found in {path}")
+        raise MissingPath(f"no complete checkpoint found in {path}")
     return path, step

@@ -1,7 +1,9 @@
 """Entry point: `python -m jaxsft.main --config cfg.yaml [key=value ...]`.
 
-Reads and validates the config, says what it will run, then runs the configured stages in order:
-train, eval, predict, export. Errors a person must fix print one line and exit with status 2.
+Reads and validates the config, says what it will run, checks the paths, template, data and devices
+(`jaxsft.preflight.validate_run`, before anything compiles or loads weights), then runs the configured
+stages in order: train, eval, predict, export. Errors a person must fix (`jaxsft.errors.UserError`) print
+one line and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from jaxsft.config import Config, ConfigError, ignored_settings, load_config
+from jaxsft.config import Config, ignored_settings, load_config
+from jaxsft.errors import UserError
 
 
-class StageNotImplemented(RuntimeError):
+class StageNotImplemented(UserError, RuntimeError):
     """A stage the config asks for that this version of jaxsft does not have yet."""
 
 
@@ -109,21 +112,27 @@ def run(cfg: Config, stages: dict[str, Callable[[Config], None]] | None = None) 
         stages[name](cfg)
 
 
+def _user_error(e: UserError) -> int:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return _user_error(e)
     print(describe(cfg), flush=True)
     if args.dry_run:
         return 0
     try:
+        from jaxsft.preflight import validate_run
+
+        validate_run(cfg)
         run(cfg)
-    except (ConfigError, StageNotImplemented) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return _user_error(e)
     return 0
 
 

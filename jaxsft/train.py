@@ -23,20 +23,21 @@ import optax
 from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.pipeline import build_datasets
+from jaxsft.errors import MissingPath, UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.run_logging import RunLogger
-from jaxsft.runtime import (build_mesh, init_distributed, is_main_process, load_model, load_tokenizer,
-                            rows_per_process)
+from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
+                            load_tokenizer, rows_per_process)
 from jaxsft.sharding import global_batch, replicated
 from jaxsft.step import init_state, make_eval_step, make_train_step
 
 logger = logging.getLogger("jaxsft")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError, RuntimeError):
+    """Training diverged: the message names the step; the last checkpoint before it is intact."""
 
 
 class _StopRequest:
@@ -116,7 +117,7 @@ def _resume_target(cfg: Config) -> tuple[Path, int] | None:
     if value is True or str(value).lower() == "true":
         found = Checkpoints(cfg.output_dir, async_save=False).latest_step()
         if found is None:
-            raise FileNotFoundError(f"resume_from_checkpoint: true but no complete checkpoint in {cfg.output_dir}")
+            raise MissingPath(f"resume_from_checkpoint: true but no complete checkpoint in {cfg.output_dir}")
         return Path(cfg.output_dir).absolute(), found
     return find_checkpoint(value)
 
@@ -152,12 +153,15 @@ def run_training(cfg: Config) -> dict[str, Any]:
     accumulation = cfg.gradient_accumulation_steps
 
     model = load_model(cfg, mesh)
+    check_token_ids(data, model.config.vocab_size, cfg.model_name_or_path)
     state, train_step = build_train_step(cfg, model, mesh, total_steps)
     frozen = model.frozen
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
     iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs)
     checkpoints = Checkpoints(out, max_to_keep=cfg.save_total_limit)
+    if resume is None and cfg.overwrite_output_dir:
+        checkpoints.delete_all()  # old steps would collide with this run's saves
     config_record = dataclasses.asdict(cfg)
     start_step = 0
     if resume is not None:
@@ -198,7 +202,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
             save_now = (save_every and step % save_every == 0) or step == total_steps or stopping
             if log_now or save_now:
                 fetched = jax.device_get(window)
-                _check_finite(fetched, step - len(fetched) + 1, cfg.skip_nonfinite_steps)
+                try:
+                    _check_finite(fetched, step - len(fetched) + 1, cfg.skip_nonfinite_steps)
+                except NonFiniteLoss:
+                    checkpoints.close()  # the last good checkpoint finishes committing before we stop
+                    raise
                 if log_now:
                     elapsed = time.perf_counter() - window_start
                     summary = _summarize(fetched, window_tokens, elapsed, flops_per_token, peak)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxsft.data.sources import DatasetAttr
+from jaxsft.errors import InputError
 
 ROLES = ("user", "assistant", "system", "function", "observation")
 
@@ -35,7 +36,7 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
 
 
-class InvalidExample(ValueError):
+class InvalidExample(InputError):
     """A row that cannot become a training example; says where and why."""
 
     def __init__(self, file: str, row: int, field: str, reason: str, kind: str = "malformed"):
@@ -61,7 +62,19 @@ def _tools(value: Any, where: tuple[str, int], name: str) -> str:
         return ""
     if isinstance(value, (list, dict)):  # LF's openai converter dumps these; accept them for every format
         return json.dumps(value, ensure_ascii=False)
-    return _text(value, where, name)
+    text = _text(value, where, name)
+    _check_json(text, where, name, "tools")
+    return text
+
+
+def _check_json(text: str, where: tuple[str, int], name: str, what: str) -> None:
+    """LF's formatters `json.loads` tools and function calls (and crash when they are not JSON)."""
+    if not text:
+        return
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidExample(*where, name, f"{what} is not valid JSON ({e}): {_short(text)}") from None
 
 
 def convert_alpaca(row: dict[str, Any], attr: DatasetAttr, file: str, index: int) -> Conversation:
@@ -120,6 +133,8 @@ def convert_sharegpt(row: dict[str, Any], attr: DatasetAttr, file: str, index: i
             raise InvalidExample(*where, f"{attr.messages}[{k + first}].{attr.role_tag}",
                                  f"role {tag!r} out of order (expected one of {list((odd, even)[k % 2])})", "dropped")
         content = _text(turn[attr.content_tag], where, f"{attr.messages}[{k + first}].{attr.content_tag}", False)
+        if tag == attr.function_tag:
+            _check_json(content, where, f"{attr.messages}[{k + first}].{attr.content_tag}", "a function call")
         messages.append(Message(tag_to_role[tag], content))
     _check_count(messages, attr, where)
     tools = _tools(row.get(attr.tools), where, attr.tools) if attr.tools else ""
@@ -150,7 +165,11 @@ def convert_openai(row: dict[str, Any], attr: DatasetAttr, file: str, index: int
     for k, turn in enumerate(turns):
         tag, content = turn[attr.role_tag], turn[attr.content_tag]
         if tag in (attr.assistant_tag, attr.function_tag) and turn.get("tool_calls"):
-            content = json.dumps([call["function"] for call in turn["tool_calls"]], ensure_ascii=False)
+            calls = turn["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and "function" in c for c in calls):
+                raise InvalidExample(*where, f"{attr.messages}[{k}].tool_calls",
+                                     f"expected a list of {{'function': ...}} objects, got {_short(calls)}")
+            content = json.dumps([call["function"] for call in calls], ensure_ascii=False)
             tag = attr.function_tag
         if tag == attr.observation_tag:
             tool_responses.append(_text(content, where, f"{attr.messages}[{k}].{attr.content_tag}"))

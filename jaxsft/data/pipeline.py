@@ -23,6 +23,7 @@ from jaxsft.data.formats import InvalidExample, to_conversation
 from jaxsft.data.packing import Example, efficiency, empty_row, greedy_knapsack, make_row, plan_epoch, stack_rows
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
 from jaxsft.data.templates import get_template
+from jaxsft.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 MAX_REASONS = 5
@@ -129,7 +130,7 @@ class SFTData:
     def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int) -> grain.MapDataset:
         rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs)
         if len(rows) == 0:
-            raise ValueError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
+            raise ConfigError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
                              f"per process x {self.process_count} processes; lower the batch size.")
         return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
 
@@ -203,9 +204,9 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
     or a `streaming.StreamingSFTData` when `args.streaming`.
     """
     if _arg(args, "mask_history") and _arg(args, "train_on_prompt"):
-        raise ValueError("mask_history and train_on_prompt cannot both be true (as in LLaMA-Factory).")
+        raise ConfigError("mask_history and train_on_prompt cannot both be true (as in LLaMA-Factory).")
     if _arg(args, "eval_dataset") and _arg(args, "val_size") > 1e-6:
-        raise ValueError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
+        raise ConfigError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
     template = get_template(
         _arg(args, "template") or "empty", tokenizer, default_system=_arg(args, "default_system"),
         enable_thinking=_arg(args, "enable_thinking"), train_on_prompt=_arg(args, "train_on_prompt"),
@@ -242,12 +243,24 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
         evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
+    _report_dropped("train", counts)
+    if evals is not None:
+        _report_dropped("eval", eval_counts)
     if not train:
-        raise ValueError("No training examples left after preprocessing. First reasons: "
-                         + "; ".join(counts.reasons or ["(no rows)"]))
+        read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
+        why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: " + "; ".join(counts.reasons)
+               if counts.rows else "no rows to train on")
+        raise InputError(f"No training examples left after preprocessing {read}: {why}. Fix those rows, or the "
+                         f"dataset's formatting/columns in dataset_info.json; a run with no data would train nothing.")
     if tokenized_path:
         save_tokenized(tokenized_path, train, evals)
     return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
+
+
+def _report_dropped(split: str, counts: Counts) -> None:
+    if counts.dropped:
+        logger.warning("%s data: dropped %d of %d rows (the run goes on without them); first reasons:\n  %s",
+                       split, counts.dropped, counts.rows, "\n  ".join(counts.reasons))
 
 
 def _counts_of(examples: list[Example]) -> Counts:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
+
 REGISTRY = "dataset_info.json"
 FILE_TYPES = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
@@ -64,7 +66,7 @@ class DatasetAttr:
                         "system_tag"):
                 setattr(self, key, info["tags"].get(key))
         if self.formatting not in ("alpaca", "sharegpt", "openai"):
-            raise ValueError(f"dataset {self.name!r}: unknown formatting {self.formatting!r} "
+            raise InputError(f"dataset {self.name!r}: unknown formatting {self.formatting!r} "
                              "(use alpaca, sharegpt or openai)")
 
 
@@ -83,16 +85,16 @@ def _read_registry(dataset_dir: str) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def _inside(base: Path, relative: str, what: str) -> Path:
     if os.path.isabs(relative):
-        raise ValueError(f"{what}: absolute path {relative!r} in {REGISTRY}; registry paths are relative to "
+        raise InputError(f"{what}: absolute path {relative!r} in {REGISTRY}; registry paths are relative to "
                          f"dataset_dir ({base}). Put an absolute path in your own config instead.")
     path = (base / relative).resolve()
     if path != base.resolve() and base.resolve() not in path.parents:
-        raise ValueError(f"{what}: path {relative!r} escapes dataset_dir ({base}); '..' is not allowed in "
+        raise InputError(f"{what}: path {relative!r} escapes dataset_dir ({base}); '..' is not allowed in "
                          f"{REGISTRY}. Put an absolute path in your own config instead.")
     return path
 
@@ -131,7 +133,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
             if "file_name" in info:
                 path = _inside(base, info["file_name"], f"dataset {name!r}")
                 if not path.exists():
-                    raise FileNotFoundError(
+                    raise MissingPath(
                         f"dataset {name!r} in {base / REGISTRY} names {info['file_name']!r}, which is not in "
                         f"{base.resolve()}. Add the file there, or use one of the datasets present: "
                         f"{', '.join(present_datasets(dataset_dir)) or '(none)'}."
@@ -141,11 +143,11 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
                 attr = DatasetAttr(name, "hf_hub", info["hf_hub_url"])
             else:
                 kinds = ", ".join(k for k in info if k.endswith("_url") or k.endswith("_name")) or "no source"
-                raise ValueError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
+                raise InputError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
                                  "(local) and hf_hub_url (online) entries.")
             attr.join(info)
             if attr.ranking:
-                raise ValueError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
+                raise InputError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
             attrs.append(attr)
             continue
         path = _local_path(name, base)
@@ -158,7 +160,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
         else:
             known = sorted(registry) if registry else []
             hint = difflib.get_close_matches(name, known, n=3)
-            raise ValueError(
+            raise InputError(
                 f"Unknown dataset {name!r}: not an entry of {base / REGISTRY}"
                 + (" (no such file)" if registry is None else "")
                 + f" and no file or folder at that path. "
@@ -196,13 +198,32 @@ def _file_type(attr: DatasetAttr) -> tuple[str, list[str]]:
     files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
     types = {FILE_TYPES.get(Path(f).suffix[1:]) for f in files}
     if None in types or len(types) != 1:
-        raise ValueError(f"dataset {attr.name!r} ({attr.path}): files must all be one of "
+        raise InputError(f"dataset {attr.name!r} ({attr.path}): files must all be one of "
                          f"{', '.join(sorted(FILE_TYPES))}; found {', '.join(Path(f).name for f in files)}.")
     return types.pop(), files
 
 
+def _not_utf8(file: str, data: bytes, e: UnicodeDecodeError, line_offset: int = 0) -> InputError:
+    line = line_offset + data[:e.start].count(b"\n") + 1
+    return InputError(f"{file}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); "
+                      "re-save the file as UTF-8")
+
+
+def _unreadable(attr: DatasetAttr, kind: str, e: Exception) -> InputError:
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
+        cause = cause.__cause__ or cause.__context__
+    reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+    where = attr.path if attr.name == attr.path else f"dataset {attr.name!r} ({attr.path})"
+    return InputError(f"{where}: cannot be read as {kind}: {reason}")
+
+
 def _read_json(file: str) -> list[Any]:
-    text = Path(file).read_text(encoding="utf-8")
+    data = Path(file).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(file, data, e) from None
     if file.endswith(".jsonl") or (not text.lstrip().startswith("[")):
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -210,14 +231,14 @@ def _read_json(file: str) -> list[Any]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}, line {line_no} (row {len(rows)}): invalid JSON: {e}") from None
+                    raise InputError(f"{file}, line {line_no} (row {len(rows)}): invalid JSON: {e}") from None
         return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise InputError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{file}: expected a JSON list of rows, got {type(rows).__name__}")
+        raise InputError(f"{file}: expected a JSON list of rows, got {type(rows).__name__}")
     return rows
 
 
@@ -228,17 +249,20 @@ def _hf_dataset(attr: DatasetAttr, streaming: bool):
         ds = datasets.load_from_disk(attr.path)
         if isinstance(ds, datasets.DatasetDict):
             if attr.split not in ds:
-                raise ValueError(f"dataset {attr.name!r} ({attr.path}) has splits {list(ds)}, not {attr.split!r}")
+                raise InputError(f"dataset {attr.name!r} ({attr.path}) has splits {list(ds)}, not {attr.split!r}")
             ds = ds[attr.split]
         return ds.to_iterable_dataset() if streaming else ds
     if attr.load_from == "hf_hub":
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise ValueError(f"dataset {attr.name!r} is on the hub ({attr.path}) but the hub is offline "
+            raise InputError(f"dataset {attr.name!r} is on the hub ({attr.path}) but the hub is offline "
                              "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it and name the local path.")
         return datasets.load_dataset(attr.path, name=attr.subset, data_dir=attr.folder, split=attr.split,
                                      streaming=streaming)
     kind, files = _file_type(attr)
-    return datasets.load_dataset(kind, data_files=files, split=attr.split, streaming=streaming)
+    try:
+        return datasets.load_dataset(kind, data_files=files, split=attr.split, streaming=streaming)
+    except Exception as e:  # the csv / parquet / arrow reader's own error, about the user's file
+        raise _unreadable(attr, kind, e) from e
 
 
 def _head(attr: DatasetAttr, n: int = 100) -> list[dict[str, Any]]:
@@ -275,17 +299,26 @@ def iter_rows(attr: DatasetAttr) -> Iterator[dict[str, Any]]:
         if kind == "json":
             for file in files:
                 if file.endswith(".jsonl"):
-                    with open(file, encoding="utf-8") as f:
-                        for line_no, line in enumerate(f, 1):
+                    with open(file, "rb") as f:
+                        for line_no, raw in enumerate(f, 1):
+                            try:
+                                line = raw.decode("utf-8")
+                            except UnicodeDecodeError as e:
+                                raise _not_utf8(file, raw, e, line_no - 1) from None
                             if line.strip():
                                 try:
                                     yield json.loads(line)
                                 except json.JSONDecodeError as e:
-                                    raise ValueError(f"{file}, line {line_no}: invalid JSON: {e}") from None
+                                    raise InputError(f"{file}, line {line_no}: invalid JSON: {e}") from None
                 else:
                     yield from _read_json(file)
             return
-    yield from _hf_dataset(attr, streaming=True)
+    try:
+        yield from _hf_dataset(attr, streaming=True)
+    except UserError:
+        raise
+    except Exception as e:  # streaming readers fail on the first row, not when opened
+        raise _unreadable(attr, attr.load_from if attr.load_from != "file" else _file_type(attr)[0], e) from e
 
 
 class _Select(Sequence):
@@ -312,7 +345,7 @@ def mix(lengths: list[int], strategy: str, probs: list[float] | None, seed: int)
     if len(lengths) == 1 or strategy == "concat":
         return [RowRef(s, r) for s, n in enumerate(lengths) for r in range(n)]
     if not strategy.startswith("interleave"):
-        raise ValueError(f"Unknown mix_strategy {strategy!r}: use concat, interleave_under or interleave_over.")
+        raise ConfigError(f"Unknown mix_strategy {strategy!r}: use concat, interleave_under or interleave_over.")
     import datasets
 
     tables = [datasets.Dataset.from_dict({"s": [s] * n, "r": list(range(n))}) for s, n in enumerate(lengths)]
@@ -338,8 +371,8 @@ def parse_probs(value: str | Sequence[float] | None, n: int, strategy: str) -> l
     if value is None:
         return None
     if strategy == "concat":
-        raise ValueError("interleave_probs is only valid with mix_strategy interleave_under or interleave_over.")
+        raise ConfigError("interleave_probs is only valid with mix_strategy interleave_under or interleave_over.")
     probs = [float(p) for p in split_names(value)] if isinstance(value, str) else [float(p) for p in value]
     if len(probs) != n:
-        raise ValueError(f"interleave_probs has {len(probs)} values for {n} datasets.")
+        raise ConfigError(f"interleave_probs has {len(probs)} values for {n} datasets.")
     return probs

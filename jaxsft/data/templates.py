@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from jaxsft.data.formats import Message
 from jaxsft.data.tool_format import TOOL_FORMATS, format_function_call, format_tools
+from jaxsft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -278,19 +279,19 @@ def get_template(
     """
     if name == "auto":
         if not isinstance(getattr(tokenizer, "chat_template", None), str):
-            raise ValueError("template: auto needs a tokenizer with a chat_template; this tokenizer has none. "
+            raise ConfigError("template: auto needs a tokenizer with a chat_template; this tokenizer has none. "
                              f"Pick a named template: {', '.join(sorted(TEMPLATES))}.")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
         return ChatTemplate(default_system=default_system)
     if name not in TEMPLATES:
-        raise ValueError(f"Unknown template {name!r}. Known templates: auto, {', '.join(sorted(TEMPLATES))}.")
+        raise ConfigError(f"Unknown template {name!r}. Known templates: auto, {', '.join(sorted(TEMPLATES))}.")
     template = TEMPLATES[name]
     if train_on_prompt and template.efficient_eos:
-        raise ValueError(f"Template {name!r} uses efficient_eos and does not support train_on_prompt.")
+        raise ConfigError(f"Template {name!r} uses efficient_eos and does not support train_on_prompt.")
     if tool_format is not None:  # LF: plain function slots and this format for tools and calls
         if tool_format not in TOOL_FORMATS:
-            raise ValueError(f"Unknown tool_format {tool_format!r}. Known: {', '.join(sorted(TOOL_FORMATS))}.")
+            raise ConfigError(f"Unknown tool_format {tool_format!r}. Known: {', '.join(sorted(TOOL_FORMATS))}.")
         slots = ("{{content}}",) if template.efficient_eos else ("{{content}}", EOS)
         template = dataclasses.replace(template, function=slots, function_format=tool_format, tool_format=tool_format)
     if default_system is not None:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.transformer import init_params
 
@@ -42,7 +43,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        raise FileNotFoundError(
+        raise MissingPath(
             f"{name_or_path!s} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be "
             "downloaded; pass a local checkpoint directory or unset HF_HUB_OFFLINE"
         )
@@ -55,7 +56,7 @@ def load_hf_config(name_or_path: str | os.PathLike) -> ModelConfig:
     path = resolve_model_path(name_or_path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
+        raise MissingPath(f"no config.json in {path}")
     return ModelConfig.from_hf(json.loads(config_file.read_text()))
 
 
@@ -95,7 +96,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index_file} lists shard(s) that are not there: {', '.join(missing)}")
+            raise MissingPath(f"{index_file} lists shard(s) that are not there: {', '.join(missing)}")
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -107,7 +108,7 @@ def _safetensors_files(path: Path) -> list[Path]:
             if pickles
             else ""
         )
-        raise FileNotFoundError(f"no *.safetensors in {path}.{hint}")
+        raise MissingPath(f"no *.safetensors in {path}.{hint}")
     return files
 
 
@@ -144,12 +145,12 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                     continue
                 if name not in index:
-                    raise ValueError(
+                    raise InputError(
                         f"{file}: unexpected tensor {name!r} for a {cfg.family} model with "
                         f"{cfg.num_layers} layers (tie_word_embeddings={cfg.tie_word_embeddings})"
                     )
                 if name in seen:
-                    raise ValueError(f"{file}: tensor {name!r} was already read from {seen[name]}")
+                    raise InputError(f"{file}: tensor {name!r} was already read from {seen[name]}")
                 leaf_path, layer, transposed = index[name]
                 target = params
                 for key in leaf_path:
@@ -159,7 +160,7 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
                 if transposed:
                     value = value.T
                 if value.shape != slot.shape:
-                    raise ValueError(
+                    raise InputError(
                         f"{file}: tensor {name!r} has shape {value.shape[::-1] if transposed else value.shape}, "
                         f"expected {slot.shape[::-1] if transposed else slot.shape} from config.json"
                     )
@@ -168,7 +169,7 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
     missing = sorted(set(index) - set(seen))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ValueError(f"{path}: checkpoint is missing tensor(s): {shown}")
+        raise InputError(f"{path}: checkpoint is missing tensor(s): {shown}")
     return params
 
 

@@ -1,0 +1,156 @@
+"""`validate_run(cfg)`: everything that can be checked before JAX compiles or weights load.
+
+The model directory (config.json a supported model, safetensors weights), the template, the datasets,
+the output directory and, when asked, the mesh and batch against the devices. Each problem is a
+`UserError` whose message names the key or file and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from jaxsft.config import Config
+from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
+
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # orbax's committed step dirs (tmp ones carry a suffix)
+
+
+def validate_run(cfg: Config, *, devices: bool = True) -> None:
+    """Raise a UserError for the first thing that would make the configured stages fail.
+
+    `devices=False` skips the mesh and batch checks, which start JAX's runtime.
+    """
+    if not (cfg.do_train or cfg.do_eval or cfg.do_predict):
+        return
+    model_dir = check_model_dir(cfg.model_name_or_path)
+    check_template(cfg.template, cfg.tool_format, model_dir)
+    check_datasets(cfg)
+    check_output_dir(cfg)
+    if devices:
+        check_devices(cfg)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
+
+
+def check_model_dir(name_or_path: str) -> Path | None:
+    """The local model directory, checked; None for a hub id that will be downloaded."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(name_or_path) and not _offline():
+            return None
+        hint = (" (HF_HUB_OFFLINE is set, so a hub id cannot be downloaded)" if _looks_like_hub_id(name_or_path)
+                else "")
+        raise MissingPath(f"model_name_or_path: {name_or_path} does not exist{hint}; give a local Hugging Face "
+                          f"model directory (config.json, tokenizer files, *.safetensors)")
+    if not path.is_dir():
+        raise ConfigError(f"model_name_or_path: {name_or_path} is a file; give the model's directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingPath(f"model_name_or_path: no config.json in {path}; a Hugging Face model directory holds "
+                          f"config.json, tokenizer files and *.safetensors")
+    try:
+        from jaxsft.model.config import ModelConfig
+        ModelConfig.from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as e:  # json errors are ValueErrors
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise InputError(f"{config_file}: {detail}") from None
+    if not (path / "model.safetensors.index.json").is_file() and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = (f" It has {', '.join(pickles)}: pickled PyTorch weights are never loaded (unpickling runs code); "
+                "convert them to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
+                ".save_pretrained(out, safe_serialization=True)` in a trusted environment." if pickles else "")
+        raise MissingPath(f"model_name_or_path: no *.safetensors in {path}.{hint}")
+    return path
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except ValueError:
+        raise InputError(f"{config} is not valid JSON") from None
+
+
+def check_template(name: str, tool_format: str | None, model_dir: Path | None) -> None:
+    from jaxsft.data.templates import TEMPLATES
+    from jaxsft.data.tool_format import TOOL_FORMATS
+
+    if name == "auto":
+        if model_dir is not None and not _has_chat_template(model_dir):
+            raise ConfigError(f"template: auto needs a tokenizer with a chat_template, and {model_dir} has none "
+                              f"(tokenizer_config.json, chat_template.jinja). Pick a named template: "
+                              f"{', '.join(sorted(TEMPLATES))}.")
+    elif name not in TEMPLATES:
+        raise ConfigError(f"template: unknown template {name!r}. Known templates: auto, "
+                          f"{', '.join(sorted(TEMPLATES))}.")
+    if tool_format is not None and tool_format not in TOOL_FORMATS:
+        raise ConfigError(f"tool_format: unknown {tool_format!r}. Known: {', '.join(sorted(TOOL_FORMATS))}.")
+
+
+def check_datasets(cfg: Config) -> None:
+    """Every name in dataset / eval_dataset resolves (registry entry or path) and its file exists."""
+    from jaxsft.data.sources import REGISTRY, resolve
+
+    if cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir()):
+        return  # the tokenized data replaces the datasets
+    directory = Path(cfg.dataset_dir)
+    for key in ("dataset", "eval_dataset"):
+        names = getattr(cfg, key)
+        if not names:
+            continue
+        try:
+            resolve(names, cfg.dataset_dir)
+        except UserError as e:
+            if cfg.dataset_dir != "ONLINE" and not directory.is_dir():
+                raise MissingPath(f"dataset_dir: {cfg.dataset_dir} does not exist ({directory.absolute()}); it "
+                                  f"should hold {REGISTRY} and the data files. {key}: {e}") from None
+            raise
+
+
+def _committed_steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name)))
+
+
+def check_output_dir(cfg: Config) -> None:
+    out = Path(cfg.output_dir)
+    resume = cfg.resume_from_checkpoint
+    resuming = resume not in (None, False) and str(resume).lower() != "false"
+    steps = _committed_steps(out)
+    if cfg.do_train and not resuming and not cfg.overwrite_output_dir and steps:
+        held = ", ".join(f"checkpoint_{s}" for s in steps)
+        raise ConfigError(f"output_dir {out} already holds checkpoints ({held}); "
+                          f"set resume_from_checkpoint: true to continue, or overwrite_output_dir: true to start over")
+    if resuming and cfg.do_train:
+        target = out if resume is True or str(resume).lower() == "true" else Path(str(resume))
+        if CHECKPOINT_DIR.match(target.name):
+            if not target.is_dir():
+                raise MissingPath(f"resume_from_checkpoint: {target} does not exist; checkpoints there: "
+                                  f"{_committed_steps(target.parent) or 'none'}")
+        elif not _committed_steps(target):
+            raise MissingPath(f"resume_from_checkpoint: no complete checkpoint in {target}; train without "
+                              f"resume_from_checkpoint to start from step 0")
+
+
+def check_devices(cfg: Config) -> None:
+    """The mesh fits the devices and the batches split over processes (starts JAX, compiles nothing)."""
+    from jaxsft.runtime import build_mesh, init_distributed, rows_per_process
+
+    init_distributed(cfg)
+    mesh = build_mesh(cfg)
+    rows_per_process(cfg, mesh, cfg.per_device_train_batch_size)
+    rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
