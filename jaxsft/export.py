@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from jaxsft import lora
 from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.hf import INDEX_FILE, load_hf_config, load_hf_params, params_to_hf_state_dict, resolve_model_path
+from jaxsft.model.hf import load_hf_config, load_hf_params, params_to_hf_state_dict, resolve_model_path
 
 logger = logging.getLogger("jaxsft")
 

@@ -19,7 +19,7 @@ from tiny_models import save_tiny_model
 from jaxsft import lora
 from jaxsft.checkpoint import Checkpoints
 from jaxsft.config import build_config
-from jaxsft.export import export_from_config, export_hf, export_peft_adapter
+from jaxsft.export import export_from_config, export_hf, export_peft_adapter, run_export
 from jaxsft.model import hf, transformer
 from jaxsft.optim import build_optimizer
 from jaxsft.params import flatten, merge, split
@@ -110,7 +110,12 @@ def test_adapter_export_matches_peft(trained, tmp_path):
     assert a.shape == (4, 128) and b.shape == (64, 4)
     peft_model = PeftModel.from_pretrained(load_hf(path), tmp_path).eval()
     ids = batch(2)[0]
-    assert np.abs(torch_logits(peft_model, ids) - jax_logits(params, cfg, ids, scale)).max() < TOL
+    want = torch_logits(peft_model, ids)
+    assert np.abs(want - jax_logits(params, cfg, ids, scale)).max() < TOL
+    # LLaMA-Factory's export stage: base + adapter_name_or_path -> merged model.
+    run_export(build_config({"model_name_or_path": str(path), "adapter_name_or_path": str(tmp_path),
+                             "export_dir": str(tmp_path / "merged")}))
+    assert np.abs(torch_logits(load_hf(tmp_path / "merged"), ids) - want).max() < TOL
     # ...and jaxsft reads its own export back to the same tree.
     loaded, loaded_scale = lora.load_peft_adapter(tmp_path, hf.load_hf_params(path, cfg), cfg)
     assert loaded_scale == pytest.approx(scale)

@@ -150,20 +150,30 @@ def test_partition_and_errors(bases):
         lora.lora_partition(flatten(bases["llama"][2]))
 
 
-def test_adapter_training_touches_only_adapters(bases):
+@pytest.fixture(scope="module")
+def lora_training(bases):
+    """LoRA on every linear layer of the tiny llama: cfg, flat params, partition, split, optimizer, batch,
+    and jitted train steps by lora_dropout (compiled once for the module)."""
     _, cfg, params = bases["llama"]
     flat = flatten(lora.add_adapters(params, lora.target_modules(params, "all"), 4, jax.random.key(0)))
     part = lora.lora_partition(flat)
     trainable, frozen = split(flat, part)
-    frozen_before = {k: np.array(v) for k, v in frozen.items()}
     optimizer, schedule = build_optimizer(build_config({"learning_rate": 1e-2, "weight_decay": 0.1}), 10)
-    runner = ModelRunner(cfg, part, lora_scale=2.0)
-    step = jax.jit(make_train_step(runner, optimizer, schedule))
-    state = init_state(trainable, optimizer, seed=0)
     ids, pos, seg = batch()
     targets = np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)
     data = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, positions=pos, segment_ids=seg,
                                                          targets=targets).items()}
+    steps = {rate: jax.jit(make_train_step(ModelRunner(cfg, part, lora_scale=2.0, lora_dropout=rate), optimizer,
+                                           schedule)) for rate in (0.0, 0.5)}
+    return dict(cfg=cfg, flat=flat, part=part, trainable=trainable, frozen=frozen, optimizer=optimizer,
+                data=data, steps=steps)
+
+
+def test_adapter_training_touches_only_adapters(lora_training):
+    t = lora_training
+    flat, part, frozen, step = t["flat"], t["part"], t["frozen"], t["steps"][0.0]
+    frozen_before = {k: np.array(v) for k, v in frozen.items()}
+    state, data = init_state(t["trainable"], t["optimizer"], seed=0), t["data"]
     losses = []
     for _ in range(3):
         state, metrics = step(state, frozen, data)
@@ -197,9 +207,8 @@ def test_adapter_sharding_follows_logical_axes(bases):
     assert len(placed["layers/self_attn/q_proj/lora_b"].sharding.device_set) == 8
 
 
-def test_lora_dropout_only_in_training(bases):
+def test_lora_dropout_only_in_training(lora_training):
     from jaxsft.model.layers import dense
-    from jaxsft.step import make_eval_step
 
     dense = jax.jit(dense, static_argnums=(2, 3))
     rng = np.random.default_rng(0)
@@ -218,31 +227,15 @@ def test_lora_dropout_only_in_training(bases):
     many = jax.jit(jax.vmap(lambda k: dense(x_BTI, p, 0.5, 0.3, k)))(jax.random.split(jax.random.key(1), 4000))
     assert np.abs(many.mean(0) - clean).max() < 0.05 * np.abs(clean).max()
 
-    # In the train step: dropout changes the updates (deterministically); eval never drops.
-    _, cfg, params = bases["llama"]
-    flat = flatten(lora.add_adapters(params, ["q_proj", "up_proj"], 4, jax.random.key(0)))
-    part = lora.lora_partition(flat)
-    trainable, frozen = split(flat, part)
-    optimizer, schedule = build_optimizer(build_config({"learning_rate": 1e-2}), 10)
-    ids, pos, seg = batch()
-    data = {"input_ids": ids, "positions": pos, "segment_ids": seg,
-            "targets": np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)}
-    stacked = {k: jnp.asarray(v)[None] for k, v in data.items()}
-
-    steps = {rate: jax.jit(make_train_step(ModelRunner(cfg, part, lora_scale=2.0, lora_dropout=rate), optimizer,
-                                           schedule)) for rate in (0.0, 0.5)}
+    # In the train step: dropout changes the updates, deterministically (same rng state, same masks).
+    t = lora_training
 
     def two_steps(rate):
-        step, state = steps[rate], init_state(trainable, optimizer, seed=0)
+        state = init_state(t["trainable"], t["optimizer"], seed=0)
         for _ in range(2):
-            state, metrics = step(state, frozen, stacked)
-        return state["trainable"], float(metrics["loss"])
+            state, metrics = t["steps"][rate](state, t["frozen"], t["data"])
+        return state["trainable"]["layers/self_attn/q_proj/lora_b"], float(metrics["loss"])
 
     (plain, plain_loss), (dropped, dropped_loss) = two_steps(0.0), two_steps(0.5)
-    assert plain_loss != dropped_loss
-    assert np.abs(plain["layers/self_attn/q_proj/lora_b"] - dropped["layers/self_attn/q_proj/lora_b"]).max() > 1e-6
-    np.testing.assert_array_equal(two_steps(0.5)[0]["layers/self_attn/q_proj/lora_b"],
-                                  dropped["layers/self_attn/q_proj/lora_b"])
-    evals = [jax.jit(make_eval_step(ModelRunner(cfg, part, lora_scale=2.0, lora_dropout=r)))(dropped, frozen, data)
-             ["loss"] for r in (0.0, 0.5)]
-    np.testing.assert_array_equal(*evals)
+    assert plain_loss != dropped_loss and np.abs(plain - dropped).max() > 1e-6
+    np.testing.assert_array_equal(two_steps(0.5)[0], dropped)
