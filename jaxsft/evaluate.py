@@ -56,8 +56,8 @@ def run_evaluation(cfg) -> dict[str, float]:
     """The `do_eval` stage on its own (after training, the training stage has already evaluated)."""
     from jaxsft.data.pipeline import build_datasets
     from jaxsft.run_logging import RunLogger
-    from jaxsft.runtime import (build_mesh, init_distributed, is_main_process, load_model, load_tokenizer,
-                                rows_per_process)
+    from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
+                                load_tokenizer, rows_per_process)
     from jaxsft.step import make_eval_step
 
     init_distributed(cfg)
@@ -67,6 +67,7 @@ def run_evaluation(cfg) -> dict[str, float]:
     if not data.eval:
         raise ValueError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
     model = load_model(cfg, mesh)
+    check_token_ids(data, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
     metrics = evaluate(step, model.trainable, model.frozen,
                        data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)), mesh)

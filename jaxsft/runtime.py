@@ -142,6 +142,16 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
     return model
 
 
+def check_token_ids(data, vocab_size: int, model_path: str) -> None:
+    """Token ids past the embedding table would be clamped silently by the gather: refuse them."""
+    for split, examples in (("train", data.train), ("eval", data.eval)):
+        top = max((int(ids.max()) for ids, _ in examples or [] if len(ids)), default=-1)
+        if top >= vocab_size:
+            raise ConfigError(f"{split} data holds token id {top} but the model at {model_path} has only "
+                              f"{vocab_size} embeddings: the template added tokens the tokenizer lacked "
+                              f"(see the warning above); use a template whose special tokens the model knows")
+
+
 def build_mesh(cfg: Config):
     return make_mesh(cfg.mesh)
 

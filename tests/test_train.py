@@ -131,3 +131,16 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     final_straight = json.loads((straight / "train_results.json").read_text())
     final_resumed = json.loads((interrupted / "train_results.json").read_text())
     assert final_resumed["epoch"] == final_straight["epoch"]
+
+
+def test_token_ids_past_the_embedding_table_are_refused():
+    from types import SimpleNamespace
+
+    from jaxsft.config import ConfigError
+    from jaxsft.runtime import check_token_ids
+
+    ok = SimpleNamespace(train=[(np.array([0, 5, 1023]), None)], eval=None)
+    check_token_ids(ok, 1024, "m")
+    bad = SimpleNamespace(train=ok.train, eval=[(np.array([3, 1024]), None)])
+    with pytest.raises(ConfigError, match="eval data holds token id 1024 but the model at m has only 1024 embeddings"):
+        check_token_ids(bad, 1024, "m")

@@ -23,7 +23,8 @@ from jaxsft.model.hf import params_to_hf_state_dict
 from jaxsft.model.transformer import init_params
 
 REPO = Path(__file__).resolve().parents[1]
-SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+           "<|eom_id|>"]
 
 
 def train_tokenizer(data_file: Path, vocab_size: int) -> PreTrainedTokenizerFast:
