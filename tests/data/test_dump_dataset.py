@@ -1,19 +1,39 @@
-"""tools/dump_dataset.py shows the learned part of each example."""
+"""tools/dump_dataset.py --out: examples in dataset order, packed rows with their segments."""
 
-import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CFG = str(REPO / "configs" / "quickstart_full.yaml")
 
 
-def test_dump_shows_labels_decoded(data_dir, capsys):
-    spec = importlib.util.spec_from_file_location("dump_dataset", REPO / "tools" / "dump_dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(["--model_name_or_path", str(REPO / "tests" / "fixtures" / "data" / "tokenizer"), "--dataset",
-               "identity", "--dataset_dir", str(data_dir), "--template", "llama3", "--cutoff_len", "64", "-n", "1"])
-    out = capsys.readouterr().out
-    learned = out.split("--- learned (labels decoded):\n")[1].split("\n--- ids")[0]
-    assert learned == ("Hello! I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?"
-                       "<|eot_id|>")  # identity.json row 0's output, then llama3's end of turn
-    assert "train_examples: 91" in out
+def dump(tmp_path, *extra):
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, "tools/dump_dataset.py", "--config", CFG, "--out", str(out), *extra,
+                             "val_size=0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_examples_then_packed_rows_hold_the_same_tokens(tmp_path):
+    examples = dump(tmp_path)
+    identity = json.loads((REPO / "examples" / "data" / "identity.json").read_text())
+    assert len(examples) == len(identity)  # every row, in order
+    assert all(len(e["input_ids"]) == len(e["labels"]) for e in examples)
+    assert all(e["labels"][0] == -100 and any(x != -100 for x in e["labels"]) for e in examples)
+    assert len(dump(tmp_path, "--limit", "7")) == 7
+
+    rows = dump(tmp_path, "--packed")
+    by_content = sorted(tuple(e["input_ids"]) for e in examples)
+    unpacked, learned = [], 0
+    for row in rows:
+        assert len(row["input_ids"]) == 256
+        for seg in range(1, max(row["segment_ids"]) + 1):
+            at = [i for i, s in enumerate(row["segment_ids"]) if s == seg]
+            assert [row["positions"][i] for i in at] == list(range(len(at)))
+            unpacked.append(tuple(row["input_ids"][i] for i in at))
+            learned += sum(row["labels"][i] != -100 for i in at)
+    assert sorted(unpacked) == by_content  # each example exactly once
+    assert learned == sum(sum(x != -100 for x in e["labels"]) for e in examples)
