@@ -1,0 +1,518 @@
+"""Bad inputs, faults and preemption: nothing is lost and every error says what, where and how to fix it.
+
+Malformed data and configs are checked message by message; the fault tests train the embedded tiny Llama
+(NaN/inf loss, kill -9 during a checkpoint save then resume, a full disk while saving).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from jaxsft.config import ConfigError, build_config
+from jaxsft.data.formats import InvalidExample
+from jaxsft.data.pipeline import build_datasets
+from jaxsft.errors import InputError, MissingPath, UserError
+from jaxsft.main import cli
+from jaxsft.preflight import validate_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny-llama"
+DATA = REPO / "examples" / "data"
+TOKENIZER = REPO / "tests" / "fixtures" / "data" / "tokenizer"
+TMP = ".orbax-checkpoint-tmp"  # orbax 0.12: checkpoint_<step>.orbax-checkpoint-tmp, renamed on commit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Malformed data: one file per case, every row bad; the error names the file, the row and the field.
+
+def _sharegpt(*turns, **extra):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], **extra}
+
+
+def _parquet_missing_output(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"instruction": ["hi", "yo"], "answer": ["a", "b"]}), path)
+
+
+OK = {"instruction": "hi", "input": "", "output": "hello"}
+CALL = '{"name": "f", "arguments": {}}'
+DATA_CASES = [
+    # (id, file name, content: rows (json), str/bytes (raw) or a writer, expected error with {path}
+    #  [, a dataset_info.json entry when the file is named through the registry])
+    ("missing_key_in_turn", "a.json", [_sharegpt(("human", "hi"), ("gpt", "yo")) | {
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}],
+     "{path}, row 0, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"),
+    ("instruction_not_a_string", "a.json", [OK, {"instruction": 5, "output": "x"}],
+     "{path}, row 1, field 'instruction': expected a string, got int 5"),
+    ("content_not_a_string", "a.json", [_sharegpt(("human", ["hi"]), ("gpt", "yo"))],
+     "{path}, row 0, field 'conversations[0].value': expected a string, got list ['hi']"),
+    ("conversations_not_a_list", "a.json", [_sharegpt(("human", "q"), ("gpt", "a")), {"conversations": "hi"}],
+     "{path}, row 1, field 'conversations': expected a list of turns, got 'hi'"),
+    ("row_not_an_object", "a.json", [OK, "just text"],
+     "{path}, row 1, field '<row>': expected a JSON object, got 'just text'"),
+    ("history_not_pairs", "a.json", [{"instruction": "q", "output": "a", "history": [["only one"]]}],
+     "{path}, row 0, field 'history[0]': expected a [prompt, response] pair, got ['only one']"),
+    ("function_call_not_json", "a.json",
+     [_sharegpt(("human", "q"), ("function_call", "{not json"), ("observation", "r"), ("gpt", "a"))],
+     "{path}, row 0, field 'conversations[1].value': a function call is not valid JSON (Expecting property name "
+     "enclosed in double quotes: line 1 column 2 (char 1)): '{{not json'"),
+    ("tools_not_json", "a.json", [_sharegpt(("human", "q"), ("gpt", "a"), tools="[{name: f}")],
+     "{path}, row 0, field 'tools': tools is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 1 column 3 (char 2)): '[{{name: f}}'"),
+    ("openai_tool_calls_malformed", "a.json", [{"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]}],
+     "{path}, row 0, field 'messages[1].tool_calls': expected a list of {{'function': ...}} objects, got "
+     "[{{'name': 'f'}}]", {"formatting": "openai", "columns": {"messages": "messages"},
+                           "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                    "assistant_tag": "assistant", "observation_tag": "tool",
+                                    "function_tag": "function_call", "system_tag": "system"}}),
+    ("empty_response_everywhere", "a.json", [{"instruction": "q"}, {"instruction": "r", "output": None}],
+     "No training examples left after preprocessing {path} (2 rows): 2 of 2 rows were dropped, first reasons: "
+     "{path}, row 0, field 'output': no response (got None); {path}, row 1, field 'output': no response (got None)"
+     ". Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no data would train "
+     "nothing."),
+    ("unknown_role", "a.json", [_sharegpt(("human", "q"), ("bot", "a"))],
+     "No training examples left after preprocessing {path} (1 rows): 1 of 1 rows were dropped, first reasons: "
+     "{path}, row 0, field 'conversations[1].from': role 'bot' out of order (expected one of ['gpt', "
+     "'function_call']). Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no "
+     "data would train nothing."),
+    ("turns_do_not_alternate", "a.jsonl", json.dumps(_sharegpt(("human", "q"), ("human", "again"))) + "\n",
+     "No training examples left after preprocessing {path} (1 rows): 1 of 1 rows were dropped, first reasons: "
+     "{path}, row 0, field 'conversations[1].from': role 'human' out of order (expected one of ['gpt', "
+     "'function_call']). Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no "
+     "data would train nothing."),
+    ("non_utf8_json", "a.json", b'[\n{"instruction": "caf\xe9", "output": "x"}\n]',
+     "{path}, line 2: not UTF-8 text (byte 0xe9: invalid continuation byte); re-save the file as UTF-8"),
+    ("non_utf8_jsonl", "a.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n',
+     "{path}, line 2: not UTF-8 text (byte 0xff: invalid start byte); re-save the file as UTF-8"),
+    ("json_syntax", "a.json", '[{"instruction": "hi", "output": "x"},\n]',
+     "{path}: invalid JSON at line 2, column 1: Expecting value"),
+    ("jsonl_syntax", "a.jsonl", json.dumps(OK) + "\n" + '{"instruction": "hi", "output": }\n',
+     "{path}, line 2: invalid JSON: Expecting value: line 1 column 33 (char 32)"),
+    ("csv_does_not_parse", "a.csv", "instruction,output\nhi,there\na,b,c,d\n",
+     "{path}: cannot be read as csv: ParserError: Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"),
+    ("parquet_corrupt", "a.parquet", b"PAR1 this is not parquet",
+     "{path}: cannot be read as parquet: ArrowInvalid: Parquet magic bytes not found in footer. Either the file "
+     "is corrupted or this is not a parquet file."),
+    ("parquet_without_response_column", "a.parquet", _parquet_missing_output,
+     "No training examples left after preprocessing {path} (2 rows): 2 of 2 rows were dropped, first reasons: "
+     "{path}, row 0, field 'output': no response (got None); {path}, row 1, field 'output': no response (got None)"
+     ". Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no data would train "
+     "nothing."),
+    ("empty_file", "a.json", [],
+     "No training examples left after preprocessing {path} (0 rows): no rows to train on. Fix those rows, or the "
+     "dataset's formatting/columns in dataset_info.json; a run with no data would train nothing."),
+]
+
+
+def _write(path: Path, content) -> None:
+    if callable(content):
+        content(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_text(json.dumps(content))
+
+
+def _args(dataset, dataset_dir, **kw):
+    return types.SimpleNamespace(**{"dataset": str(dataset), "dataset_dir": str(dataset_dir), "template": "qwen",
+                                    "cutoff_len": 64, "skip_invalid_examples": False, **kw})
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_malformed_data_is_named_by_file_row_and_field(tmp_path, case):
+    _, name, content, expected, *entry = case
+    path = tmp_path / name
+    _write(path, content)
+    dataset = path
+    if entry:
+        (tmp_path / "dataset_info.json").write_text(json.dumps({"ds": {"file_name": name, **entry[0]}}))
+        dataset = "ds"
+    with pytest.raises(UserError) as e:
+        build_datasets(_args(dataset, tmp_path), AutoTokenizer.from_pretrained(str(TOKENIZER)))
+    assert str(e.value) == expected.format(path=path)
+    assert isinstance(e.value, InputError)  # a ValueError too, for callers that catch that
+
+
+def test_skip_invalid_examples_counts_and_reports_the_first_reasons(tmp_path, caplog):
+    path = tmp_path / "mixed.json"
+    rows = [OK, {"instruction": 3, "output": "x"}, OK, {"instruction": "q"}, "text", OK]
+    path.write_text(json.dumps(rows))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    with pytest.raises(InvalidExample, match=r"row 1, field 'instruction'"):
+        build_datasets(_args(path, tmp_path), tokenizer)
+    data = build_datasets(_args(path, tmp_path, skip_invalid_examples=True), tokenizer)
+    reasons = [f"{path}, row 1, field 'instruction': expected a string, got int 3",
+               f"{path}, row 3, field 'output': no response (got None)",
+               f"{path}, row 4, field '<row>': expected a JSON object, got 'text'"]
+    assert (data.stats["train_examples"], data.stats["train_dropped"]) == (3, 3)
+    assert data.stats["train_dropped_reasons"] == reasons
+    assert "train data: dropped 3 of 6 rows (the run goes on without them); first reasons:\n  " + "\n  ".join(
+        reasons) in caplog.text
+    # skipping everything is still an error, not a zero-step run
+    path.write_text(json.dumps([{"instruction": 3, "output": "x"}]))
+    with pytest.raises(InputError, match=r"No training examples left .* 1 of 1 rows were dropped"):
+        build_datasets(_args(path, tmp_path, skip_invalid_examples=True), tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Bad config and paths: validate_run says so before anything compiles or loads weights.
+
+def _config(tmp_path, **overrides):
+    values = {"model_name_or_path": str(TINY), "dataset": "identity", "dataset_dir": str(DATA), "template": "llama3",
+              "cutoff_len": 128, "do_train": True, "finetuning_type": "full", "output_dir": str(tmp_path / "out"),
+              "report_to": "none"}
+    return build_config({**values, **overrides})
+
+
+def _model_copy(tmp_path, drop=(), add=None) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in TINY.iterdir():
+        if f.name not in drop:
+            (model / f.name).symlink_to(f)
+    for name, text in (add or {}).items():
+        (model / name).write_text(text)
+    return model
+
+
+def _registry(tmp_path, entries: dict) -> Path:
+    directory = tmp_path / "data"
+    directory.mkdir(exist_ok=True)
+    (directory / "dataset_info.json").write_text(json.dumps(entries))
+    return directory
+
+
+def _case_missing_model(tmp_path):
+    return dict(model_name_or_path=str(tmp_path / "nope")), MissingPath, (
+        f"model_name_or_path: {tmp_path / 'nope'} does not exist; give a local Hugging Face model directory "
+        f"(config.json, tokenizer files, *.safetensors)")
+
+
+def _case_hub_id_offline(tmp_path):
+    return dict(model_name_or_path="meta-llama/NoSuchModel"), MissingPath, (
+        "model_name_or_path: meta-llama/NoSuchModel does not exist (HF_HUB_OFFLINE is set, so a hub id cannot be "
+        "downloaded); give a local Hugging Face model directory (config.json, tokenizer files, *.safetensors)")
+
+
+def _case_no_config_json(tmp_path):
+    model = _model_copy(tmp_path, drop=("config.json",))
+    return dict(model_name_or_path=str(model)), MissingPath, (
+        f"model_name_or_path: no config.json in {model}; a Hugging Face model directory holds config.json, "
+        f"tokenizer files and *.safetensors")
+
+
+def _case_unsupported_model(tmp_path):
+    config = json.loads((TINY / "config.json").read_text()) | {"model_type": "gemma"}
+    model = _model_copy(tmp_path, drop=("config.json",), add={"config.json": json.dumps(config)})
+    return dict(model_name_or_path=str(model)), InputError, re.compile(
+        re.escape(f"{model}/config.json: ") + r".*'gemma'.*llama, mistral, qwen2, qwen3")
+
+
+def _case_no_safetensors(tmp_path):
+    model = _model_copy(tmp_path, drop=("model.safetensors",))
+    return dict(model_name_or_path=str(model)), MissingPath, f"model_name_or_path: no *.safetensors in {model}."
+
+
+def _case_only_pickled_weights(tmp_path):
+    model = _model_copy(tmp_path, drop=("model.safetensors",), add={"pytorch_model.bin": "pickle"})
+    return dict(model_name_or_path=str(model)), MissingPath, (
+        f"model_name_or_path: no *.safetensors in {model}. It has pytorch_model.bin: pickled PyTorch weights are "
+        "never loaded (unpickling runs code); convert them to safetensors first, e.g. "
+        "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)` in a trusted "
+        "environment.")
+
+
+def _case_unknown_template(tmp_path):
+    return dict(template="llama4"), ConfigError, re.compile(
+        r"template: unknown template 'llama4'\. Known templates: auto, .*\bllama3\b.*\bqwen\b")
+
+
+def _case_auto_without_chat_template(tmp_path):
+    return dict(template="auto"), ConfigError, re.compile(re.escape(
+        f"template: auto needs a tokenizer with a chat_template, and {TINY} has none (tokenizer_config.json, "
+        f"chat_template.jinja). Pick a named template: ") + r".*llama3")
+
+
+def _case_missing_dataset_dir(tmp_path):
+    return dict(dataset_dir=str(tmp_path / "nodata")), MissingPath, re.compile(re.escape(
+        f"dataset_dir: {tmp_path / 'nodata'} does not exist ({tmp_path / 'nodata'}); it should hold "
+        f"dataset_info.json and the data files. dataset: Unknown dataset 'identity'"))
+
+
+def _case_unknown_dataset(tmp_path):
+    return dict(dataset="identiy"), InputError, (
+        f"Unknown dataset 'identiy': not an entry of {DATA}/dataset_info.json and no file or folder at that path. "
+        f"Did you mean identity? Datasets present in {DATA}: identity.")
+
+
+def _case_registry_file_missing(tmp_path):
+    directory = _registry(tmp_path, {"chat": {"file_name": "chat.json"}})
+    return dict(dataset="chat", dataset_dir=str(directory)), MissingPath, (
+        f"dataset 'chat' in {directory}/dataset_info.json names 'chat.json', which is not in {directory}. Add the "
+        f"file there, or use one of the datasets present: (none).")
+
+
+def _case_registry_not_json(tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    (directory / "dataset_info.json").write_text('{"chat": {"file_name": "chat.json",}}')
+    return dict(dataset="chat", dataset_dir=str(directory)), InputError, (
+        f"{directory}/dataset_info.json is not valid JSON: Expecting property name enclosed in double quotes: "
+        f"line 1 column 36 (char 35)")
+
+
+def _case_output_dir_holds_checkpoints(tmp_path):
+    (tmp_path / "out" / "checkpoint_5").mkdir(parents=True)
+    (tmp_path / "out" / f"checkpoint_10{TMP}").mkdir()  # an interrupted save is no checkpoint
+    return {}, ConfigError, (
+        f"output_dir {tmp_path / 'out'} already holds checkpoints (checkpoint_5); set resume_from_checkpoint: true "
+        f"to continue, or overwrite_output_dir: true to start over")
+
+
+def _case_resume_without_checkpoint(tmp_path):
+    return dict(resume_from_checkpoint=True), MissingPath, (
+        f"resume_from_checkpoint: no complete checkpoint in {tmp_path / 'out'}; train without "
+        f"resume_from_checkpoint to start from step 0")
+
+
+def _case_mesh_does_not_match_devices(tmp_path):
+    return dict(mesh={"data": 3, "fsdp": 1, "tensor": 1}), ConfigError, (
+        "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 8 are available; make the product match or "
+        "set one axis to -1")
+
+
+CONFIG_CASES = [_case_missing_model, _case_hub_id_offline, _case_no_config_json, _case_unsupported_model,
+                _case_no_safetensors, _case_only_pickled_weights, _case_unknown_template,
+                _case_auto_without_chat_template, _case_missing_dataset_dir, _case_unknown_dataset,
+                _case_registry_file_missing, _case_registry_not_json, _case_output_dir_holds_checkpoints,
+                _case_resume_without_checkpoint, _case_mesh_does_not_match_devices]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.__name__[6:] for c in CONFIG_CASES])
+def test_bad_paths_and_settings_fail_before_heavy_work(tmp_path, case):
+    overrides, kind, expected = case(tmp_path)
+    with pytest.raises(kind) as e:
+        validate_run(_config(tmp_path, **overrides))
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(str(e.value)) or expected.match(str(e.value)), str(e.value)
+    else:
+        assert str(e.value) == expected
+    assert "\n" not in str(e.value)
+
+
+def test_valid_run_passes_preflight(tmp_path):
+    validate_run(_config(tmp_path, resume_from_checkpoint=None))
+    validate_run(_config(tmp_path, template="qwen", dataset=str(DATA / "identity.json"), dataset_dir="/nowhere"))
+
+
+def test_cli_prints_one_line_and_exits_2_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [f"model_name_or_path={tmp_path / 'nope'}", "dataset=identity", f"dataset_dir={DATA}",
+            "template=llama3", "do_train=true", f"output_dir={out}"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: model_name_or_path: {tmp_path / 'nope'} does not exist; give a local Hugging Face model "
+                   f"directory (config.json, tokenizer files, *.safetensors)\n")
+    assert not out.exists()  # nothing ran
+    assert cli(args[1:] + [f"model_name_or_path={TINY}", "template=llama9"]) == 2
+    assert capsys.readouterr().err.startswith("error: template: unknown template 'llama9'. Known templates: auto, ")
+
+
+def test_cli_keeps_the_traceback_of_a_real_bug(tmp_path, monkeypatch):
+    import jaxsft.main
+
+    def buggy_stage(cfg):
+        return {}["no such key"]
+
+    monkeypatch.setattr(jaxsft.main, "_stages", lambda: {"train": buggy_stage})
+    with pytest.raises(KeyError):
+        cli([f"model_name_or_path={TINY}", "dataset=identity", f"dataset_dir={DATA}", "template=llama3",
+             "do_train=true", f"output_dir={tmp_path / 'out'}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Security.
+
+def test_trust_remote_code_is_off_and_cannot_be_turned_on(tmp_path):
+    assert _config(tmp_path).trust_remote_code is False
+    with pytest.raises(ConfigError, match="key 'trust_remote_code': True is not supported, only False: jaxsft never "
+                                          "executes downloaded code"):
+        _config(tmp_path, trust_remote_code=True)
+
+
+def test_pickled_weights_are_refused_by_the_loader_too(tmp_path):
+    from jaxsft.model.hf import load_hf_config, load_hf_params
+
+    model = _model_copy(tmp_path, drop=("model.safetensors",), add={"pytorch_model.bin": "pickle"})
+    with pytest.raises(MissingPath, match=r"no \*\.safetensors in .*pytorch_model\.bin: pickled PyTorch weights are "
+                                          r"not loaded \(unpickling runs code\)"):
+        load_hf_params(model, load_hf_config(model))
+
+
+@pytest.mark.parametrize("file_name, message", [
+    ("../secret.json", "dataset 'chat': path '../secret.json' escapes dataset_dir ({dir}); '..' is not allowed in "
+                       "dataset_info.json. Put an absolute path in your own config instead."),
+    ("{outside}", "dataset 'chat': absolute path '{outside}' in dataset_info.json; registry paths are relative to "
+                  "dataset_dir ({dir}). Put an absolute path in your own config instead."),
+])
+def test_registry_paths_cannot_escape_dataset_dir(tmp_path, file_name, message):
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps([OK]))
+    directory = _registry(tmp_path, {"chat": {"file_name": file_name.format(outside=outside)}})
+    with pytest.raises(InputError) as e:
+        validate_run(_config(tmp_path, dataset="chat", dataset_dir=str(directory)), devices=False)
+    assert str(e.value) == message.format(dir=directory, outside=outside)
+    # the user's own config may name that absolute path
+    data = build_datasets(_args(outside, directory), AutoTokenizer.from_pretrained(str(TOKENIZER)))
+    assert data.stats["train_examples"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Faults during training.
+
+def _trained_state(out: Path, step: int) -> dict[str, np.ndarray]:
+    """The trainable params of checkpoint_<step> as saved (restored as numpy, no model needed)."""
+    import orbax.checkpoint as ocp
+
+    restored = ocp.PyTreeCheckpointer().restore(out / f"checkpoint_{step}" / "state")
+    return {k: np.asarray(v) for k, v in restored["trainable"].items()}
+
+
+DIVERGE = dict(optim="sgd", learning_rate=1e6, max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=10,
+               save_steps=2, logging_steps=5, per_device_train_batch_size=1, packing=True)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.train import NonFiniteLoss, run_training
+
+    cfg = _config(tmp_path, **DIVERGE)
+    with pytest.raises(NonFiniteLoss) as e:
+        run_training(cfg)
+    match = re.fullmatch(r"step (\d+): loss \S+, grad_norm \S+ is not finite; stopped without saving it \(the last "
+                         r"checkpoint is intact\)\. Lower learning_rate, or set skip_nonfinite_steps: true", str(e.value))
+    assert match, str(e.value)
+    bad_step = int(match.group(1))
+    assert isinstance(e.value, UserError)  # the CLI prints it on one line and exits 2
+    steps = Checkpoints(cfg.output_dir, async_save=False).all_steps()
+    assert steps and max(steps) < bad_step and max(steps) == (bad_step - 1) // 2 * 2, (steps, bad_step)
+    assert not [p for p in Path(cfg.output_dir).iterdir() if TMP in p.name]
+    params = _trained_state(Path(cfg.output_dir), max(steps))
+    assert params and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_skip_nonfinite_steps_finishes_the_run(tmp_path):
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.train import run_training
+
+    cfg = _config(tmp_path, skip_nonfinite_steps=True, **DIVERGE)
+    run_training(cfg)
+    assert Checkpoints(cfg.output_dir, async_save=False).latest_step() == 10
+    assert json.loads((Path(cfg.output_dir) / "train_results.json").read_text())["epoch"] > 0
+    params = _trained_state(Path(cfg.output_dir), 10)
+    assert all(np.isfinite(v).all() for v in params.values())  # the bad updates were skipped
+
+
+# Subprocess runs: one device and a shared compilation cache, so only the first run compiles.
+SUB = {"model_name_or_path": TINY, "dataset": "identity", "dataset_dir": DATA, "template": "llama3",
+       "cutoff_len": 128, "packing": "true", "do_train": "true", "finetuning_type": "full", "optim": "sgd",
+       "learning_rate": 0.05, "per_device_train_batch_size": 2, "logging_steps": 1, "report_to": "none",
+       "max_steps": 12, "save_steps": 1, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _cli(out, cache, *extra, wait=True, **overrides):
+    args = [sys.executable, "-m", "jaxsft.main", *[f"{k}={v}" for k, v in {**SUB, **overrides}.items()],
+            f"output_dir={out}", *extra]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_COMPILATION_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+
+
+def _losses(out):
+    lines = [json.loads(line) for line in (Path(out) / "trainer_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_kill_9_during_a_checkpoint_save_then_resume_matches_an_uninterrupted_run(tmp_path, compile_cache):
+    straight = tmp_path / "straight"
+    result = _cli(straight, compile_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = _cli(killed, compile_cache, wait=False)
+    seen, deadline = None, time.time() + 200
+    while seen is None and proc.poll() is None and time.time() < deadline:
+        if killed.is_dir():
+            seen = next((p.name for p in os.scandir(killed) if TMP in p.name
+                         and int(re.match(r"checkpoint_(\d+)", p.name).group(1)) >= 3), None)
+    assert seen, "no checkpoint save was caught in flight"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    step_in_flight = int(re.match(r"checkpoint_(\d+)", seen).group(1))
+    left = sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint_"))
+    committed = [int(n.split("_")[1]) for n in left if n.split("_")[1].isdigit()]
+    assert committed and max(committed) < 12
+
+    result = _cli(killed, compile_cache, "resume_from_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {killed}/checkpoint_{max(committed)} at step {max(committed)}" in result.stdout
+    assert max(committed) >= step_in_flight - 1  # at most the save in flight was lost
+    assert not [p for p in killed.iterdir() if TMP in p.name]  # the interrupted save was cleaned up
+    reference, resumed = _losses(straight), _losses(killed)
+    for step in range(max(committed) + 1, 13):
+        assert resumed[step] == reference[step], step
+    final, expected = _trained_state(killed, 12), _trained_state(straight, 12)
+    assert final.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1.4 MB tmpfs: room for one sgd checkpoint of the tiny model (~0.8 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_is_an_error_and_earlier_checkpoints_stay_intact(tiny_disk, compile_cache):
+    out = tiny_disk / "out"
+    result = _cli(out, compile_cache, max_steps=6)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert re.fullmatch(
+        re.escape(f"error: no space left on device while saving checkpoint_2 in {out} (") + r"[\d.]+"
+        + re.escape(" MiB free); intact checkpoints: checkpoint_1. Free some space (or lower save_total_limit), "
+                    "then rerun with resume_from_checkpoint: true"), last), last
+    params = _trained_state(out, 1)
+    assert params and all(np.isfinite(v).all() for v in params.values())
