@@ -30,16 +30,29 @@ def tiny(tmp_path_factory):
         torch.manual_seed(1)
         model.get_input_embeddings().weight.copy_(0.3 * torch.randn_like(model.get_input_embeddings().weight))
         model.get_output_embeddings().weight.copy_(0.3 * torch.randn_like(model.get_output_embeddings().weight))
+        _favour_common_label(model.eval(), directory)
     model.save_pretrained(directory, safe_serialization=True)
+    return model.eval(), directory
+
+
+def _favour_common_label(model, directory):
+    """Point the lm_head row of the most common label token along the mean final hidden state, so argmax
+    picks it often and accuracy is far from 0 (a misaligned shift would then show)."""
     for f in TOKENIZER.iterdir():
         shutil.copy(f, directory / f.name)
-    return model.eval(), directory
+    data = build_datasets(_cfg(directory, False), AutoTokenizer.from_pretrained(str(directory)))
+    labels = np.concatenate([labels[labels != -100] for _, labels in data.eval])
+    common = int(np.bincount(labels).argmax())
+    hidden = [model(input_ids=torch.tensor([ids.tolist()]), output_hidden_states=True).hidden_states[-1][0]
+              for ids, _ in data.eval]
+    direction = torch.cat(hidden).mean(0)
+    model.get_output_embeddings().weight[common] = 20.0 * direction / direction.norm()
 
 
 def _cfg(directory, packing):
     return build_config({
         "model_name_or_path": str(directory), "dataset": "identity", "dataset_dir": str(DATA_DIR),
-        "template": "llama3", "cutoff_len": 128, "val_size": 0.2, "packing": packing, "do_eval": True,
+        "template": "llama3", "cutoff_len": 256, "val_size": 0.2, "packing": packing, "do_eval": True,
         "per_device_eval_batch_size": 1, "finetuning_type": "full", "output_dir": str(directory / "out"),
     })
 

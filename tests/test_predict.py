@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -55,7 +56,13 @@ def _args(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path):
+@pytest.fixture(scope="module")
+def base_greedy(tmp_path_factory):
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    return _hf_greedy(model, build_config({**PREDICT, "output_dir": str(tmp_path_factory.mktemp("hf"))}))
+
+
+def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path, base_greedy):
     out = tmp_path / "predict"
     assert cli(_args({**PREDICT, "output_dir": out})) == 0
     records, metrics = _read(out)
@@ -66,8 +73,7 @@ def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path):
     raw = (out / "generated_predictions.jsonl").read_text("utf-8")
     assert "您" in raw or "我" in raw  # ensure_ascii=False: Chinese labels are written as is
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
-    predicts, labels = _hf_greedy(model, build_config({**PREDICT, "output_dir": str(out)}))
+    predicts, labels = base_greedy
     assert [r["predict"] for r in records] == predicts
     assert [r["label"] for r in records] == labels
     assert len(set(predicts)) > 1 and all(predicts)  # not degenerate
@@ -78,10 +84,10 @@ def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path):
     assert set(keys) <= set(json.loads((out / "all_results.json").read_text()))
 
 
-def test_predict_after_train_uses_the_trained_params(tmp_path):
+def test_predict_after_train_uses_the_trained_params(tmp_path, base_greedy):
     out = tmp_path / "train_predict"
-    train = {"do_train": True, "max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
-             "packing": True, "logging_steps": 1, "save_steps": 3}
+    train = {"do_train": True, "max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
+             "packing": True, "logging_steps": 1, "save_steps": 2, "remat_policy": "none"}
     assert cli(_args({**PREDICT, **train, "output_dir": out})) == 0
     records, _ = _read(out)
     assert (out / "trainer_log.jsonl").read_text().strip()  # predict did not truncate training's log
@@ -92,16 +98,14 @@ def test_predict_after_train_uses_the_trained_params(tmp_path):
     from jaxsft.params import unflatten
     import orbax.checkpoint as ocp
     manager = Checkpoints(out, async_save=False).manager
-    restored = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     trained = unflatten(restored["state"]["trainable"])  # full fine-tuning: everything is trainable
     state = params_to_hf_state_dict(jax_tree_to_numpy(trained), load_hf_config(TINY))
     model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
     model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
     predicts, _ = _hf_greedy(model, build_config({**PREDICT, "output_dir": str(out)}))
     assert [r["predict"] for r in records] == predicts
-    base, _ = _hf_greedy(transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval(),
-                         build_config({**PREDICT, "output_dir": str(out)}))
-    assert predicts != base  # training changed the answers
+    assert predicts != base_greedy[0]  # training changed the answers
 
 
 def jax_tree_to_numpy(tree):
