@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from jaxsft.config import FIELDS, Config
+
 from jaxsft.errors import MissingPath, UserError
 
 ITEMS = ("state", "frozen", "data", "config")
@@ -124,3 +126,43 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     if step is None:
         raise MissingPath(f"no complete checkpoint found in {path}")
     return path, step
+
+
+def _abstract(item_dir: Path):
+    """Restore target from the saved metadata, on the host CPU (orbax restores flat dicts whose keys
+    hold '/' wrongly without a target)."""
+    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+
+
+def read_trained_params(path: str | Path) -> tuple[dict, Config]:
+    """(param tree with trainable and frozen parts merged back, the run's config)."""
+    directory, step = find_checkpoint(path)
+    checkpoints = Checkpoints(directory, async_save=False)
+    step_dir = directory / f"checkpoint_{step}"
+    try:
+        restored = checkpoints.restore(step, _abstract(step_dir / "state"), _abstract(step_dir / "frozen"))
+    finally:
+        checkpoints.close()
+    from jaxsft.model.hf import load_hf_config
+    from jaxsft.params import Partition, freeze_partition, merge
+
+    values = {k: v for k, v in restored["config"].items() if k in FIELDS}
+    cfg = Config(**values)
+    trainable, frozen = restored["state"]["trainable"], restored["frozen"]
+    if cfg.finetuning_type == "freeze":
+        num_layers = load_hf_config(cfg.model_name_or_path).num_layers
+        partition = freeze_partition({**frozen, **trainable}, cfg, num_layers)
+    else:  # full and LoRA: trainable and frozen hold whole leaves
+        partition = Partition(trainable=frozenset(trainable))
+    return merge(trainable, frozen, partition), cfg
+
+
+def trained_lora_scale(cfg: Config) -> float:
+    """The scale the run trained with: a resumed PEFT adapter keeps its own r/alpha, else the config's."""
+    from jaxsft.lora import adapter_scale, lora_scale, read_adapter_config
+
+    if cfg.adapter_name_or_path and not cfg.create_new_adapter:
+        return adapter_scale(read_adapter_config(Path(cfg.adapter_name_or_path)))
+    return lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)

@@ -183,3 +183,23 @@ def run_export(cfg: Config) -> Path:
     if not cfg.export_adapter and scale is not None:
         params, scale = lora.merge_adapters(params, scale), None
     return export_from_config(params, cfg, model_cfg, scale)
+
+
+def run_export_stage(cfg: Config) -> Path | None:
+    """The `export_dir` stage: after training in this run, the trained params of the last checkpoint in
+    `output_dir`; otherwise LLaMA-Factory's export (base + adapter). Process 0 writes."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    if not cfg.do_train:
+        return run_export(cfg)
+    from jaxsft.checkpoint import read_trained_params, trained_lora_scale
+
+    params, run_cfg = read_trained_params(cfg.output_dir)
+    scale = trained_lora_scale(run_cfg) if run_cfg.finetuning_type == "lora" else None
+    if not cfg.export_adapter and scale is not None:
+        params, scale = lora.merge_adapters(params, scale), None
+    out = export_from_config(params, cfg, load_hf_config(cfg.model_name_or_path), scale)
+    print(f"exported {'PEFT adapter' if cfg.export_adapter else 'merged model'} to {out}", flush=True)
+    return out

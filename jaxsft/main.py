@@ -16,19 +16,10 @@ from jaxsft.config import Config, ignored_settings, load_config
 from jaxsft.errors import UserError
 
 
-class StageNotImplemented(UserError, RuntimeError):
-    """A stage the config asks for that this version of jaxsft does not have yet."""
-
-
-def _not_implemented(name: str) -> Callable[[Config], None]:
-    def stage(cfg: Config) -> None:
-        raise StageNotImplemented(f"stage '{name}' is not implemented yet in this version of jaxsft")
-    return stage
-
-
 def _stages() -> dict[str, Callable[[Config], None]]:
     """Stage name -> runner. Imported lazily so `--dry_run` never pays for JAX start-up."""
     from jaxsft.evaluate import run_evaluation
+    from jaxsft.export import run_export_stage
     from jaxsft.predict import run_prediction
     from jaxsft.train import run_training
 
@@ -36,7 +27,7 @@ def _stages() -> dict[str, Callable[[Config], None]]:
         "train": run_training,
         "eval": run_evaluation,
         "predict": run_prediction,
-        "export": _not_implemented("export"),
+        "export": run_export_stage,
     }
 
 

@@ -133,7 +133,7 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
     trainable, frozen = split(flat, partition)
     runner = ModelRunner(model_cfg, partition, attention_impl=resolve_attention_impl(cfg.attention_impl),
                          remat_policy=cfg.remat_policy, compute_dtype=DTYPES[cfg.compute_dtype],
-                         lora_scale=lora_scale)
+                         lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0)
     model = Model(model_cfg, runner, partition, trainable, frozen, axes)
     t_shard, f_shard = model.shardings(mesh)
     model.trainable = jax.device_put(trainable, t_shard)
@@ -144,10 +144,10 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
 
 def check_token_ids(data, vocab_size: int, model_path: str) -> None:
     """Token ids past the embedding table would be clamped silently by the gather: refuse them."""
-    for split, examples in (("train", data.train), ("eval", data.eval)):
+    for name, examples in (("train", data.train), ("eval", data.eval)):
         top = max((int(ids.max()) for ids, _ in examples or [] if len(ids)), default=-1)
         if top >= vocab_size:
-            raise ConfigError(f"{split} data holds token id {top} but the model at {model_path} has only "
+            raise ConfigError(f"{name} data holds token id {top} but the model at {model_path} has only "
                               f"{vocab_size} embeddings: the template added tokens the tokenizer lacked "
                               f"(see the warning above); use a template whose special tokens the model knows")
 

@@ -144,3 +144,30 @@ def test_token_ids_past_the_embedding_table_are_refused():
     bad = SimpleNamespace(train=ok.train, eval=[(np.array([3, 1024]), None)])
     with pytest.raises(ConfigError, match="eval data holds token id 1024 but the model at m has only 1024 embeddings"):
         check_token_ids(bad, 1024, "m")
+
+
+def test_lora_run_exports_trained_merged_model(tmp_path):
+    """do_train + export_dir: the exported model holds the trained LoRA merged into the base, and
+    transformers loads it."""
+    import transformers
+
+    from jaxsft.checkpoint import read_trained_params, trained_lora_scale
+    from jaxsft.lora import merge_adapters
+    from jaxsft.main import run
+
+    export = tmp_path / "export"
+    cfg = config(tmp_path, finetuning_type="lora", lora_rank=4, learning_rate=1e-2, max_steps=4,
+                 lora_dropout=0.1, export_dir=str(export))
+    run(cfg)
+    params, run_cfg = read_trained_params(cfg.output_dir)
+    expected = flatten(merge_adapters(params, trained_lora_scale(run_cfg)))
+    exported = flatten(load_hf_params(str(export), load_hf_config(str(export))))
+    base = flatten(load_hf_params(TINY, load_hf_config(TINY)))
+    assert exported.keys() == base.keys()
+    for key in exported:
+        np.testing.assert_allclose(exported[key], np.asarray(expected[key]), atol=1e-6, err_msg=key)
+    assert not np.allclose(exported["layers/self_attn/q_proj/kernel"], base["layers/self_attn/q_proj/kernel"])
+    np.testing.assert_array_equal(exported["norm/scale"], base["norm/scale"])  # not a LoRA target
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(export))
+    assert model.config.num_hidden_layers == 2
+    assert (export / "tokenizer.json").exists()

@@ -12,52 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-import jax
-import orbax.checkpoint as ocp
-
-from jaxsft.checkpoint import Checkpoints, find_checkpoint
-from jaxsft.config import FIELDS, Config, ConfigError
+from jaxsft.checkpoint import read_trained_params, trained_lora_scale
+from jaxsft.config import ConfigError
 from jaxsft.export import export_from_config
-from jaxsft.lora import adapter_scale, lora_scale, read_adapter_config
 from jaxsft.model.hf import load_hf_config
-from jaxsft.params import Partition, freeze_partition, merge
-
-
-def _abstract(item_dir: Path):
-    """Restore target from the saved metadata, on the host CPU (orbax restores flat dicts whose keys
-    hold '/' wrongly without a target)."""
-    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict, Config]:
-    """(param tree with trainable and frozen parts merged back, the run's config)."""
-    directory, step = find_checkpoint(path)
-    checkpoints = Checkpoints(directory, async_save=False)
-    step_dir = directory / f"checkpoint_{step}"
-    try:
-        restored = checkpoints.restore(step, _abstract(step_dir / "state"), _abstract(step_dir / "frozen"))
-    finally:
-        checkpoints.close()
-    values = {k: v for k, v in restored["config"].items() if k in FIELDS}
-    cfg = Config(**values)
-    trainable, frozen = restored["state"]["trainable"], restored["frozen"]
-    if cfg.finetuning_type == "freeze":
-        num_layers = load_hf_config(cfg.model_name_or_path).num_layers
-        partition = freeze_partition({**frozen, **trainable}, cfg, num_layers)
-    else:  # full and LoRA: trainable and frozen hold whole leaves
-        partition = Partition(trainable=frozenset(trainable))
-    return merge(trainable, frozen, partition), cfg
-
-
-def trained_lora_scale(cfg: Config) -> float:
-    """The scale the run trained with: a resumed PEFT adapter keeps its own r/alpha, else the config's."""
-    if cfg.adapter_name_or_path and not cfg.create_new_adapter:
-        return adapter_scale(read_adapter_config(Path(cfg.adapter_name_or_path)))
-    return lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export_size", type=float, default=None, help="shard size in GB (default: config's)")
     args = parser.parse_args(argv)
     try:
-        params, cfg = read_checkpoint(args.checkpoint)
+        params, cfg = read_trained_params(args.checkpoint)
         if args.adapter and cfg.finetuning_type != "lora":
             raise ConfigError(f"--adapter needs a LoRA run; this checkpoint is finetuning_type: {cfg.finetuning_type}")
         cfg = dataclasses.replace(
