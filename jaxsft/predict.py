@@ -122,7 +122,10 @@ def predict(model: Model, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]
 
 def write_predictions(path: str | Path, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]],
                       outputs: list[list[int]], skip_special_tokens: bool) -> list[dict[str, str]]:
-    """LF's `save_predictions`: prompt decoded with special tokens, predict and label as configured."""
+    """LF's `save_predictions`: prompt decoded with special tokens, predict and label as configured.
+
+    With `skip_special_tokens: false` LF's text also carries the pad tokens of its batch padding (as many
+    as the longest row of the batch needs); jaxsft writes each row's own tokens only."""
     records = [{"prompt": tokenizer.decode(ids.tolist(), skip_special_tokens=False),
                 "predict": tokenizer.decode(out, skip_special_tokens=skip_special_tokens),
                 "label": tokenizer.decode(label.tolist(), skip_special_tokens=skip_special_tokens)}

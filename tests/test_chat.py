@@ -24,7 +24,10 @@ MAX_NEW = 10
 def _hf_answer(model, tokenizer, template, history: list[Message]) -> str:
     conversation = Conversation("", "", history + [Message("assistant", "")])
     prompt, _ = encode_oneturn(conversation, tokenizer, template)
-    stop = [tokenizer.eos_token_id]  # llama3: <|eot_id|> (<|eom_id|> is not in the tiny model's vocab)
+    extra = getattr(tokenizer, "additional_special_tokens_ids", None)  # LF 0.9.5's eos_token_id for generate
+    if not isinstance(extra, list):
+        extra = tokenizer.convert_tokens_to_ids([str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])])
+    stop = [i for i in dict.fromkeys([tokenizer.eos_token_id] + extra) if 0 <= i < model.config.vocab_size]
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
                              num_beams=1, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
