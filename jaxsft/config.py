@@ -56,7 +56,8 @@ class Config:
                                ("concat", "interleave_under", "interleave_over"))
     interleave_probs: Optional[str] = _field(None, "Comma-separated sampling probabilities for interleaving.")
     overwrite_cache: bool = _field(False, "No effect: jaxsft tokenizes in memory (see tokenized_path).")
-    preprocessing_num_workers: Optional[int] = _field(None, "Processes used to tokenize.")
+    preprocessing_num_workers: Optional[int] = _field(None, "Worker processes that tokenize (used from 2000 rows per "
+                                                                  "worker on).")
     max_samples: Optional[int] = _field(None, "Keep at most this many examples per dataset.")
     val_size: float = _field(0.0, "Held-out evaluation split: a fraction (< 1) or a count.")
     packing: Optional[bool] = _field(None, "Pack examples into rows of cutoff_len (always block-diagonal).")

@@ -43,6 +43,9 @@ class InvalidExample(InputError):
         self.file, self.row, self.field, self.reason, self.kind = file, row, field, reason, kind
         super().__init__(f"{file}, row {row}, field '{field}': {reason}")
 
+    def __reduce__(self):  # rebuilt from its parts when it crosses a process boundary
+        return InvalidExample, (self.file, self.row, self.field, self.reason, self.kind)
+
 
 def _text(value: Any, where: tuple[str, int], name: str, allow_none: bool = True) -> str:
     if value is None and allow_none:

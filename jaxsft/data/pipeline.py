@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grain
@@ -61,9 +62,58 @@ def learned(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
 
 
+# Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
+MIN_ROWS_PER_WORKER = 2000
+
+
 def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
                 args: Any) -> tuple[list[Example], Counts]:
-    """Convert and tokenize the referenced rows; drop (and count) invalid ones and ones with nothing to learn."""
+    """Convert and tokenize the referenced rows; drop (and count) invalid ones and ones with nothing to learn.
+
+    With `preprocessing_num_workers` > 1 and enough rows, chunks are encoded in spawned worker processes
+    (spawn, not fork: the parent may already run JAX threads); results and counts keep the row order.
+    """
+    workers = min(int(_arg(args, "preprocessing_num_workers") or 1), len(refs) // max(MIN_ROWS_PER_WORKER, 1))
+    if workers <= 1:
+        return _encode_serial(rows_of, attrs, refs, template, tokenizer, args)
+    import concurrent.futures
+    import multiprocessing
+
+    settings = {name: _arg(args, name) for name in DEFAULTS}
+    chunk = -(-len(refs) // (workers * 4))
+    chunks = [list(refs[i:i + chunk]) for i in range(0, len(refs), chunk)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker,
+                                                initargs=(rows_of, attrs, template, tokenizer, settings)) as pool:
+        parts = list(pool.map(_encode_chunk, chunks))
+    examples, counts = [], Counts()
+    for part_examples, part_counts in parts:
+        examples.extend(part_examples)
+        counts.rows += part_counts.rows
+        counts.examples += part_counts.examples
+        counts.tokens += part_counts.tokens
+        counts.label_tokens += part_counts.label_tokens
+        for reason in part_counts.reasons:
+            counts.drop(reason)
+        counts.dropped += part_counts.dropped - len(part_counts.reasons)
+    return examples, counts
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(rows_of, attrs, template, tokenizer, settings) -> None:
+    _WORKER.update(rows_of=rows_of, attrs=attrs, template=template, tokenizer=tokenizer,
+                   args=SimpleNamespace(**settings))
+
+
+def _encode_chunk(refs: list) -> tuple[list[Example], Counts]:
+    w = _WORKER
+    return _encode_serial(w["rows_of"], w["attrs"], refs, w["template"], w["tokenizer"], w["args"])
+
+
+def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
+                   args: Any) -> tuple[list[Example], Counts]:
     counts = Counts()
     examples: list[Example] = []
     cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
