@@ -1,10 +1,11 @@
 """Benchmark the real train step: compile once, run warm-up and timed steps, print ONE JSON line.
 
     python tools/bench.py --config cfg.yaml [--steps 10] [--warmup 2] [--peak_flops F] [--synthetic]
-                          [--random_init] [--profile DIR] [key=value ...]
+                          [--random_init [--layers N]] [--compile_only] [--profile DIR] [key=value ...]
 
 The model comes from `model_name_or_path` (weights read from safetensors), or with `--random_init` from
-its config.json alone (`init_params`, no weights needed: e.g. examples/configs/llama-3.2-1b). Batches
+its config.json alone (`init_params`, no weights needed: e.g. examples/configs/llama-3.2-1b; `--layers N`
+changes its depth, e.g. to compare compile times). Batches
 come from the real data pipeline (`build_datasets`, the configured dataset, packing as configured), or
 with `--synthetic` from random fully packed rows of `cutoff_len` (needs no tokenizer). The step is the
 loop's own (`jaxsft.train.build_train_step`: same shardings, donation, accumulation).
@@ -84,6 +85,23 @@ def make_batches(cfg, args, rows: int, count: int, vocab: int) -> list[dict[str,
             for i in range(0, len(micro), accumulation)]
 
 
+def with_layers(cfg, layers: int) -> str:
+    """A temporary model dir: the config.json with `num_hidden_layers` replaced, tokenizer files linked."""
+    import tempfile
+
+    from jaxsft.model.hf import resolve_model_path
+
+    source = resolve_model_path(cfg.model_name_or_path)
+    target = Path(tempfile.mkdtemp(prefix="jaxsft-bench-"))
+    hf = json.loads((source / "config.json").read_text())
+    hf["num_hidden_layers"] = layers
+    (target / "config.json").write_text(json.dumps(hf))
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+            (target / f.name).symlink_to(f.absolute())
+    return str(target)
+
+
 def device_memory_peak() -> int | None:
     peaks = []
     for device in jax.local_devices():
@@ -109,12 +127,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", action="store_true", help="random packed rows instead of the dataset")
     parser.add_argument("--random_init", action="store_true", help="random weights from config.json (init_params)")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed steps here")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --random_init: override num_hidden_layers of the model's config.json")
+    parser.add_argument("--compile_only", action="store_true", help="stop after compiling (step fields null)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
     defaults = ["do_train=false", "do_eval=false", "do_predict=false", "report_to=none"]
     cfg = load_config(args.config, defaults + overrides)
+    if args.layers is not None:
+        if not args.random_init:
+            parser.error("--layers changes the model's shape, so it needs --random_init")
+        cfg = load_config(args.config, defaults + overrides + [f"model_name_or_path={with_layers(cfg, args.layers)}"])
 
     mesh = build_mesh(cfg)
     model_cfg = load_hf_config(cfg.model_name_or_path)
@@ -140,41 +165,46 @@ def main(argv: list[str] | None = None) -> dict:
         jax.block_until_ready(metrics)
         return time.perf_counter() - t, metrics
 
-    first_step_s, _ = run(batches[0])
-    for batch in batches[1:1 + args.warmup]:
-        run(batch)
-    timed = batches[1 + args.warmup:]
-    times, finite = [], True
-    if args.profile:
-        jax.profiler.start_trace(args.profile)
-    for batch in timed:
-        seconds, metrics = run(batch)
-        times.append(seconds)
-        finite &= bool(metrics["finite"])
-    if args.profile:
-        jax.profiler.stop_trace()
+    times, finite, first_step_s, timed = [], None, None, (batches[1 + args.warmup:] or batches[:1])
+    if not args.compile_only:
+        first_step_s, _ = run(batches[0])
+        for batch in batches[1:1 + args.warmup]:
+            run(batch)
+        finite = True
+        if args.profile:
+            jax.profiler.start_trace(args.profile)
+        for batch in timed:
+            seconds, metrics = run(batch)
+            times.append(seconds)
+            finite &= bool(metrics["finite"])
+        if args.profile:
+            jax.profiler.stop_trace()
 
     n_proc = jax.process_count()
     tokens = statistics.mean(float((b["segment_ids"] > 0).sum()) for b in timed) * n_proc
     label_tokens = statistics.mean(float((b["targets"] != IGNORE_INDEX).sum()) for b in timed) * n_proc
     capacity = float(np.prod(timed[0]["input_ids"].shape)) * n_proc
-    step_time = statistics.median(times)
+    step_time = statistics.median(times) if times else None
     flops_per_token = train_flops_per_token(model_cfg, cfg.cutoff_len)
     peak = peak_flops_per_device(override=args.peak_flops)
     devices = jax.devices()
-    mfu = tokens * flops_per_token / step_time / (peak * len(devices)) if peak else None
+    mfu = tokens * flops_per_token / step_time / (peak * len(devices)) if peak and step_time else None
+
+    def per_s(x: float, digits: int = 1) -> float | None:
+        return round(x / step_time, digits) if step_time else None
+
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves((model.trainable, model.frozen)))
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(model.trainable))
     result = {
-        "step_time_s": round(step_time, 5),
-        "step_time_min_s": round(min(times), 5),
-        "step_time_max_s": round(max(times), 5),
-        "tokens_per_s": round(tokens / step_time, 1),
-        "label_tokens_per_s": round(label_tokens / step_time, 1),
+        "step_time_s": round(step_time, 5) if step_time else None,
+        "step_time_min_s": round(min(times), 5) if times else None,
+        "step_time_max_s": round(max(times), 5) if times else None,
+        "tokens_per_s": per_s(tokens),
+        "label_tokens_per_s": per_s(label_tokens),
         "mfu": round(mfu, 5) if mfu is not None else None,
-        "model_tflops_per_s_per_device": round(tokens * flops_per_token / step_time / len(devices) / 1e12, 6),
+        "model_tflops_per_s_per_device": per_s(tokens * flops_per_token / len(devices) / 1e12, 6),
         "compile_s": round(compile_s, 3),
-        "first_step_s": round(first_step_s, 4),
+        "first_step_s": round(first_step_s, 4) if first_step_s is not None else None,
         "load_s": round(load_s, 3),
         "peak_device_memory_bytes": device_memory_peak(),
         "host_rss_bytes": host_rss_peak(),

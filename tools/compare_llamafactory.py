@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.model:
         parser.error("give --model DIR or --build_model DIR")
 
-    out = Path(args.out)
+    out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     lf_yaml, jx_yaml = out / "lf.yaml", out / "jaxsft.yaml"
     lf_cfg, jx_cfg = lf_config(args, out), jaxsft_config(args, out)

@@ -1,0 +1,48 @@
+"""tools/bench.py runs the real train step on the tiny example and prints one JSON line of the documented
+fields. Performance is measured (BENCHMARKS.md), never asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args, one_device=False):
+    env = dict(os.environ)
+    if one_device:  # conftest gives the test process 8 CPU devices; the subprocess inherits them otherwise
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--config", "configs/quickstart_full.yaml", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+def test_bench_prints_one_json_line_of_measurements():
+    r = run_bench("--steps", "2", "--warmup", "1", "finetuning_type=lora", "cutoff_len=128", one_device=True)
+    for key in ("step_time_s", "step_time_min_s", "tokens_per_s", "label_tokens_per_s", "compile_s",
+                "first_step_s", "tokens_per_step", "label_tokens_per_step", "fill"):
+        assert isinstance(r[key], float) and r[key] > 0, (key, r[key])
+    assert r["label_tokens_per_s"] <= r["tokens_per_s"] and 0 < r["fill"] <= 1
+    assert r["mfu"] is None and r["peak_flops_per_device"] is None  # CPU: peak unknown
+    assert r["peak_device_memory_bytes"] is None or isinstance(r["peak_device_memory_bytes"], int)
+    assert isinstance(r["host_rss_bytes"], int) and r["host_rss_bytes"] > 0
+    assert r["finite"] is True and r["steps"] == 2 and r["warmup"] == 1
+    assert r["finetuning_type"] == "lora" and r["lora_rank"] == 8
+    assert 0 < r["model"]["trainable_params"] < r["model"]["params"]
+    assert r["model"]["layers"] == 2 and r["cutoff_len"] == 128 and r["per_device_train_batch_size"] == 2
+    assert r["backend"] == "cpu" and r["devices"] == 1 and isinstance(r["jax_version"], str)
+
+
+def test_bench_synthetic_random_init_on_8_devices_with_peak_flops_reports_mfu():
+    r = run_bench("--steps", "2", "--warmup", "0", "--synthetic", "--random_init", "--layers", "1",
+                  "--peak_flops", "1e12", "finetuning_type=full", "cutoff_len=128")
+    assert r["devices"] == 8 and r["mesh"]["fsdp"] == 8
+    assert r["model"]["layers"] == 1 and r["weights"] == "random_init" and r["data"] == "synthetic"
+    assert r["fill"] == 1.0 and r["tokens_per_step"] == r["global_batch_rows"] * 128  # rows packed end to end
+    assert isinstance(r["mfu"], float) and 0 < r["mfu"] < 1
+    assert r["model"]["trainable_params"] == r["model"]["params"]
