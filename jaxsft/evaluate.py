@@ -6,6 +6,7 @@ grouped per example (row, segment) on the host, so packed and unpacked eval give
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable
 
 import jax
@@ -55,7 +56,7 @@ def jit_eval_step(eval_step: Callable, model, mesh) -> Callable:
 def run_evaluation(cfg) -> dict[str, float]:
     """The `do_eval` stage on its own (after training, the training stage has already evaluated)."""
     from jaxsft.data.pipeline import build_datasets
-    from jaxsft.run_logging import RunLogger
+    from jaxsft.run_logging import save_metrics
     from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
                                 load_tokenizer, rows_per_process)
     from jaxsft.step import make_eval_step
@@ -71,8 +72,7 @@ def run_evaluation(cfg) -> dict[str, float]:
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
     metrics = evaluate(step, model.trainable, model.frozen,
                        data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)), mesh)
-    log = RunLogger(cfg.output_dir, 0, is_main_process=is_main_process(), logging_steps=1, plot_loss=False,
-                    tensorboard=False)
-    log.save_metrics("eval", metrics)
-    log.close()
+    if is_main_process():
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_metrics(cfg.output_dir, "eval", metrics)
     return metrics

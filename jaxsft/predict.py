@@ -23,6 +23,7 @@ import numpy as np
 from jaxsft.config import Config, ConfigError
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
+from jaxsft.run_logging import save_metrics
 from jaxsft.runtime import DTYPES, Model, is_main_process, load_model, resolve_attention_impl
 
 logger = logging.getLogger("jaxsft")
@@ -170,24 +171,6 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
         print(f"Saving prediction results to {path}", flush=True)
         save_metrics(cfg.output_dir, "predict", metrics)
     return metrics
-
-
-def save_metrics(output_dir: str, split: str, metrics: dict[str, Any]) -> None:
-    """HF's log_metrics + save_metrics (as `RunLogger.save_metrics`, without opening a run's log and bar,
-    which would truncate the trainer_log.jsonl a training stage wrote before)."""
-    width = max(len(k) for k in metrics)
-    print("\n".join([f"***** {split} metrics *****"] + [f"  {k:<{width}} = {metrics[k]}" for k in sorted(metrics)]),
-          flush=True)
-    with open(os.path.join(output_dir, f"{split}_results.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=4, sort_keys=True)
-    all_path = os.path.join(output_dir, "all_results.json")
-    combined = {}
-    if os.path.exists(all_path):
-        with open(all_path, encoding="utf-8") as f:
-            combined = json.load(f)
-    combined.update(metrics)
-    with open(all_path, "w", encoding="utf-8") as f:
-        json.dump(combined, f, indent=4, sort_keys=True)
 
 
 def decode_for_similarity_rows(rows: list[list[int]], tokenizer) -> list[str]:

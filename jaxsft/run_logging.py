@@ -53,6 +53,28 @@ def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """A results file as HF writes it: indent 4, sorted keys."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({k: _plain(v) for k, v in data.items()}, f, indent=4, sort_keys=True)
+
+
+def save_metrics(output_dir: str, split: str, metrics: dict[str, Any], write=print) -> None:
+    """HF's log_metrics + save_metrics: print the block, write `{split}_results.json`, merge the
+    metrics into `all_results.json`. Needs no RunLogger (whose log file a later stage must not reopen)."""
+    width = max((len(k) for k in metrics), default=0)
+    write("\n".join([f"***** {split} metrics *****"] + [f"  {k:<{width}} = {_plain(metrics[k])}"
+                                                       for k in sorted(metrics)]))
+    write_json(os.path.join(output_dir, f"{split}_results.json"), metrics)
+    all_path = os.path.join(output_dir, "all_results.json")
+    combined = {}
+    if os.path.exists(all_path):
+        with open(all_path, encoding="utf-8") as f:
+            combined = json.load(f)
+    combined.update({k: _plain(v) for k, v in metrics.items()})
+    write_json(all_path, combined)
+
+
 class RunLogger:
     """Progress bar, jsonl log, TensorBoard and plots for one training run.
 
@@ -182,28 +204,13 @@ class RunLogger:
     # ------------------------------------------------------------------------------------------
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """`output_dir/name` as HF writes its results files: indent 4, sorted keys."""
-        if not self.enabled:
-            return
-        with open(os.path.join(self.output_dir, name), "w", encoding="utf-8") as f:
-            json.dump({k: _plain(v) for k, v in data.items()}, f, indent=4, sort_keys=True)
+        if self.enabled:
+            write_json(os.path.join(self.output_dir, name), data)
 
     def save_metrics(self, split: str, metrics: dict[str, Any]) -> None:
-        """HF's log_metrics + save_metrics: print the block, write `{split}_results.json`, merge the
-        metrics into `all_results.json`."""
-        if not self.enabled:
-            return
-        lines = [f"***** {split} metrics *****"]
-        width = max((len(k) for k in metrics), default=0)
-        lines += [f"  {k:<{width}} = {_plain(metrics[k])}" for k in sorted(metrics)]
-        self._bar.write("\n".join(lines))
-        self.write_json(f"{split}_results.json", metrics)
-        all_path = os.path.join(self.output_dir, "all_results.json")
-        combined = {}
-        if os.path.exists(all_path):
-            with open(all_path, encoding="utf-8") as f:
-                combined = json.load(f)
-        combined.update({k: _plain(v) for k, v in metrics.items()})
-        self.write_json("all_results.json", combined)
+        """HF's log_metrics + save_metrics, printed above the progress bar."""
+        if self.enabled:
+            save_metrics(self.output_dir, split, metrics, write=self._bar.write)
 
     def _plot(self, key: str) -> str | None:
         """LF's plot_loss for one key of the log history; None when nothing was logged under it."""

@@ -163,7 +163,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
             raise InputError(
                 f"Unknown dataset {name!r}: not an entry of {base / REGISTRY}"
                 + (" (no such file)" if registry is None else "")
-                + f" and no file or folder at that path. "
+                + " and no file or folder at that path. "
                 + (f"Did you mean {', '.join(hint)}? " if hint else "")
                 + (f"Datasets present in {dataset_dir}: {', '.join(present_datasets(dataset_dir))}." if known else "")
             )
