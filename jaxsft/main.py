@@ -9,6 +9,7 @@ one line and exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Sequence
 
@@ -108,8 +109,20 @@ def _user_error(e: UserError) -> int:
     return 2
 
 
+def _setup_logging() -> None:
+    """jaxsft's own messages (trainable params, dropped rows, fallbacks) on stderr, one line each."""
+    logger = logging.getLogger("jaxsft")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[jaxsft] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
