@@ -48,7 +48,8 @@ def planned_stages(cfg: Config) -> list[str]:
 def describe(cfg: Config) -> str:
     """A short human summary of what the run will do."""
     stages = planned_stages(cfg)
-    lines = [f"jaxsft: stages: {', '.join(stages) if stages else 'none (set do_train, do_eval, do_predict or export_dir)'}"]
+    planned = ", ".join(stages) if stages else "none (set do_train, do_eval, do_predict or export_dir)"
+    lines = [f"jaxsft: stages: {planned}"]
     lines.append(f"  model: {cfg.model_name_or_path}  template: {cfg.template}  finetuning: {cfg.finetuning_type}"
                  + (f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
                     if cfg.finetuning_type == "lora" else ""))

@@ -115,7 +115,7 @@ def predict(model: Model, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]
         outputs += generate(params, model.config, batch, max_new_tokens=cfg.max_new_tokens,
                             sampling=sampling_of(cfg), stop_token_ids=stop, rng=step_rng, pad_id=pad_id,
                             padding_side="left", compute_dtype=DTYPES[cfg.compute_dtype],
-                            attention_impl=resolve_attention_impl(cfg.attention_impl))
+                            attention_impl=resolve_attention_impl(cfg.attention_impl, decode=True))
         bar.update(len(batch))
     bar.close()
     return outputs

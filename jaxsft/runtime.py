@@ -56,20 +56,26 @@ def _kernel_works(impl: str) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def resolve_attention_impl(requested: str) -> str:
+# Beyond this many tokens per row the reference materializes too large a [T, S] score matrix.
+CHUNKED_FROM_TOKENS = 4096
+
+
+def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:
     """`auto`: the fastest kernel that works on this backend (cuDNN on GPU), else the XLA reference,
-    saying so in one line."""
+    blockwise (`xla_chunked`) for rows longer than CHUNKED_FROM_TOKENS; a fallback says so in one line.
+    Decoding (KV cache, queries shorter than keys) always uses an XLA path."""
     if requested != "auto":
+        if decode and requested in ("cudnn", "pallas", "splash"):
+            return "xla"  # fused kernels here are training-shaped; the decoder's cache needs T != S
         return requested
-    backend = jax.default_backend()
-    candidates = {"gpu": "cudnn", "cuda": "cudnn"}
-    impl = candidates.get(backend)
-    if impl is None:
-        return "xla"
+    reference = "xla_chunked" if seq_len is not None and seq_len > CHUNKED_FROM_TOKENS else "xla"
+    impl = {"gpu": "cudnn", "cuda": "cudnn"}.get(jax.default_backend())
+    if impl is None or decode:
+        return reference
     why_not = _kernel_works(impl)
     if why_not:
-        logger.warning("attention_impl auto: %s does not work here (%s); using xla", impl, why_not)
-        return "xla"
+        logger.warning("attention_impl auto: %s does not work here (%s); using %s", impl, why_not, reference)
+        return reference
     return impl
 
 
@@ -128,10 +134,11 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
         from jaxsft import lora
         params = lora.merge_adapters(*lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg))
     flat = flatten(params)
-    axes = flatten(param_logical_axes(params), )
+    axes = flatten(param_logical_axes(params))
     partition = _partition(flat, cfg, model_cfg)
     trainable, frozen = split(flat, partition)
-    runner = ModelRunner(model_cfg, partition, attention_impl=resolve_attention_impl(cfg.attention_impl),
+    attention_impl = resolve_attention_impl(cfg.attention_impl, cfg.cutoff_len)
+    runner = ModelRunner(model_cfg, partition, attention_impl=attention_impl,
                          remat_policy=cfg.remat_policy, compute_dtype=DTYPES[cfg.compute_dtype],
                          lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0)
     model = Model(model_cfg, runner, partition, trainable, frozen, axes)

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             generate(params, model.config, [prompt_ids], max_new_tokens=cfg.max_new_tokens,
                      sampling=sampling_of(cfg), stop_token_ids=stop, rng=turn_rng, pad_id=pad_id,
-                     compute_dtype=DTYPES[cfg.compute_dtype], attention_impl=resolve_attention_impl(cfg.attention_impl),
+                     compute_dtype=DTYPES[cfg.compute_dtype],
+                     attention_impl=resolve_attention_impl(cfg.attention_impl, decode=True),
                      on_token=streamer)
         except ValueError as e:  # e.g. the history outgrew max_position_embeddings
             history.pop()

@@ -62,7 +62,8 @@ def main() -> None:
     hf_config.save_pretrained(str(out))
     model_cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
     params = init_params(model_cfg, jax.random.key(args.seed), std=0.02)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params_to_hf_state_dict(params, model_cfg).items()}
+    state = params_to_hf_state_dict(params, model_cfg)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     print(f"wrote {out}: vocab {vocab}, {sum(v.size for v in tensors.values()):,d} params")
 

@@ -50,6 +50,61 @@ def _xla_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, 
     return _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
 
 
+def _chunked_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
+                  block: int = 512):
+    """Memory-efficient XLA attention for long rows: query blocks, each streaming over key blocks with
+    an online softmax (flash-attention style), rematerialized in the backward pass. Memory grows with
+    T x block instead of T x S; the result equals the reference."""
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    G = H // K
+    bq, bk = min(block, T), min(block, S)
+    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    # Pad with segment ids that match nothing (queries -1, keys -2).
+    pad_t, pad_s = ((0, 0), (0, Tp - T)), ((0, 0), (0, Sp - S))
+    q = jnp.pad(q_BTHD, pad_t + ((0, 0), (0, 0))).reshape(B, Tp // bq, bq, K, G, D)
+    k = jnp.pad(k_BSKD, pad_s + ((0, 0), (0, 0))).reshape(B, Sp // bk, bk, K, D)
+    v = jnp.pad(v_BSKD, pad_s + ((0, 0), (0, 0))).reshape(B, Sp // bk, bk, K, D)
+    seg_q = jnp.pad(seg_q_BT, pad_t, constant_values=-1).reshape(B, Tp // bq, bq)
+    seg_kv = jnp.pad(seg_kv_BS, pad_s, constant_values=-2).reshape(B, Sp // bk, bk)
+    pos_q = jnp.pad(pos_q_BT, pad_t).reshape(B, Tp // bq, bq)
+    pos_kv = jnp.pad(pos_kv_BS, pad_s).reshape(B, Sp // bk, bk)
+    scale = D ** -0.5
+
+    def query_block(args):
+        q_BQKGD, seg_BQ, pos_BQ = args
+
+        def key_block(carry, kv):
+            m_BKGQ, l_BKGQ, acc_BQKGD = carry
+            k_BCKD, v_BCKD, seg_BC, pos_BC = kv
+            s_BKGQC = jnp.einsum("bqkgd,bckd->bkgqc", q_BQKGD, k_BCKD,
+                                 preferred_element_type=jnp.float32) * scale
+            mask_BQC = attention_mask(seg_BQ, seg_BC, pos_BQ, pos_BC, sliding_window)
+            s_BKGQC = jnp.where(mask_BQC[:, None, None], s_BKGQC, _MASKED)
+            m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(-1))
+            p_BKGQC = jnp.where(mask_BQC[:, None, None], jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
+            correction = jnp.exp(m_BKGQ - m_new)
+            l_new = l_BKGQ * correction + p_BKGQC.sum(-1)
+            pv_BQKGD = jnp.einsum("bkgqc,bckd->bqkgd", p_BKGQC.astype(v_BCKD.dtype), v_BCKD,
+                                  preferred_element_type=jnp.float32)
+            acc_new = acc_BQKGD * jnp.moveaxis(correction, 3, 1)[..., None] + pv_BQKGD
+            return (m_new, l_new, acc_new), None
+
+        init = (jnp.full((B, K, G, bq), _MASKED, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, bq, K, G, D), jnp.float32))
+        kv_blocks = (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(seg_kv, 1, 0),
+                     jnp.moveaxis(pos_kv, 1, 0))
+        (_, l_BKGQ, acc_BQKGD), _ = jax.lax.scan(jax.checkpoint(key_block), init, kv_blocks)
+        l_BQKG = jnp.moveaxis(l_BKGQ, 3, 1)
+        # Queries that see no key (padding) get 0, not 0/0.
+        return jnp.where(l_BQKG[..., None] > 0, acc_BQKGD / jnp.maximum(l_BQKG, 1e-30)[..., None], 0.0)
+
+    q_blocks = (jnp.moveaxis(q, 1, 0), jnp.moveaxis(seg_q, 1, 0), jnp.moveaxis(pos_q, 1, 0))
+    out = jax.lax.map(jax.checkpoint(query_block), q_blocks)  # [Tp/bq, B, bq, K, G, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(B, Tp, H, D)[:, :T]
+    return out.astype(q_BTHD.dtype)
+
+
 def packed_lengths_offsets(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
     """cuDNN's packed layout from segment ids (1, 2, ... contiguous, 0 = trailing padding):
     per-segment lengths [B, M] and start offsets [B, M + 1], unused entries -1."""
@@ -94,6 +149,7 @@ def _not_yet(name: str, backend: str) -> Callable:
 # (pallas, splash).
 ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "xla": (None, _xla_impl),
+    "xla_chunked": (None, _chunked_impl),
     "cudnn": (("gpu", "cuda"), _cudnn_impl),
     "pallas": (("gpu", "cuda"), _not_yet("pallas", "Pallas GPU flash attention")),
     "splash": (("tpu",), _not_yet("splash", "TPU splash attention")),
