@@ -25,9 +25,9 @@ def test_same_bins_as_llamafactory():
     assert [[lengths[i] for i in b] for b in bins] == knap["bins"]
 
 
-def test_linearithmic_on_a_large_epoch():
+def test_one_million_lengths_pack_in_seconds():
     rng = random.Random(1)
-    lengths = [rng.randint(1, 3000) for _ in range(300_000)]
+    lengths = [rng.randint(1, 3000) for _ in range(1_000_000)]
     start = time.perf_counter()
     bins, _ = greedy_knapsack(lengths, 4096)
     assert time.perf_counter() - start < 10  # LF's list pops: ~n^2/2 element moves, minutes at this size
