@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             run(batch)
         finite = True
         if args.profile:
-            jax.profiler.start_trace(args.profile)
+            jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
         for batch in timed:
             seconds, metrics = run(batch)
             times.append(seconds)
