@@ -56,19 +56,25 @@ def _kernel_works(impl: str) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-# Beyond this many tokens per row the reference materializes too large a [T, S] score matrix.
-CHUNKED_FROM_TOKENS = 4096
+# From this many tokens per row on, CPU training skips the empty blocks of packed rows (measured on
+# the compare model, 4 x 1024 rows: 1.78 s/step against 2.18 s for the dense reference).
+BLOCKSPARSE_FROM_TOKENS = 512
 
 
 def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:
-    """`auto`: the fastest kernel that works on this backend (cuDNN on GPU), else the XLA reference,
-    blockwise (`xla_chunked`) for rows longer than CHUNKED_FROM_TOKENS; a fallback says so in one line.
-    Decoding (KV cache, queries shorter than keys) always uses an XLA path."""
+    """`auto`: the fastest kernel that works on this backend (cuDNN on GPU), else an XLA path. On CPU,
+    `xla_blocksparse` (blockwise, skipping the blocks a packed row masks, memory linear in the row) from
+    BLOCKSPARSE_FROM_TOKENS on; elsewhere `xla_chunked` past 4096 tokens; the reference below. A fallback
+    says so in one line. Decoding (KV cache, queries shorter than keys) always uses the reference."""
     if requested != "auto":
         if decode and requested in ("cudnn", "pallas", "splash"):
             return "xla"  # fused kernels here are training-shaped; the decoder's cache needs T != S
         return requested
-    reference = "xla_chunked" if seq_len is not None and seq_len > CHUNKED_FROM_TOKENS else "xla"
+    long_rows = seq_len is not None and seq_len >= BLOCKSPARSE_FROM_TOKENS
+    if jax.default_backend() == "cpu":
+        reference = "xla_blocksparse" if long_rows else "xla"
+    else:  # TPU (until splash is wired in) and GPU fallbacks: batched blocks, untested for speed there
+        reference = "xla_chunked" if seq_len is not None and seq_len > 4096 else "xla"
     impl = {"gpu": "cudnn", "cuda": "cudnn"}.get(jax.default_backend())
     if impl is None or decode:
         return reference

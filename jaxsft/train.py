@@ -183,7 +183,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
     window: list[dict] = []
     window_tokens, window_start = 0, time.perf_counter()
-    total_tokens, total_label_tokens, losses = 0, 0, []
+    total_tokens, total_label_tokens, losses, examples_seen = 0, 0, [], 0
     loop_start = time.perf_counter()
     step = start_step
     with _StopRequest() as stop:
@@ -191,6 +191,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             micro = [next(iterator) for _ in range(accumulation)]
             local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
             tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            examples_seen += int(local["segment_ids"].max(axis=-1).sum()) * jax.process_count()  # packed: >1 a row
             state, metrics = train_step(state, frozen, global_batch(local, mesh, leading_dims=1))
             step += 1
             window.append(metrics)
@@ -230,7 +231,6 @@ def run_training(cfg: Config) -> dict[str, Any]:
                 return {"stopped_at_step": step}
     train_runtime = time.perf_counter() - loop_start
     checkpoints.close()
-    examples_seen = (step - start_step) * accumulation * rows * jax.process_count()
     results = {
         "train_runtime": round(train_runtime, 4),
         "train_samples_per_second": round(examples_seen / train_runtime, 3),

@@ -30,8 +30,33 @@ def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None, lora_dropo
         if dropout_rng is not None and lora_dropout > 0:
             keep_BTI = jax.random.bernoulli(dropout_rng, 1.0 - lora_dropout, x_BTI.shape)
             x_BTI = jnp.where(keep_BTI, x_BTI / (1.0 - lora_dropout), 0).astype(x_BTI.dtype)
-        y_BTO = y_BTO + lora_scale * ((x_BTI @ a_IR) @ b_RO)
+        y_BTO = y_BTO + lora_scale * lora_update(x_BTI, a_IR, b_RO)
     return y_BTO
+
+
+@jax.custom_vjp
+def lora_update(x_BTI: jax.Array, a_IR: jax.Array, b_RO: jax.Array) -> jax.Array:
+    """`(x @ A) @ B`, with a backward pass that orders each product so the transposed operand is the
+    small rank-r one: autodiff's `x^T @ g` makes XLA copy a transposed [tokens, in] activation first,
+    which dominated LoRA's step time on CPU."""
+    return (x_BTI @ a_IR) @ b_RO
+
+
+def _lora_update_fwd(x_BTI, a_IR, b_RO):
+    u_BTR = x_BTI @ a_IR
+    return u_BTR @ b_RO, (x_BTI, a_IR, b_RO, u_BTR)
+
+
+def _lora_update_bwd(res, g_BTO):
+    x_BTI, a_IR, b_RO, u_BTR = res
+    g_BTR = g_BTO @ b_RO.T
+    grad_b_RO = jnp.einsum("...r,...o->ro", u_BTR, g_BTO)
+    grad_a_IR = jnp.einsum("...r,...i->ri", g_BTR, x_BTI).T
+    grad_x_BTI = g_BTR @ a_IR.T
+    return grad_x_BTI, grad_a_IR, grad_b_RO
+
+
+lora_update.defvjp(_lora_update_fwd, _lora_update_bwd)
 
 
 def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:

@@ -20,7 +20,8 @@ def test_auto_is_xla_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU choice")
     assert resolve_attention_impl("auto") == "xla"
-    assert resolve_attention_impl("auto", seq_len=32768) == "xla_chunked"
+    assert resolve_attention_impl("auto", seq_len=256) == "xla"
+    assert resolve_attention_impl("auto", seq_len=1024) == "xla_blocksparse"
     assert resolve_attention_impl("cudnn", decode=True) == "xla"
 
 
@@ -71,8 +72,10 @@ def test_cudnn_matches_xla_forward_and_grad():
                                    atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("window, block", [(None, 64), (50, 100)])
-def test_chunked_xla_matches_reference_forward_and_grad(window, block):
+@pytest.mark.parametrize("impl, window, block", [("_chunked_impl", None, 64), ("_chunked_impl", 50, 100),
+                                                  ("_chunked_rowwise_impl", None, 64),
+                                                  ("_chunked_rowwise_impl", 50, 100)])
+def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
     """The memory-efficient path equals the reference, with packing, padding rows and blocks that do not
     divide the length."""
     import jaxsft.model.attention as attn
@@ -87,7 +90,7 @@ def test_chunked_xla_matches_reference_forward_and_grad(window, block):
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
     (_, ref), ref_grads = run(attn._xla_impl)
-    (_, out), grads = run(lambda *a: attn._chunked_impl(*a, block=block))
+    (_, out), grads = run(lambda *a: getattr(attn, impl)(*a, block=block))
     mask = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out)[mask], np.asarray(ref)[mask], atol=1e-5)
     for g, g_ref in zip(grads, ref_grads):
