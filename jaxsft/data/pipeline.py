@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -112,19 +112,17 @@ def _encode_chunk(refs: list) -> tuple[list[Example], Counts]:
     return _encode_serial(w["rows_of"], w["attrs"], refs, w["template"], w["tokenizer"], w["args"])
 
 
-def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
-                   args: Any) -> tuple[list[Example], Counts]:
-    counts = Counts()
-    examples: list[Example] = []
-    cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
-    preserve = bool(_arg(args, "preserve_thinking"))
+def encode_each(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], args: Any, counts: Counts,
+                encode: Callable[[Any], tuple]) -> Iterator[tuple[str, int, tuple]]:
+    """(file, row number, encode(conversation)) for every referenced row that converts and encodes. A
+    malformed row raises InvalidExample (file, row, field), or with `skip_invalid_examples` is dropped and
+    counted, as are the rows LLaMA-Factory drops. Shared by training examples and predict prompts."""
     for ref in refs:
         attr, rows = attrs[ref.source], rows_of[ref.source]
         row_no = rows.indices[ref.row] if isinstance(rows, sources._Select) else ref.row
         counts.rows += 1
         try:
-            conversation = to_conversation(rows[ref.row], attr, attr.path, row_no)
-            ids, labels = encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve)
+            encoded = encode(to_conversation(rows[ref.row], attr, attr.path, row_no))
         except InvalidExample as e:
             if e.kind == "malformed" and not _arg(args, "skip_invalid_examples"):
                 raise
@@ -135,10 +133,24 @@ def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.
                 raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
             counts.drop(f"{attr.path}, row {row_no}: {e}")
             continue
+        yield attr.path, row_no, encoded
+
+
+def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
+                   args: Any) -> tuple[list[Example], Counts]:
+    counts = Counts()
+    examples: list[Example] = []
+    cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
+    preserve = bool(_arg(args, "preserve_thinking"))
+
+    def encode(conversation):
+        return encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve)
+
+    for path, row_no, (ids, labels) in encode_each(rows_of, attrs, refs, args, counts, encode):
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
         n_learned = learned(example[1])
         if n_learned == 0:
-            counts.drop(f"{attr.path}, row {row_no}: no label tokens left after truncation to cutoff_len={cutoff}")
+            counts.drop(f"{path}, row {row_no}: no label tokens left after truncation to cutoff_len={cutoff}")
             continue
         examples.append(example)
         counts.examples += 1

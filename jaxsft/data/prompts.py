@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from jaxsft.data import sources
-from jaxsft.data.formats import Conversation, InvalidExample, Message, to_conversation
-from jaxsft.data.pipeline import Counts, _arg, _load
+from jaxsft.data.formats import Conversation, Message
+from jaxsft.data.pipeline import Counts, _arg, _load, encode_each
 from jaxsft.data.supervised import infer_seqlen
 from jaxsft.data.templates import Encoder, Template, get_template
 
@@ -71,23 +71,11 @@ def encode_prompt_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sour
     counts = Counts()
     prompts: list[Prompt] = []
     cutoff, preserve = _arg(args, "cutoff_len"), bool(_arg(args, "preserve_thinking"))
-    for ref in refs:
-        attr, rows = attrs[ref.source], rows_of[ref.source]
-        row_no = rows.indices[ref.row] if isinstance(rows, sources._Select) else ref.row
-        counts.rows += 1
-        try:
-            conversation = to_conversation(rows[ref.row], attr, attr.path, row_no)
-            ids, labels = encode_prompt(conversation, tokenizer, template, cutoff, preserve)
-        except InvalidExample as e:
-            if e.kind == "malformed" and not _arg(args, "skip_invalid_examples"):
-                raise
-            counts.drop(str(e))
-            continue
-        except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
-            if not _arg(args, "skip_invalid_examples"):
-                raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
-            counts.drop(f"{attr.path}, row {row_no}: {e}")
-            continue
+
+    def encode(conversation):
+        return encode_prompt(conversation, tokenizer, template, cutoff, preserve)
+
+    for _path, _row, (ids, labels) in encode_each(rows_of, attrs, refs, args, counts, encode):
         prompts.append((np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
         counts.examples += 1
         counts.tokens += len(ids)
