@@ -207,6 +207,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
                     _check_finite(fetched, step - len(fetched) + 1, cfg.skip_nonfinite_steps)
                 except NonFiniteLoss:
                     checkpoints.close()  # the last good checkpoint finishes committing before we stop
+                    run_log.close()  # the log and plots so far stay readable
                     raise
                 if log_now:
                     elapsed = time.perf_counter() - window_start
