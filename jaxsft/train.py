@@ -178,8 +178,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
                         initial_step=start_step)
     flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
     peak = peak_flops_per_device()
-    save_every = int(cfg.save_steps) if cfg.save_strategy == "steps" else None
-    eval_every = int(cfg.eval_steps) if (cfg.eval_strategy == "steps" and data.eval) else None
+    steps_per_epoch = max(batches_per_epoch // accumulation, 1)
+    save_every = {"steps": int(cfg.save_steps), "epoch": steps_per_epoch}.get(cfg.save_strategy)
+    eval_every = {"steps": int(cfg.eval_steps), "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval else None
     eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
     window: list[dict] = []
     window_tokens, window_start = 0, time.perf_counter()
@@ -218,7 +219,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
                                    elapsed=round(time.perf_counter() - loop_start, 3), total_tokens=total_tokens)
                     run_log.log_train(step, summary)
                     window, window_tokens, window_start = [], 0, time.perf_counter()
-            if eval_every and step % eval_every == 0 and step != total_steps and not stopping:
+            final_eval_follows = step == total_steps and cfg.do_eval  # do_eval evaluates at the end anyway
+            if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping:
                 run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows),
                                                 mesh))
             if save_now and cfg.save_strategy != "no":

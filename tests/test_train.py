@@ -170,3 +170,14 @@ def test_lora_run_exports_trained_merged_model(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(export))
     assert model.config.num_hidden_layers == 2
     assert (export / "tokenizer.json").exists()
+
+
+def test_epoch_strategies_save_and_evaluate_every_epoch(tmp_path):
+    cfg = config(tmp_path, finetuning_type="full", num_train_epochs=2.0, save_strategy="epoch",
+                 eval_strategy="epoch", val_size=0.1, logging_steps=100)
+    results = run_training(cfg)
+    steps = Checkpoints(cfg.output_dir, async_save=False).all_steps()
+    assert len(steps) == 2 and steps[1] == 2 * steps[0], steps
+    assert results["epoch"] == 2.0
+    evals = [r for r in log_lines(cfg.output_dir) if "eval_loss" in r]
+    assert [r["current_steps"] for r in evals] == steps
