@@ -130,6 +130,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("[jaxsft] %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries (orbax/absl) put a handler on the root logger: print once
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
