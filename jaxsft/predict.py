@@ -50,12 +50,12 @@ def restore_trained(cfg: Config, model: Model, mesh, directory: str | Path, step
     from jaxsft.checkpoint import Checkpoints
     from jaxsft.optim import build_optimizer
     from jaxsft.step import init_state
-    from jaxsft.train import _state_shardings
+    from jaxsft.train import state_shardings
 
     optimizer, _ = build_optimizer(cfg, max(cfg.max_steps, 1))
     t_shard, f_shard = model.shardings(mesh)
     shapes = jax.eval_shape(lambda t: init_state(t, optimizer, cfg.seed), model.trainable)
-    shardings = _state_shardings(shapes, optimizer, t_shard, mesh)
+    shardings = state_shardings(shapes, optimizer, t_shard, mesh)
     abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                             shapes, shardings)
     abstract_frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -16,7 +16,7 @@ from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.hf import load_hf_config, load_hf_params, resolve_model_path
 from jaxsft.model.transformer import param_logical_axes
-from jaxsft.params import Flat, Partition, flatten, freeze_partition, full_partition, split, unflatten
+from jaxsft.params import Flat, Partition, flatten, freeze_partition, full_partition, merge, split
 from jaxsft.sharding import make_mesh, tree_shardings
 from jaxsft.step import ModelRunner
 
@@ -101,7 +101,6 @@ class Model:
         return t, f
 
     def params(self) -> dict:
-        from jaxsft.params import merge
         return merge(self.trainable, self.frozen, self.partition)
 
 
@@ -189,7 +188,3 @@ def host_array(x: Any) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-__all__ = ["Model", "load_model", "build_mesh", "load_tokenizer", "init_distributed", "rows_per_process",
-           "is_main_process", "host_array", "unflatten"]

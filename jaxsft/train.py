@@ -86,7 +86,8 @@ def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
     return total, epochs
 
 
-def _state_shardings(state: dict, optimizer, trainable_shardings, mesh) -> dict:
+def state_shardings(state: dict, optimizer, trainable_shardings, mesh) -> dict:
+    """Shardings of the train state: optimizer moments like their params, scalars replicated."""
     return {
         "step": replicated(mesh),
         "trainable": trainable_shardings,
@@ -102,11 +103,11 @@ def build_train_step(cfg: Config, model, mesh, total_steps: int):
     optimizer, schedule = build_optimizer(cfg, total_steps)
     t_shard, f_shard = model.shardings(mesh)
     state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed))(model.trainable)
-    state_shardings = _state_shardings(state, optimizer, t_shard, mesh)
-    state = jax.device_put(state, state_shardings)
+    shardings = state_shardings(state, optimizer, t_shard, mesh)
+    state = jax.device_put(state, shardings)
     train_step = jax.jit(make_train_step(model.runner, optimizer, schedule, cfg.skip_nonfinite_steps),
-                         in_shardings=(state_shardings, f_shard, None),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+                         in_shardings=(shardings, f_shard, None),
+                         out_shardings=(shardings, None), donate_argnums=(0,))
     return state, train_step
 
 

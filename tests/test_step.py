@@ -9,9 +9,10 @@ from jaxsft.config import build_config
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.transformer import init_params, param_logical_axes
 from jaxsft.optim import build_optimizer
-from jaxsft.params import flatten, full_partition, split
-from jaxsft.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+from jaxsft.params import flatten, full_partition, split, unflatten
+from jaxsft.sharding import batch_sharding, make_mesh, tree_shardings
 from jaxsft.step import ModelRunner, init_state, make_train_step
+from jaxsft.train import state_shardings as train_state_shardings
 
 TINY = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16)
@@ -58,15 +59,9 @@ def run_step(runner, optimizer, schedule, trainable, frozen, batch, mesh=None):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     if mesh is None:
         return jax.jit(step)(state, frozen, batch)
-    axes = flatten(param_logical_axes(__import__("jaxsft.params", fromlist=["unflatten"]).unflatten(trainable)))
+    axes = flatten(param_logical_axes(unflatten(trainable)))
     shardings = tree_shardings(trainable, axes, mesh)
-    state_shardings = {"step": replicated(mesh), "trainable": shardings,
-                       "opt_state": jax.tree_util.tree_map(lambda _: replicated(mesh), state["opt_state"]),
-                       "rng": replicated(mesh)}
-    import optax
-    state_shardings["opt_state"] = optax.tree_map_params(
-        optimizer, lambda _, s: s, state["opt_state"], shardings,
-        transform_non_params=lambda _: replicated(mesh))
+    state_shardings = train_state_shardings(state, optimizer, shardings, mesh)  # the loop's own
     state = jax.device_put(state, state_shardings)
     frozen = jax.device_put(frozen, tree_shardings(frozen, {k: axes[k] for k in frozen}, mesh) if frozen else {})
     batch = jax.device_put(batch, batch_sharding(mesh, leading_dims=1))

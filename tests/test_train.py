@@ -15,7 +15,7 @@ from jaxsft.checkpoint import Checkpoints, abstract_like
 from jaxsft.config import build_config
 from jaxsft.evaluate import run_evaluation
 from jaxsft.model.hf import load_hf_config, load_hf_params
-from jaxsft.params import flatten
+from jaxsft.params import flatten, merge
 from jaxsft.runtime import build_mesh, load_model
 from jaxsft.train import run_training
 
@@ -75,8 +75,7 @@ def test_freeze_leaves_frozen_params_bit_identical(tmp_path):
     state = init_state(model.trainable, optimizer, cfg.seed)
     restored = Checkpoints(cfg.output_dir, async_save=False).restore(5, abstract_like(state),
                                                                    abstract_like(model.frozen))
-    trained = flatten(__import__("jaxsft.params", fromlist=["merge"]).merge(
-        restored["state"]["trainable"], restored["frozen"], model.partition))
+    trained = flatten(merge(restored["state"]["trainable"], restored["frozen"], model.partition))
     for key, value in original.items():
         now = np.asarray(trained[key])
         if key.startswith("layers/mlp/"):
