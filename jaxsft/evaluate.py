@@ -36,9 +36,9 @@ def evaluate(eval_step: Callable, trainable, frozen, batches: Iterable[dict[str,
              prefix: str = "eval") -> dict[str, float]:
     loss_sum, tokens, accuracies = 0.0, 0.0, []
     for local in batches:
-        out = eval_step(trainable, frozen, global_batch(local, mesh))
-        out = {k: host_array(v) for k, v in out.items()}
-        segments = host_array(global_batch({"s": local["segment_ids"]}, mesh)["s"])
+        batch = global_batch(local, mesh)
+        out = {k: host_array(v) for k, v in eval_step(trainable, frozen, batch).items()}
+        segments = host_array(batch["segment_ids"])  # all processes' rows, in the order of `out`
         ls, n, acc = example_sums(out, segments)
         loss_sum, tokens = loss_sum + ls, tokens + n
         accuracies.extend(acc)
