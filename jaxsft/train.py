@@ -22,7 +22,6 @@ import optax
 
 from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint
 from jaxsft.config import Config, ConfigError
-from jaxsft.data.pipeline import build_datasets
 from jaxsft.errors import MissingPath, UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
@@ -141,6 +140,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
             and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir {out} already holds checkpoints; set resume_from_checkpoint: true to "
                           f"continue, or overwrite_output_dir: true to start over")
+    from jaxsft.data.pipeline import build_datasets  # here: the step alone (tools/bench.py) needs no grain
+
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
