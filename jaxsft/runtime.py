@@ -62,7 +62,7 @@ BLOCKSPARSE_FROM_TOKENS = 512
 
 
 def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:
-    """`auto`: the fastest kernel that works on this backend (cuDNN on GPU), else an XLA path. On CPU,
+    """`auto`: the fastest kernel that works on this backend (GPU: cuDNN, then Pallas), else an XLA path. On CPU,
     `xla_blocksparse` (blockwise, skipping the blocks a packed row masks, memory linear in the row) from
     BLOCKSPARSE_FROM_TOKENS on; elsewhere `xla_chunked` past 4096 tokens; the reference below. A fallback
     says so in one line. Decoding (KV cache, queries shorter than keys) always uses the reference."""
@@ -75,14 +75,17 @@ def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: b
         reference = "xla_blocksparse" if long_rows else "xla"
     else:  # TPU (until splash is wired in) and GPU fallbacks: batched blocks, untested for speed there
         reference = "xla_chunked" if seq_len is not None and seq_len > 4096 else "xla"
-    impl = {"gpu": "cudnn", "cuda": "cudnn"}.get(jax.default_backend())
-    if impl is None or decode:
+    candidates = {"gpu": ("cudnn", "pallas"), "cuda": ("cudnn", "pallas")}.get(jax.default_backend(), ())
+    if decode:
         return reference
-    why_not = _kernel_works(impl)
-    if why_not:
-        logger.warning("attention_impl auto: %s does not work here (%s); using %s", impl, why_not, reference)
-        return reference
-    return impl
+    for impl in candidates:
+        why_not = _kernel_works(impl)
+        if why_not is None:
+            return impl
+        logger.warning("attention_impl auto: %s does not work here (%s)", impl, why_not)
+    if candidates:
+        logger.warning("attention_impl auto: using %s", reference)
+    return reference
 
 
 @dataclasses.dataclass

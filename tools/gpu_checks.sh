@@ -24,6 +24,7 @@ bench() {  # name, then bench.py arguments
     | tail -n 1 | sed "s/^{/{\"row\": \"$name\", /" | tee -a "$OUT/bench.jsonl"
 }
 bench full_cudnn --steps 10 --warmup 3 attention_impl=cudnn
+bench full_pallas --steps 10 --warmup 3 attention_impl=pallas
 bench full_xla --steps 10 --warmup 3 attention_impl=xla
 bench lora_cudnn --steps 10 --warmup 3 attention_impl=cudnn finetuning_type=lora
 bench full_cudnn_remat_full --steps 5 --warmup 2 attention_impl=cudnn remat_policy=full

@@ -151,6 +151,28 @@ def _cudnn_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS
         sliding_window_length=sliding_window)
 
 
+def _pallas_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
+                 interpret: bool = False):
+    """Pallas (Triton) flash attention on GPU, which takes segment ids directly; causal by index, which
+    equals causal by position inside packed segments. Training-shaped only; `interpret` runs it on CPU."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    B, T, H, D = q_BTHD.shape
+    if k_BSKD.shape[1] != T:
+        raise ValueError("attention impl 'pallas' runs training-shaped attention (T == S); decode with 'xla'")
+    if sliding_window is not None:
+        raise ValueError("attention impl 'pallas' has no sliding window; use 'xla' for Mistral's window")
+    groups = H // k_BSKD.shape[2]
+    k_BSHD = jnp.repeat(k_BSKD, groups, axis=2)  # the kernel wants as many KV heads as query heads
+    v_BSHD = jnp.repeat(v_BSKD, groups, axis=2)
+    pad = -T % 128  # the kernel's blocks; padded tokens get a segment id no real token has
+    if pad:
+        q_BTHD, k_BSHD, v_BSHD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTHD, k_BSHD, v_BSHD))
+        seg_q_BT = jnp.pad(seg_q_BT, ((0, 0), (0, pad)), constant_values=-1)
+    out = mha(q_BTHD, k_BSHD, v_BSHD, seg_q_BT, sm_scale=D ** -0.5, causal=True, interpret=interpret)
+    return out[:, :T]
+
+
 def _not_yet(name: str, backend: str) -> Callable:
     def impl(*args, **kwargs):
         raise NotImplementedError(
@@ -168,7 +190,7 @@ ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "xla_chunked": (None, _chunked_impl),
     "xla_blocksparse": (None, _chunked_rowwise_impl),
     "cudnn": (("gpu", "cuda"), _cudnn_impl),
-    "pallas": (("gpu", "cuda"), _not_yet("pallas", "Pallas GPU flash attention")),
+    "pallas": (("gpu", "cuda"), _pallas_impl),
     "splash": (("tpu",), _not_yet("splash", "TPU splash attention")),
 }
 
