@@ -62,7 +62,8 @@ BLOCKSPARSE_FROM_TOKENS = 512
 
 
 def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:
-    """`auto`: the fastest kernel that works on this backend (GPU: cuDNN, then Pallas), else an XLA path. On CPU,
+    """`auto`: the fastest kernel that works on this backend (GPU: cuDNN, then Pallas; TPU: splash), else an
+    XLA path. On CPU,
     `xla_blocksparse` (blockwise, skipping the blocks a packed row masks, memory linear in the row) from
     BLOCKSPARSE_FROM_TOKENS on; elsewhere `xla_chunked` past 4096 tokens; the reference below. A fallback
     says so in one line. Decoding (KV cache, queries shorter than keys) always uses the reference."""
@@ -73,9 +74,10 @@ def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: b
     long_rows = seq_len is not None and seq_len >= BLOCKSPARSE_FROM_TOKENS
     if jax.default_backend() == "cpu":
         reference = "xla_blocksparse" if long_rows else "xla"
-    else:  # TPU (until splash is wired in) and GPU fallbacks: batched blocks, untested for speed there
+    else:  # GPU/TPU fallbacks: batched blocks, untested for speed there
         reference = "xla_chunked" if seq_len is not None and seq_len > 4096 else "xla"
-    candidates = {"gpu": ("cudnn", "pallas"), "cuda": ("cudnn", "pallas")}.get(jax.default_backend(), ())
+    candidates = {"gpu": ("cudnn", "pallas"), "cuda": ("cudnn", "pallas"),
+                  "tpu": ("splash",)}.get(jax.default_backend(), ())
     if decode:
         return reference
     for impl in candidates:

@@ -173,6 +173,35 @@ def _pallas_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_B
     return out[:, :T]
 
 
+def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
+                 interpret: bool = False):
+    """TPU splash attention: a causal mask plus `SegmentIds`, per example (vmapped over the batch).
+    Training-shaped only; `interpret` runs it on CPU."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    B, T, H, D = q_BTHD.shape
+    if k_BSKD.shape[1] != T:
+        raise ValueError("attention impl 'splash' runs training-shaped attention (T == S); decode with 'xla'")
+    if sliding_window is not None:
+        raise ValueError("attention impl 'splash' is wired without a sliding window; use 'xla' for Mistral's")
+    groups = H // k_BSKD.shape[2]
+    pad = -T % 128
+    Tp = T + pad
+
+    def heads_first(x):  # [B, T, N, D] -> [B, N, Tp, D], padded to the kernel's blocks
+        return jnp.pad(jnp.moveaxis(x, 2, 1), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    q = heads_first(q_BTHD * (D ** -0.5))  # splash does not scale the logits
+    k, v = heads_first(jnp.repeat(k_BSKD, groups, axis=2)), heads_first(jnp.repeat(v_BSKD, groups, axis=2))
+    seg = jnp.pad(seg_q_BT, ((0, 0), (0, pad)), constant_values=-1)
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((Tp, Tp))] * H), head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    out_BHTD = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(
+        q, k, v, seg)
+    return jnp.moveaxis(out_BHTD, 1, 2)[:, :T]
+
+
 def _not_yet(name: str, backend: str) -> Callable:
     def impl(*args, **kwargs):
         raise NotImplementedError(
@@ -191,7 +220,7 @@ ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "xla_blocksparse": (None, _chunked_rowwise_impl),
     "cudnn": (("gpu", "cuda"), _cudnn_impl),
     "pallas": (("gpu", "cuda"), _pallas_impl),
-    "splash": (("tpu",), _not_yet("splash", "TPU splash attention")),
+    "splash": (("tpu",), _splash_impl),
 }
 
 

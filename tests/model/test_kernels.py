@@ -99,9 +99,10 @@ def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
         assert np.isfinite(np.asarray(g)).all()
 
 
-def test_pallas_kernel_matches_reference_in_interpret_mode():
-    """The Pallas GPU kernel's wiring (segment ids, GQA, padding to its blocks) checked on CPU through
-    Pallas' interpreter; on a GPU, tools/gpu_checks.sh runs it compiled."""
+@pytest.mark.parametrize("impl", ["_pallas_impl", "_splash_impl"])
+def test_pallas_kernels_match_reference_in_interpret_mode(impl):
+    """The Pallas GPU and TPU splash kernels' wiring (segment ids, GQA, padding to their blocks, scale)
+    checked on CPU through Pallas' interpreter; on a GPU, tools/gpu_checks.sh runs Pallas compiled."""
     import jaxsft.model.attention as attn
 
     q, k, v, seg, pos = _packed_case(jnp.float32)
@@ -115,7 +116,7 @@ def test_pallas_kernel_matches_reference_in_interpret_mode():
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
     (_, ref), ref_grads = run(attn._xla_impl)
-    (_, out), grads = run(lambda *a: attn._pallas_impl(*a, interpret=True))
+    (_, out), grads = run(lambda *a: getattr(attn, impl)(*a, interpret=True))
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     for g, g_ref in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g)[valid], np.asarray(g_ref)[valid], atol=1e-4)
