@@ -68,7 +68,7 @@ def run_evaluation(cfg) -> dict[str, float]:
     if not data.eval:
         raise ValueError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
     model = load_model(cfg, mesh)
-    check_token_ids(data, model.config.vocab_size, cfg.model_name_or_path)
+    check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
     metrics = evaluate(step, model.trainable, model.frozen,
                        data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)), mesh)

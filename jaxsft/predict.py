@@ -24,7 +24,7 @@ from jaxsft.config import Config, ConfigError
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
 from jaxsft.run_logging import save_metrics
-from jaxsft.runtime import DTYPES, Model, is_main_process, load_model, resolve_attention_impl
+from jaxsft.runtime import DTYPES, Model, check_token_ids, is_main_process, load_model, resolve_attention_impl
 
 logger = logging.getLogger("jaxsft")
 
@@ -153,6 +153,7 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
         raise ValueError("do_predict: no prediction examples left. First reasons: "
                          + "; ".join(counts.reasons or ["(no rows)"]))
     model = load_for_generation(cfg, mesh, _trained_checkpoint(cfg))
+    check_token_ids({"predict": prompts}, model.config.vocab_size, cfg.model_name_or_path)
     # Every process generates every prompt (replicated inputs); only process 0 writes.
     batch_size = cfg.per_device_eval_batch_size * data_parallel_size(mesh)
     start = time.perf_counter()

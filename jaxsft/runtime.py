@@ -159,9 +159,10 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
     return model
 
 
-def check_token_ids(data, vocab_size: int, model_path: str) -> None:
-    """Token ids past the embedding table would be clamped silently by the gather: refuse them."""
-    for name, examples in (("train", data.train), ("eval", data.eval)):
+def check_token_ids(splits: dict, vocab_size: int, model_path: str) -> None:
+    """Token ids past the embedding table would be clamped silently by the gather: refuse them.
+    `splits` maps a name ("train", "eval", "predict") to a list of (ids, labels) examples or None."""
+    for name, examples in splits.items():
         top = max((int(ids.max()) for ids, _ in examples or [] if len(ids)), default=-1)
         if top >= vocab_size:
             raise ConfigError(f"{name} data holds token id {top} but the model at {model_path} has only "

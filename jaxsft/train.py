@@ -155,7 +155,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     accumulation = cfg.gradient_accumulation_steps
 
     model = load_model(cfg, mesh)
-    check_token_ids(data, model.config.vocab_size, cfg.model_name_or_path)
+    check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     state, train_step = build_train_step(cfg, model, mesh, total_steps)
     frozen = model.frozen
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)

@@ -132,16 +132,13 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_token_ids_past_the_embedding_table_are_refused():
-    from types import SimpleNamespace
-
     from jaxsft.config import ConfigError
     from jaxsft.runtime import check_token_ids
 
-    ok = SimpleNamespace(train=[(np.array([0, 5, 1023]), None)], eval=None)
-    check_token_ids(ok, 1024, "m")
-    bad = SimpleNamespace(train=ok.train, eval=[(np.array([3, 1024]), None)])
+    train = [(np.array([0, 5, 1023]), None)]
+    check_token_ids({"train": train, "eval": None}, 1024, "m")
     with pytest.raises(ConfigError, match="eval data holds token id 1024 but the model at m has only 1024 embeddings"):
-        check_token_ids(bad, 1024, "m")
+        check_token_ids({"train": train, "eval": [(np.array([3, 1024]), None)]}, 1024, "m")
 
 
 def test_lora_run_exports_trained_merged_model(tmp_path):

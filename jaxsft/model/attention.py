@@ -151,26 +151,33 @@ def _cudnn_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS
         sliding_window_length=sliding_window)
 
 
+def _kernel_inputs(impl: str, q_BTHD, k_BSKD, v_BSKD, seg_BT, sliding_window, block: int = 128):
+    """What the Pallas kernels (GPU flash, TPU splash) take: training-shaped attention, as many KV heads
+    as query heads, lengths padded to their blocks with a segment id no real token has."""
+    T = q_BTHD.shape[1]
+    if k_BSKD.shape[1] != T:
+        raise ValueError(f"attention impl '{impl}' runs training-shaped attention (T == S); decode with 'xla'")
+    if sliding_window is not None:
+        raise ValueError(f"attention impl '{impl}' has no sliding window; use 'xla' for Mistral's window")
+    groups = q_BTHD.shape[2] // k_BSKD.shape[2]
+    pad = -T % block
+
+    def padded(x):
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+    return (padded(q_BTHD), padded(jnp.repeat(k_BSKD, groups, axis=2)), padded(jnp.repeat(v_BSKD, groups, axis=2)),
+            jnp.pad(seg_BT, ((0, 0), (0, pad)), constant_values=-1))
+
+
 def _pallas_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
                  interpret: bool = False):
     """Pallas (Triton) flash attention on GPU, which takes segment ids directly; causal by index, which
     equals causal by position inside packed segments. Training-shaped only; `interpret` runs it on CPU."""
     from jax.experimental.pallas.ops.gpu.attention import mha
 
-    B, T, H, D = q_BTHD.shape
-    if k_BSKD.shape[1] != T:
-        raise ValueError("attention impl 'pallas' runs training-shaped attention (T == S); decode with 'xla'")
-    if sliding_window is not None:
-        raise ValueError("attention impl 'pallas' has no sliding window; use 'xla' for Mistral's window")
-    groups = H // k_BSKD.shape[2]
-    k_BSHD = jnp.repeat(k_BSKD, groups, axis=2)  # the kernel wants as many KV heads as query heads
-    v_BSHD = jnp.repeat(v_BSKD, groups, axis=2)
-    pad = -T % 128  # the kernel's blocks; padded tokens get a segment id no real token has
-    if pad:
-        q_BTHD, k_BSHD, v_BSHD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTHD, k_BSHD, v_BSHD))
-        seg_q_BT = jnp.pad(seg_q_BT, ((0, 0), (0, pad)), constant_values=-1)
-    out = mha(q_BTHD, k_BSHD, v_BSHD, seg_q_BT, sm_scale=D ** -0.5, causal=True, interpret=interpret)
-    return out[:, :T]
+    T, D = q_BTHD.shape[1], q_BTHD.shape[3]
+    q, k, v, seg = _kernel_inputs("pallas", q_BTHD, k_BSKD, v_BSKD, seg_q_BT, sliding_window)
+    return mha(q, k, v, seg, sm_scale=D ** -0.5, causal=True, interpret=interpret)[:, :T]
 
 
 def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
@@ -180,21 +187,11 @@ def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_B
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    B, T, H, D = q_BTHD.shape
-    if k_BSKD.shape[1] != T:
-        raise ValueError("attention impl 'splash' runs training-shaped attention (T == S); decode with 'xla'")
-    if sliding_window is not None:
-        raise ValueError("attention impl 'splash' is wired without a sliding window; use 'xla' for Mistral's")
-    groups = H // k_BSKD.shape[2]
-    pad = -T % 128
-    Tp = T + pad
-
-    def heads_first(x):  # [B, T, N, D] -> [B, N, Tp, D], padded to the kernel's blocks
-        return jnp.pad(jnp.moveaxis(x, 2, 1), ((0, 0), (0, 0), (0, pad), (0, 0)))
-
-    q = heads_first(q_BTHD * (D ** -0.5))  # splash does not scale the logits
-    k, v = heads_first(jnp.repeat(k_BSKD, groups, axis=2)), heads_first(jnp.repeat(v_BSKD, groups, axis=2))
-    seg = jnp.pad(seg_q_BT, ((0, 0), (0, pad)), constant_values=-1)
+    T, H, D = q_BTHD.shape[1:]
+    q, k, v, seg = _kernel_inputs("splash", q_BTHD * D ** -0.5,  # splash does not scale the logits
+                                  k_BSKD, v_BSKD, seg_q_BT, sliding_window)
+    q, k, v = (jnp.moveaxis(x, 2, 1) for x in (q, k, v))  # splash wants [heads, length, head_dim] per row
+    Tp = q.shape[2]
     kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((Tp, Tp))] * H), head_shards=1,
                                     q_seq_shards=1, interpret=interpret)
     out_BHTD = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(
