@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxsft.model.blocksparse import blocksparse_attention
+
 # Finite, so a row that happens to be fully masked gives a finite average instead of NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -112,15 +114,6 @@ def _chunked_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_
     return out.astype(q_BTHD.dtype)
 
 
-def _chunked_rowwise_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
-                          block: int = 128):
-    """`_chunked_impl` one row at a time, so empty (query block, key block) pairs of each packed row
-    are skipped: the cost follows the examples' own lengths, not the row's."""
-    def one_row(args):
-        return _chunked_impl(*(a[None] for a in args), sliding_window, block=block)[0]
-    return jax.lax.map(one_row, (q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS))
-
-
 def packed_lengths_offsets(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
     """cuDNN's packed layout from segment ids (1, 2, ... contiguous, 0 = trailing padding):
     per-segment lengths [B, M] and start offsets [B, M + 1], unused entries -1."""
@@ -214,7 +207,7 @@ def _not_yet(name: str, backend: str) -> Callable:
 ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "xla": (None, _xla_impl),
     "xla_chunked": (None, _chunked_impl),
-    "xla_blocksparse": (None, _chunked_rowwise_impl),
+    "xla_blocksparse": (None, blocksparse_attention),
     "cudnn": (("gpu", "cuda"), _cudnn_impl),
     "pallas": (("gpu", "cuda"), _pallas_impl),
     "splash": (("tpu",), _splash_impl),

@@ -73,9 +73,7 @@ def test_gpu_kernel_matches_xla_forward_and_grad(impl):
                                    atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("impl, window, block", [("_chunked_impl", None, 64), ("_chunked_impl", 50, 100),
-                                                  ("_chunked_rowwise_impl", None, 64),
-                                                  ("_chunked_rowwise_impl", 50, 100)])
+@pytest.mark.parametrize("impl, window, block", [("_chunked_impl", None, 64), ("_chunked_impl", 50, 100)])
 def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
     """The memory-efficient path equals the reference, with packing, padding rows and blocks that do not
     divide the length."""
