@@ -97,13 +97,13 @@ def _mask(seg_q_BQ, pos_q_BQ, seg_kv_BC, pos_kv_BC, sliding_window):
     return mask_BQC
 
 
-def _prepare(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block):
+def _prepare(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
     """Blocks in head-major layout, so every product of the loop is a plain batched matmul over
     (row, kv head): queries [B, N, K, G*Q, D] (the G query heads of a kv head stacked along the
     block's rows), keys and values [B, M, K, C, D]."""
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
-    bq, bk = min(block, T), min(block, k_BSKD.shape[1])
+    bq, bk = min(block_q, T), min(block_kv, k_BSKD.shape[1])
     q_b = _query_layout(q_BTHD.reshape(B, T, K, H // K, D), bq)
     k_b, v_b = (jnp.swapaxes(_blocks(x, bk), 2, 3) for x in (k_BSKD, v_BSKD))
     seg_q, pos_q = _blocks(seg_q_BT, bq), _blocks(pos_q_BT, bq)
@@ -136,12 +136,12 @@ def _slot_inputs(s, pairs_BP, M, G, q_b, k_b, v_b, ids, sliding_window):
     return i_B, j_B, _take(q_b, i_B), _take(k_b, j_B), _take(v_b, j_B), mask
 
 
-def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block):
+def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     G = H // K
     q_b, k_b, v_b, ids, pairs_BP, slots = _prepare(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT,
-                                                   pos_kv_BS, sliding_window, block)
+                                                   pos_kv_BS, sliding_window, block_q, block_kv)
     _, N, _, R, _ = q_b.shape
     M = k_b.shape[1]
     scale = D ** -0.5
@@ -170,26 +170,26 @@ def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, s
     return _token_layout(out_BNKRD, T, G).astype(q_BTHD.dtype), lse_BNKR
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def blocksparse_attention(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
-                          sliding_window: int | None = None, block: int = 128):
+                          sliding_window: int | None = None, block_q: int = 128, block_kv: int = 128):
     """Causal, segment-aware attention [B, T, H, D] (same contract as the reference `xla` impl)."""
-    return _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block)[0]
+    return _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv)[0]
 
 
-def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block):
+def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
     out_BTHD, lse = _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
-                             sliding_window, block)
+                             sliding_window, block_q, block_kv)
     return out_BTHD, (q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, out_BTHD, lse)
 
 
-def _bwd(sliding_window, block, residuals, dout_BTHD):
+def _bwd(sliding_window, block_q, block_kv, residuals, dout_BTHD):
     q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, out_BTHD, lse_BNKR = residuals
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     q_b, k_b, v_b, ids, pairs_BP, slots = _prepare(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT,
-                                                   pos_kv_BS, sliding_window, block)
+                                                   pos_kv_BS, sliding_window, block_q, block_kv)
     M, C = k_b.shape[1], k_b.shape[3]
     Q = q_b.shape[3] // G
     scale = D ** -0.5

@@ -48,7 +48,7 @@ def test_matches_reference_forward_and_grad(block, window, heads):
     seg, pos = packed_rows([(100, 60, 80), (300,), (7, 5, 150, 2, 90), (20,)], T, rng)
     q, k, v = qkv(4, T, H, K, 32, jnp.float32, rng)
     (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, window)
-    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, block), q, k, v, seg, pos, window)
+    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, block, block), q, k, v, seg, pos, window)
     valid = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     assert (np.asarray(out)[~valid] == 0).all()  # padding attends to nothing here
@@ -62,7 +62,7 @@ def test_bfloat16_inputs():
     seg, pos = packed_rows([(90, 120, 40), (256,)], 256, rng)
     q, k, v = qkv(2, 256, 4, 2, 64, jnp.bfloat16, rng)
     (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, None)
-    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, 64), q, k, v, seg, pos, None)
+    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, 64, 64), q, k, v, seg, pos, None)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     valid = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out, np.float32)[valid], np.asarray(ref, np.float32)[valid], atol=2e-2)
@@ -81,7 +81,7 @@ def test_decode_shaped_queries_against_a_cache():
     seg_q = jnp.ones((B, T), jnp.int32)
     pos_q = jnp.broadcast_to(jnp.arange(27, 30, dtype=jnp.int32), (B, T))
     ref = attn._xla_impl(q, k, v, seg_q, seg_kv, pos_q, pos_kv, None)
-    out = blocksparse_attention(q, k, v, seg_q, seg_kv, pos_q, pos_kv, None, 16)
+    out = blocksparse_attention(q, k, v, seg_q, seg_kv, pos_q, pos_kv, None, 16, 16)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
 
 
