@@ -30,7 +30,7 @@ def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 ATTENTION_IMPLS = ("auto", "xla", "xla_chunked", "xla_blocksparse", "cudnn", "pallas", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+REMAT_POLICIES = ("none", "full", "full_keep_attention", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -147,8 +147,9 @@ class Config:
     mesh: dict = _field({"data": 1, "fsdp": -1, "tensor": 1},
                         "Device mesh axis sizes; -1 takes the remaining devices.")
     attention_impl: str = _field("auto", "Attention kernel.", ATTENTION_IMPLS)
-    remat_policy: Optional[str] = _field(None, "Rematerialization (default: full, or none when "
-                                               "gradient_checkpointing is false).", REMAT_POLICIES)
+    remat_policy: Optional[str] = _field(None, "Rematerialization (default: full_keep_attention = full, but an "
+                                               "attention kernel's named outputs are kept so its forward is not "
+                                               "rerun; none when gradient_checkpointing is false).", REMAT_POLICIES)
     param_dtype: Optional[str] = _field(None, "dtype of stored params (default float32; bfloat16 with pure_bf16).",
                                         DTYPES)
     compute_dtype: Optional[str] = _field(None, "dtype of activations (default bfloat16 when bf16).", DTYPES)
@@ -168,7 +169,7 @@ class Config:
         elif self.packing is None:
             changes["packing"] = False
         if self.remat_policy is None:
-            changes["remat_policy"] = "none" if self.gradient_checkpointing is False else "full"
+            changes["remat_policy"] = "none" if self.gradient_checkpointing is False else "full_keep_attention"
         if self.param_dtype is None:
             changes["param_dtype"] = "bfloat16" if self.pure_bf16 else "float32"
         if self.compute_dtype is None:

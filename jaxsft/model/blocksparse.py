@@ -18,6 +18,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NONE = jnp.iinfo(jnp.int32).max
@@ -180,6 +181,8 @@ def blocksparse_attention(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT,
 def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
     out_BTHD, lse = _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
                              sliding_window, block_q, block_kv)
+    out_BTHD = checkpoint_name(out_BTHD, "attention_out")
+    lse = checkpoint_name(lse, "attention_lse")
     return out_BTHD, (q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, out_BTHD, lse)
 
 

@@ -17,6 +17,10 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # `full`, except that attention kernels which name their outputs (the CPU block-sparse one: its
+    # output and log-sum-exp) keep them: the backward then reruns no attention forward, for one more
+    # [T, H*D] tensor per layer. The default.
+    "full_keep_attention": jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Keep weight-matmul outputs, but in pinned host memory instead of device memory (GPU/TPU).
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),

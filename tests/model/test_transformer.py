@@ -4,6 +4,7 @@ import dataclasses
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,18 +69,48 @@ def test_init_params_matches_contract(params):
     assert "lm_head" not in qwen3
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots"])
-def test_remat_policies_give_same_grads(params, policy):
+@pytest.mark.parametrize("policy, attention_impl", [("full", "xla"), ("dots_saveable", "xla"),
+                                                    ("dots_with_no_batch_dims_saveable", "xla"), ("offload_dots", "xla"),
+                                                    ("full", "xla_blocksparse"),
+                                                    ("full_keep_attention", "xla_blocksparse")])
+def test_remat_policies_give_same_grads(params, policy, attention_impl):
     ids_BT, pos_BT, seg_BT = _batch()
 
     def loss(p, remat_policy):
-        logits_BTV = transformer.forward(p, CFG, ids_BT, pos_BT, seg_BT, remat_policy=remat_policy)
+        logits_BTV = transformer.forward(p, CFG, ids_BT, pos_BT, seg_BT, remat_policy=remat_policy,
+                                         attention_impl=attention_impl)
         return jax.nn.log_softmax(logits_BTV).mean()
 
     ref = jax.jit(jax.grad(lambda p: loss(p, "none")))(params)
     got = jax.jit(jax.grad(lambda p: loss(p, policy)))(params)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _count_while_loops(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "while"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _count_while_loops(sub)
+    return count
+
+
+def test_full_keep_attention_runs_no_attention_forward_twice(params):
+    """Under `full`, the backward reruns each layer's block-sparse attention loop; under
+    `full_keep_attention` (the default) it keeps the attention output and log-sum-exp instead."""
+    ids_BT, pos_BT, seg_BT = _batch()
+
+    def grad_jaxpr(remat_policy):
+        def loss(p):
+            logits_BTV = transformer.forward(p, CFG, ids_BT, pos_BT, seg_BT, remat_policy=remat_policy,
+                                             attention_impl="xla_blocksparse")
+            return logits_BTV.mean()
+        return jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+
+    loops = {policy: _count_while_loops(grad_jaxpr(policy)) for policy in ("none", "full", "full_keep_attention")}
+    # Each loop appears once in the scanned layer body: forward and backward, plus the rerun forward.
+    assert loops["none"] == loops["full_keep_attention"] == loops["full"] - 1
 
 
 def test_unknown_remat_policy_lists_names(params):
