@@ -100,3 +100,58 @@ def test_lora_update_gradients_equal_autodiff():
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lora_update(x, a, b), (x @ a) @ b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_trained", [False, True])
+def test_merged_lora_matmul_equals_the_unmerged_layer(kernel_trained):
+    """fp32 LoRA runs `x @ (W + s A B)` in one matmul; values and gradients equal PEFT's unmerged
+    `x @ W + s (x @ A) @ B`, and the frozen kernel gets a gradient only when differentiated."""
+    from jaxsft.model.layers import dense
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    p = {name: jnp.asarray(rng.normal(size=shape), jnp.float32)
+         for name, shape in (("kernel", (8, 6)), ("lora_a", (8, 3)), ("lora_b", (3, 6)), ("bias", (6,)))}
+    w = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    scale = 0.5
+
+    def unmerged(x, p):
+        return (((x @ p["kernel"] + p["bias"]) + scale * (x @ p["lora_a"]) @ p["lora_b"]) * w).sum()
+
+    def merged(x, p):
+        return (dense(x, p, lora_scale=scale) * w).sum()
+
+    np.testing.assert_allclose(merged(x, p), unmerged(x, p), rtol=1e-5)
+    trained = ("kernel", "lora_a", "lora_b", "bias") if kernel_trained else ("lora_a", "lora_b")
+
+    def grads(fn):
+        def loss(x, trainable):
+            return fn(x, {**p, **trainable})
+        return jax.grad(loss, argnums=(0, 1))(x, {k: p[k] for k in trained})
+
+    (gx_ref, gp_ref), (gx, gp) = grads(unmerged), grads(merged)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert set(gp) == set(trained)
+    for k in trained:
+        np.testing.assert_allclose(gp[k], gp_ref[k], rtol=1e-5, atol=1e-5)
+    # A frozen kernel gets no [in, out] gradient product at all (the backward skips it).
+    from jaxsft.model.layers import _merged_bwd
+    g = jnp.ones((2, 5, 6), jnp.float32)
+    frozen = _merged_bwd(scale, (x, p["kernel"], p["lora_a"], p["lora_b"], ()), g)
+    trained_kernel = _merged_bwd(scale, (x, p["kernel"], p["lora_a"], p["lora_b"], (None,)), g)
+    assert frozen[1] is None and trained_kernel[1].shape == (8, 6)
+
+
+def test_bf16_lora_keeps_the_unmerged_path():
+    from jaxsft.model.layers import dense
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 8)), jnp.bfloat16)
+    p = {name: jnp.asarray(rng.normal(size=shape), jnp.float32)
+         for name, shape in (("kernel", (8, 6)), ("lora_a", (8, 3)), ("lora_b", (3, 6)))}
+    jaxpr = str(jax.make_jaxpr(lambda x: dense(x, p, lora_scale=2.0))(x))
+    assert "merged_lora_matmul" not in jaxpr
+    expected = x @ p["kernel"].astype(jnp.bfloat16) + 2.0 * ((x @ p["lora_a"].astype(jnp.bfloat16))
+                                                             @ p["lora_b"].astype(jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(dense(x, p, lora_scale=2.0), np.float32), np.asarray(expected, np.float32),
+                               rtol=2e-2, atol=2e-2)
