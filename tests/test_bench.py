@@ -46,3 +46,16 @@ def test_bench_synthetic_random_init_on_8_devices_with_peak_flops_reports_mfu():
     assert r["fill"] == 1.0 and r["tokens_per_step"] == r["global_batch_rows"] * 128  # rows packed end to end
     assert isinstance(r["mfu"], float) and 0 < r["mfu"] < 1
     assert r["model"]["trainable_params"] == r["model"]["params"]
+
+
+def test_bench_ab_interleaves_variants_and_prints_one_line_each():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    proc = subprocess.run([sys.executable, "tools/bench_ab.py", "--config", "configs/quickstart_full.yaml",
+                           "--steps", "2", "--rounds", "2", "base", "finetuning_type=lora,remat_policy=none"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["base", "finetuning_type=lora,remat_policy=none"]
+    assert all(r["steps"] == 4 and 0 < r["step_time_min_s"] <= r["step_time_median_s"] for r in rows)
+    assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
