@@ -30,7 +30,8 @@ def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 ATTENTION_IMPLS = ("auto", "xla", "xla_chunked", "xla_blocksparse", "cudnn", "pallas", "splash")
-REMAT_POLICIES = ("none", "full", "full_keep_attention", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+REMAT_POLICIES = ("none", "full", "full_keep_attention",
+                  "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 DTYPES = ("float32", "bfloat16")
 
 

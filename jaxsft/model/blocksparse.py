@@ -175,7 +175,8 @@ def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, s
 def blocksparse_attention(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
                           sliding_window: int | None = None, block_q: int = 128, block_kv: int = 128):
     """Causal, segment-aware attention [B, T, H, D] (same contract as the reference `xla` impl)."""
-    return _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv)[0]
+    return _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
+                    block_q, block_kv)[0]
 
 
 def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):

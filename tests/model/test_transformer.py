@@ -70,7 +70,8 @@ def test_init_params_matches_contract(params):
 
 
 @pytest.mark.parametrize("policy, attention_impl", [("full", "xla"), ("dots_saveable", "xla"),
-                                                    ("dots_with_no_batch_dims_saveable", "xla"), ("offload_dots", "xla"),
+                                                    ("dots_with_no_batch_dims_saveable", "xla"),
+                                                    ("offload_dots", "xla"),
                                                     ("full", "xla_blocksparse"),
                                                     ("full_keep_attention", "xla_blocksparse")])
 def test_remat_policies_give_same_grads(params, policy, attention_impl):
