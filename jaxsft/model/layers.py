@@ -44,7 +44,8 @@ def merged_lora_matmul(x_BTI: jax.Array, kernel_IO: jax.Array, a_IR: jax.Array, 
     """`x @ (W + scale * A @ B)`: one matmul instead of the base product, a rank-r product writing a
     second [tokens, out] array, and their sum (on CPU the rank-r one ran at ~1 GB/s). The backward
     keeps LoRA's factored gradients for A and B, and gives W a gradient only if W is differentiated.
-    Used in fp32, where merging rounds no differently from adding the two products; lower precisions
+    Used in fp32, where the merged sum differs from the unmerged one only by fp32 rounding; in bf16,
+    folding a small update into W's coarse mantissa would round differently, so lower precisions
     take the unmerged path, as PEFT computes it."""
     return x_BTI @ (kernel_IO + scale * (a_IR @ b_RO))
 
