@@ -57,8 +57,9 @@ def _kernel_works(impl: str) -> str | None:
 
 
 # From this many tokens per row on, CPU training skips the empty blocks of packed rows (measured on
-# the compare model, 4 x 1024 rows: 1.04 s/step against 2.04 s for the dense reference; BENCHMARKS.md).
-BLOCKSPARSE_FROM_TOKENS = 512
+# the compare model, 4 x 1024 rows: 1.04 s/step against 2.04 s for the dense reference; on the tiny
+# example 0.0126 s against 0.0166 s at 256 tokens, 0.88x at 128, even at 64; BENCHMARKS.md).
+BLOCKSPARSE_FROM_TOKENS = 128
 
 
 def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:

@@ -20,7 +20,8 @@ def test_auto_is_xla_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU choice")
     assert resolve_attention_impl("auto") == "xla"
-    assert resolve_attention_impl("auto", seq_len=256) == "xla"
+    assert resolve_attention_impl("auto", seq_len=64) == "xla"
+    assert resolve_attention_impl("auto", seq_len=128) == "xla_blocksparse"
     assert resolve_attention_impl("auto", seq_len=1024) == "xla_blocksparse"
     assert resolve_attention_impl("cudnn", decode=True) == "xla"
 
