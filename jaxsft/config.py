@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,13 @@ def _field(default: Any = None, help: str = "", choices: tuple = ()) -> Any:
         return dataclasses.field(default_factory=lambda: type(value)(value),
                                  metadata={"help": help, "choices": choices})
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def hub_offline(*variables: str) -> bool:
+    """Whether the Hugging Face hub is off limits: HF_HUB_OFFLINE (and any extra variable, e.g.
+    HF_DATASETS_OFFLINE) set to something other than 0/false/no, as huggingface_hub reads it."""
+    return any(os.environ.get(v, "0").strip().lower() not in ("0", "", "false", "no")
+               for v in ("HF_HUB_OFFLINE", *variables))
 
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")

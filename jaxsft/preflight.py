@@ -8,11 +8,10 @@ the output directory and, when asked, the mesh and batch against the devices. Ea
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-from jaxsft.config import Config
+from jaxsft.config import Config, hub_offline
 from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # orbax's committed step dirs (tmp ones carry a suffix)
@@ -33,10 +32,6 @@ def validate_run(cfg: Config, *, devices: bool = True) -> None:
         check_devices(cfg)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
 
@@ -45,7 +40,7 @@ def check_model_dir(name_or_path: str) -> Path | None:
     """The local model directory, checked; None for a hub id that will be downloaded."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        if _looks_like_hub_id(name_or_path) and not _offline():
+        if _looks_like_hub_id(name_or_path) and not hub_offline():
             return None
         hint = (" (HF_HUB_OFFLINE is set, so a hub id cannot be downloaded)" if _looks_like_hub_id(name_or_path)
                 else "")

@@ -162,3 +162,17 @@ def test_config_docs_are_current():
     result = subprocess.run([sys.executable, "tools/config_docs.py", "--check"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_hub_offline_reads_the_variables_as_huggingface_hub_does(monkeypatch):
+    from jaxsft.config import hub_offline
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not hub_offline() and not hub_offline("HF_DATASETS_OFFLINE")
+    for value, offline in (("1", True), ("true", True), ("YES", True), ("0", False), ("false", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub_offline() is offline, value
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert not hub_offline() and hub_offline("HF_DATASETS_OFFLINE")

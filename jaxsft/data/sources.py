@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft.config import hub_offline
 from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
 
 REGISTRY = "dataset_info.json"
@@ -253,7 +254,7 @@ def _hf_dataset(attr: DatasetAttr, streaming: bool):
             ds = ds[attr.split]
         return ds.to_iterable_dataset() if streaming else ds
     if attr.load_from == "hf_hub":
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        if hub_offline("HF_DATASETS_OFFLINE"):
             raise InputError(f"dataset {attr.name!r} is on the hub ({attr.path}) but the hub is offline "
                              "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it and name the local path.")
         return datasets.load_dataset(attr.path, name=attr.subset, data_dir=attr.folder, split=attr.split,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from jaxsft.config import hub_offline
 from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.transformer import init_params
@@ -42,7 +43,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+    if hub_offline():
         raise MissingPath(
             f"{name_or_path!s} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be "
             "downloaded; pass a local checkpoint directory or unset HF_HUB_OFFLINE"
