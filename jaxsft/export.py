@@ -152,7 +152,8 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
 
 def export_from_config(params: dict, cfg: Config, model_cfg: ModelConfig, lora_scale: float | None = None,
                        out_dir: str | Path | None = None) -> Path:
-    """Export per the run config: a PEFT adapter with `export_adapter: true` (LoRA runs), else a merged model."""
+    """Export per the run config: a PEFT adapter with `export_adapter: true` (LoRA runs), else a merged model
+    (adapters folded in with `lora_scale` by `export_hf`)."""
     out = out_dir or cfg.export_dir
     if out is None:
         raise ConfigError("export needs export_dir")
@@ -180,8 +181,6 @@ def run_export(cfg: Config) -> Path:
     scale = None
     if cfg.adapter_name_or_path:
         params, scale = lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
-    if not cfg.export_adapter and scale is not None:
-        params, scale = lora.merge_adapters(params, scale), None
     return export_from_config(params, cfg, model_cfg, scale)
 
 
@@ -198,8 +197,6 @@ def run_export_stage(cfg: Config) -> Path | None:
 
     params, run_cfg = read_trained_params(cfg.output_dir)
     scale = trained_lora_scale(run_cfg) if run_cfg.finetuning_type == "lora" else None
-    if not cfg.export_adapter and scale is not None:
-        params, scale = lora.merge_adapters(params, scale), None
     out = export_from_config(params, cfg, load_hf_config(cfg.model_name_or_path), scale)
     print(f"exported {'PEFT adapter' if cfg.export_adapter else 'merged model'} to {out}", flush=True)
     return out
