@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from lf_reference import lf_stop_ids
 
 from jaxsft.config import load_config
 from jaxsft.data.formats import Conversation, Message
@@ -24,10 +25,7 @@ MAX_NEW = 10
 def _hf_answer(model, tokenizer, template, history: list[Message]) -> str:
     conversation = Conversation("", "", history + [Message("assistant", "")])
     prompt, _ = encode_oneturn(conversation, tokenizer, template)
-    extra = getattr(tokenizer, "additional_special_tokens_ids", None)  # LF 0.9.5's eos_token_id for generate
-    if not isinstance(extra, list):
-        extra = tokenizer.convert_tokens_to_ids([str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])])
-    stop = [i for i in dict.fromkeys([tokenizer.eos_token_id] + extra) if 0 <= i < model.config.vocab_size]
+    stop = [i for i in lf_stop_ids(tokenizer) if 0 <= i < model.config.vocab_size]  # LF's eos_token_id
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
                              num_beams=1, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)

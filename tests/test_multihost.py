@@ -1,7 +1,6 @@
 """Two local processes (4 simulated CPU devices each, jax.distributed over gloo) train exactly like one
 process with 8 devices, and a checkpoint the two wrote resumes in one."""
 
-import json
 import os
 import re
 import signal
@@ -10,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from run_logs import train_losses
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["configs/quickstart_full.yaml", "max_steps=6", "save_steps=3", "logging_steps=1", "do_eval=false",
@@ -24,11 +25,6 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    lines = (out_dir / "trainer_log.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 def run(*extra, devices=8):
@@ -50,15 +46,15 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
     run(f"output_dir={one}")
 
-    reference = losses(one)
+    reference = train_losses(one)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
-    assert losses(two) == reference  # logged at 4 decimals: identical
+    assert train_losses(two) == reference  # logged at 4 decimals: identical
     assert reference[6] < reference[1]
     assert sorted(p.name for p in two.glob("checkpoint_*")) == ["checkpoint_3", "checkpoint_6"]
 
     result = run(f"output_dir={resumed}", f"resume_from_checkpoint={two / 'checkpoint_3'}")
     assert "at step 3" in result.stdout
-    after = losses(resumed)
+    after = train_losses(resumed)
     assert sorted(after) == [4, 5, 6]
     assert {s: after[s] for s in (4, 5, 6)} == {s: reference[s] for s in (4, 5, 6)}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from lf_reference import lf_stop_ids
 
 from jaxsft.config import build_config
 from jaxsft.data.prompts import build_prompts
@@ -25,19 +26,11 @@ PREDICT = {
 }
 
 
-def _lf_stop_ids(tokenizer) -> list[int]:
-    """LF 0.9.5 run_sft's gen_kwargs['eos_token_id'] (transformers > 4.58 branch)."""
-    extra = getattr(tokenizer, "additional_special_tokens_ids", None)
-    if not isinstance(extra, list):
-        extra = tokenizer.convert_tokens_to_ids([str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])])
-    return list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in extra if i != -1]))
-
-
 def _hf_greedy(model, cfg) -> tuple[list[str], list[str]]:
     """transformers greedy generate on each prompt as LF's predict would decode it: (predicts, labels)."""
     tokenizer = load_tokenizer(cfg)
     prompts, _, _ = build_prompts(cfg, tokenizer)
-    stop = [i for i in _lf_stop_ids(tokenizer) if i < model.config.vocab_size]
+    stop = [i for i in lf_stop_ids(tokenizer) if i < model.config.vocab_size]
     predicts = []
     for ids, _ in prompts:
         with torch.no_grad():
@@ -93,10 +86,11 @@ def test_predict_after_train_uses_the_trained_params(tmp_path, base_greedy):
     assert (out / "trainer_log.jsonl").read_text().strip()  # predict did not truncate training's log
 
     # transformers on the checkpoint's weights (restored and converted independently of predict.py)
+    import orbax.checkpoint as ocp
+
     from jaxsft.checkpoint import Checkpoints
     from jaxsft.model.hf import load_hf_config, params_to_hf_state_dict
     from jaxsft.params import unflatten
-    import orbax.checkpoint as ocp
     manager = Checkpoints(out, async_save=False).manager
     restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     trained = unflatten(restored["state"]["trainable"])  # full fine-tuning: everything is trainable

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_logs import log_lines, train_losses
 
 from jaxsft.checkpoint import Checkpoints, abstract_like
 from jaxsft.config import build_config
@@ -31,14 +32,6 @@ BASE = {
 
 def config(tmp_path, **overrides):
     return build_config({**BASE, "output_dir": str(tmp_path / "out"), **overrides})
-
-
-def log_lines(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines()]
-
-
-def train_losses(out_dir):
-    return {r["step"]: r["loss"] for r in log_lines(out_dir) if "loss" in r and "step" in r}
 
 
 def test_quickstart_learns_eval_accuracy_rises(tmp_path):

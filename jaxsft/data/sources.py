@@ -161,13 +161,13 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
         else:
             known = sorted(registry) if registry else []
             hint = difflib.get_close_matches(name, known, n=3)
-            raise InputError(
+            raise InputError((
                 f"Unknown dataset {name!r}: not an entry of {base / REGISTRY}"
                 + (" (no such file)" if registry is None else "")
                 + " and no file or folder at that path. "
                 + (f"Did you mean {', '.join(hint)}? " if hint else "")
                 + (f"Datasets present in {dataset_dir}: {', '.join(present_datasets(dataset_dir))}." if known else "")
-            )
+            ).rstrip())
     return attrs
 
 

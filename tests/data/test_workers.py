@@ -1,18 +1,12 @@
 """preprocessing_num_workers: spawned workers encode exactly what one process does, errors included."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from transformers import AutoTokenizer
 
 from jaxsft.data import pipeline
 from jaxsft.data.formats import InvalidExample
-
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "llamafactory"
-TOKENIZER = REPO / "tests" / "fixtures" / "data" / "tokenizer"
 
 
 def args(dataset_dir, workers, **extra):
@@ -21,23 +15,36 @@ def args(dataset_dir, workers, **extra):
                               "preprocessing_num_workers": workers, **extra})
 
 
-def test_workers_match_one_process(monkeypatch):
+@pytest.fixture
+def parent_encodes(monkeypatch):
+    """Counts the calls of the serial encoder in this (parent) process: workers run it in theirs."""
     monkeypatch.setattr(pipeline, "MIN_ROWS_PER_WORKER", 50)
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    serial = pipeline.build_datasets(args(DATA, 1), tokenizer)
-    parallel = pipeline.build_datasets(args(DATA, 2), tokenizer)
+    calls = []
+    serial = pipeline._encode_serial
+
+    def counted(*a, **k):
+        calls.append(1)
+        return serial(*a, **k)
+    monkeypatch.setattr(pipeline, "_encode_serial", counted)
+    return calls
+
+
+def test_workers_match_one_process(parent_encodes, data_dir, new_tokenizer):
+    serial = pipeline.build_datasets(args(data_dir, 1), new_tokenizer())
+    assert len(parent_encodes) == 1  # one process: the parent encoded the rows itself
+    parallel = pipeline.build_datasets(args(data_dir, 2), new_tokenizer())
+    assert len(parent_encodes) == 1  # two workers: the parent encoded nothing
     assert len(parallel.train) == len(serial.train) == 300
     for (ids_a, labels_a), (ids_b, labels_b) in zip(serial.train, parallel.train):
         assert ids_a.tolist() == ids_b.tolist() and labels_a.tolist() == labels_b.tolist()
     assert parallel.stats == serial.stats
 
 
-def test_worker_error_names_file_row_field(monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline, "MIN_ROWS_PER_WORKER", 50)
-    rows = json.loads((DATA / "alpaca_en_demo.json").read_text())[:200]
+def test_worker_error_names_file_row_field(parent_encodes, data_dir, new_tokenizer, tmp_path):
+    rows = json.loads((data_dir / "alpaca_en_demo.json").read_text())[:200]
     rows[150]["instruction"] = {"not": "text"}
     (tmp_path / "alpaca_en_demo.json").write_text(json.dumps(rows))
     (tmp_path / "dataset_info.json").write_text(json.dumps({"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}}))
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     with pytest.raises(InvalidExample, match=r"alpaca_en_demo.json, row 150, field 'instruction'"):
-        pipeline.build_datasets(args(tmp_path, 2), tokenizer)
+        pipeline.build_datasets(args(tmp_path, 2), new_tokenizer())
+    assert parent_encodes == []  # the error came from a worker

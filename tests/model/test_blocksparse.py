@@ -7,25 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_cases import packed_rows, qkv
+
 from jaxsft.model import attention as attn
 from jaxsft.model.blocksparse import _blocks, blocksparse_attention, live_pairs
-
-
-def packed_rows(lengths_per_row, T, rng, pad_position=0):
-    """Segment ids and per-segment positions of rows packed with examples of the given lengths;
-    the rest of each row is padding (segment 0)."""
-    seg = np.zeros((len(lengths_per_row), T), np.int32)
-    pos = np.full((len(lengths_per_row), T), pad_position, np.int32)
-    for b, lengths in enumerate(lengths_per_row):
-        at = 0
-        for s, n in enumerate(lengths, start=1):
-            seg[b, at:at + n], pos[b, at:at + n] = s, np.arange(n)
-            at += n
-    return jnp.asarray(seg), jnp.asarray(pos)
-
-
-def qkv(B, T, H, K, D, dtype, rng):
-    return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in ((B, T, H, D), (B, T, K, D), (B, T, K, D)))
 
 
 def value_and_grads(fn, q, k, v, seg, pos, window):
@@ -45,7 +30,7 @@ def test_matches_reference_forward_and_grad(block, window, heads):
     rng = np.random.default_rng(0)
     H, K = heads
     T = 300
-    seg, pos = packed_rows([(100, 60, 80), (300,), (7, 5, 150, 2, 90), (20,)], T, rng)
+    seg, pos = packed_rows([(100, 60, 80), (300,), (7, 5, 150, 2, 90), (20,)], T)
     q, k, v = qkv(4, T, H, K, 32, jnp.float32, rng)
     (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, window)
     (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, block, block), q, k, v, seg, pos, window)
@@ -59,7 +44,7 @@ def test_matches_reference_forward_and_grad(block, window, heads):
 
 def test_bfloat16_inputs():
     rng = np.random.default_rng(1)
-    seg, pos = packed_rows([(90, 120, 40), (256,)], 256, rng)
+    seg, pos = packed_rows([(90, 120, 40), (256,)], 256)
     q, k, v = qkv(2, 256, 4, 2, 64, jnp.bfloat16, rng)
     (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, None)
     (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, 64, 64), q, k, v, seg, pos, None)
@@ -90,7 +75,7 @@ def test_live_pairs_cover_every_visible_pair_and_skip_the_rest():
     rows nothing above the diagonal or between examples that cannot meet is."""
     rng = np.random.default_rng(3)
     T, block = 512, 64
-    seg, pos = packed_rows([(64, 64, 200, 100), (512,), (30, 400), (5,)], T, rng)
+    seg, pos = packed_rows([(64, 64, 200, 100), (512,), (30, 400), (5,)], T)
     blocks = [_blocks(x, block) for x in (seg, pos, seg, pos)]
     pairs, count = live_pairs(*blocks, sliding_window=None)
     n = T // block + 1
@@ -116,7 +101,7 @@ def test_live_pairs_cover_every_visible_pair_and_skip_the_rest():
 def test_is_the_cpu_default_for_long_rows_and_trains_through_the_model():
     """`attention(impl='xla_blocksparse')` under jit and grad, as the model calls it."""
     rng = np.random.default_rng(4)
-    seg, pos = packed_rows([(300, 200, 12)], 512, rng)
+    seg, pos = packed_rows([(300, 200, 12)], 512)
     q, k, v = qkv(1, 512, 4, 2, 32, jnp.float32, rng)
 
     @partial(jax.jit, static_argnums=0)

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_cases import packed_rows, qkv
+
 from jaxsft.model.attention import attention, packed_lengths_offsets
 from jaxsft.runtime import resolve_attention_impl
 
@@ -36,19 +38,10 @@ def test_cudnn_refused_off_gpu():
 
 
 def _packed_case(dtype):
-    rng = np.random.default_rng(0)
-    B, T, H, K, D = 2, 256, 8, 2, 64
-    q = jnp.asarray(rng.normal(size=(B, T, H, D)), dtype)
-    k = jnp.asarray(rng.normal(size=(B, T, K, D)), dtype)
-    v = jnp.asarray(rng.normal(size=(B, T, K, D)), dtype)
-    seg = np.zeros((B, T), np.int32)
-    pos = np.zeros((B, T), np.int32)
-    for b, lengths in enumerate([(100, 60, 80), (200, 40)]):
-        at = 0
-        for s, n in enumerate(lengths, start=1):
-            seg[b, at:at + n], pos[b, at:at + n] = s, np.arange(n)
-            at += n
-    return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
+    """Two rows of 256 tokens: three examples then padding, and two examples; 8 query / 2 KV heads."""
+    seg, pos = packed_rows([(100, 60, 80), (200, 40)], 256)
+    q, k, v = qkv(2, 256, 8, 2, 64, dtype, np.random.default_rng(0))
+    return q, k, v, seg, pos
 
 
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"),

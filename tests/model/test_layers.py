@@ -121,6 +121,7 @@ def test_merged_lora_matmul_equals_the_unmerged_layer(kernel_trained):
     def merged(x, p):
         return (dense(x, p, lora_scale=scale) * w).sum()
 
+    assert "merged_lora_matmul" in str(jax.make_jaxpr(merged)(x, p))  # fp32 takes the merged path
     np.testing.assert_allclose(merged(x, p), unmerged(x, p), rtol=1e-5)
     trained = ("kernel", "lora_a", "lora_b", "bias") if kernel_trained else ("lora_a", "lora_b")
 
