@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
+from jaxsft.errors import ConfigError, InputError
 from jaxsft.runtime import host_array
 from jaxsft.sharding import global_batch
 
@@ -43,7 +44,8 @@ def evaluate(eval_step: Callable, trainable, frozen, batches: Iterable[dict[str,
         loss_sum, tokens = loss_sum + ls, tokens + n
         accuracies.extend(acc)
     if tokens == 0:
-        raise ValueError("the evaluation data has no label tokens")
+        raise InputError("the evaluation data has no label tokens (every target is masked); check cutoff_len "
+                         "and train_on_prompt/mask_history, or the eval dataset's response column")
     return {f"{prefix}_loss": loss_sum / tokens, f"{prefix}_accuracy": float(np.mean(accuracies)),
             f"{prefix}_examples": len(accuracies), f"{prefix}_label_tokens": int(tokens)}
 
@@ -66,7 +68,7 @@ def run_evaluation(cfg) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
     if not data.eval:
-        raise ValueError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
+        raise ConfigError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
     model = load_model(cfg, mesh)
     check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)

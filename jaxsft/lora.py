@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxsft.config import ConfigError
+from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.hf import params_to_hf_state_dict
 from jaxsft.params import LAYERS, Flat, Partition
@@ -194,10 +195,10 @@ def _module_path(params: dict, hf_module: str) -> tuple[str, ...] | None:
 def read_adapter_config(path: Path) -> dict:
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter directory: no {ADAPTER_CONFIG}")
+        raise MissingPath(f"{path} is not a PEFT adapter directory: no {ADAPTER_CONFIG}")
     config = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_file}: peft_type {config['peft_type']!r} is not supported (only LORA)")
+        raise InputError(f"{config_file}: peft_type {config['peft_type']!r} is not supported (only LORA)")
     unsupported = {
         "use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
         "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
@@ -206,7 +207,7 @@ def read_adapter_config(path: Path) -> dict:
     }
     for key, allowed in unsupported.items():
         if config.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported by jaxsft "
+            raise InputError(f"{config_file}: {key}={config[key]!r} is not supported by jaxsft "
                              f"(supported: {allowed[0]!r}); merge this adapter with PEFT first")
     return config
 
@@ -224,14 +225,14 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
     place of the base ones. Returns (params, lora scale)."""
     path = Path(path).expanduser()
     if "," in str(path) and not path.exists():
-        raise ValueError(f"adapter_name_or_path {str(path)!r}: pass one adapter directory (several "
+        raise ConfigError(f"adapter_name_or_path {str(path)!r}: pass one adapter directory (several "
                          "comma-separated adapters are not supported)")
     config = read_adapter_config(path)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = " (adapter_model.bin holds pickled weights, which are not loaded: unpickling runs code)" \
             if (path / "adapter_model.bin").is_file() else ""
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}{pickled}")
+        raise MissingPath(f"no {ADAPTER_WEIGHTS} in {path}{pickled}")
     if has_adapters(params):
         raise ValueError("params already hold LoRA adapters; merge them (merge_adapters) before loading another")
     rank, scale = int(config["r"]), adapter_scale(config)
@@ -251,28 +252,28 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
             layer, module, which = int(match[1]), match[2], match[3]
             module_path = _module_path(out, f"model.layers.{layer}.{module}")
             if module_path is None or "kernel" not in _get(out, module_path) or layer >= L:
-                raise ValueError(f"{weights}: tensor {name!r} names no linear layer of this {model_cfg.family} "
+                raise InputError(f"{weights}: tensor {name!r} names no linear layer of this {model_cfg.family} "
                                  f"model ({L} layers); was the adapter trained on another model?")
             pieces.setdefault((module_path, which), {})[layer] = np.asarray(f.get_tensor(name))
 
     for (module_path, which), by_layer in pieces.items():
         missing = sorted(set(range(L)) - set(by_layer))
         if missing:
-            raise ValueError(f"{weights}: lora_{which} of {'.'.join(module_path[1:])} is missing for layer(s) "
+            raise InputError(f"{weights}: lora_{which} of {'.'.join(module_path[1:])} is missing for layer(s) "
                              f"{missing}; adapters on a subset of layers are not supported")
         module = _get(out, module_path)
         _, fan_in, fan_out = module["kernel"].shape
         want = (rank, fan_in) if which == "A" else (fan_out, rank)
         for layer, value in by_layer.items():
             if value.shape != want:
-                raise ValueError(f"{weights}: layer {layer} {'.'.join(module_path[1:])}.lora_{which} has shape "
+                raise InputError(f"{weights}: layer {layer} {'.'.join(module_path[1:])}.lora_{which} has shape "
                                  f"{value.shape}, expected {want} (r={rank} from {ADAPTER_CONFIG})")
         stacked = np.stack([by_layer[i].T for i in range(L)])
         module["lora_a" if which == "A" else "lora_b"] = jnp.asarray(stacked, dtype or module["kernel"].dtype)
     for module_path, which in pieces:
         other = "B" if which == "A" else "A"
         if (module_path, other) not in pieces:
-            raise ValueError(f"{weights}: {'.'.join(module_path[1:])} has lora_{which} but no lora_{other}")
+            raise InputError(f"{weights}: {'.'.join(module_path[1:])} has lora_{which} but no lora_{other}")
 
     if saved:
         _load_modules_to_save(out, saved, model_cfg, config, weights)

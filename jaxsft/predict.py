@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxsft.config import Config, ConfigError
+from jaxsft.errors import InputError
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
 from jaxsft.run_logging import save_metrics
@@ -150,7 +151,7 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg)
     prompts, counts, _ = build_prompts(cfg, tokenizer)
     if not prompts:
-        raise ValueError("do_predict: no prediction examples left. First reasons: "
+        raise InputError("do_predict: no prediction examples left. First reasons: "
                          + "; ".join(counts.reasons or ["(no rows)"]))
     model = load_for_generation(cfg, mesh, _trained_checkpoint(cfg))
     check_token_ids({"predict": prompts}, model.config.vocab_size, cfg.model_name_or_path)

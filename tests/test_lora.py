@@ -13,6 +13,7 @@ from tiny_models import build_tiny_model, save_tiny_model
 
 from jaxsft import lora
 from jaxsft.config import ConfigError, build_config
+from jaxsft.errors import InputError, MissingPath
 from jaxsft.model import hf, transformer
 from jaxsft.optim import build_optimizer
 from jaxsft.params import flatten, merge, split
@@ -119,13 +120,13 @@ def test_peft_adapter_loads_with_peft_logits(case, bases, tmp_path):
 
 def test_peft_adapter_errors(bases, tmp_path):
     path, cfg, params = bases["llama"]
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(MissingPath, match="no adapter_config.json"):
         lora.load_peft_adapter(tmp_path, params, cfg)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    with pytest.raises(InputError, match="use_dora=True is not supported"):
         lora.load_peft_adapter(tmp_path, params, cfg)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+    with pytest.raises(MissingPath, match="no adapter_model.safetensors"):
         lora.load_peft_adapter(tmp_path, params, cfg)
 
 

@@ -57,6 +57,13 @@ class Counts:
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
 
+    def add(self, other: "Counts") -> None:
+        """Fold in the counts of another part of the same split (a worker's chunk), in order."""
+        self.rows, self.examples = self.rows + other.rows, self.examples + other.examples
+        self.tokens, self.label_tokens = self.tokens + other.tokens, self.label_tokens + other.label_tokens
+        self.dropped += other.dropped
+        self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
+
 
 def learned(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
@@ -89,13 +96,7 @@ def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.Row
     examples, counts = [], Counts()
     for part_examples, part_counts in parts:
         examples.extend(part_examples)
-        counts.rows += part_counts.rows
-        counts.examples += part_counts.examples
-        counts.tokens += part_counts.tokens
-        counts.label_tokens += part_counts.label_tokens
-        for reason in part_counts.reasons:
-            counts.drop(reason)
-        counts.dropped += part_counts.dropped - len(part_counts.reasons)
+        counts.add(part_counts)
     return examples, counts
 
 

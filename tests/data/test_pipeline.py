@@ -140,3 +140,17 @@ def test_examples_with_nothing_to_learn_are_dropped_and_counted(tmp_path, new_to
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 1 and data.stats["train_dropped"] == 1
     assert "no label tokens left after truncation to cutoff_len=16" in data.stats["train_dropped_reasons"][0]
+
+
+def test_counts_add_sums_parts_and_keeps_the_first_reasons_in_order():
+    from jaxsft.data.pipeline import MAX_REASONS, Counts
+
+    first, second = Counts(rows=4, examples=3, tokens=30, label_tokens=12), Counts(rows=6, examples=2, tokens=9,
+                                                                                   label_tokens=4)
+    first.drop("a, row 1")
+    for k in range(MAX_REASONS + 2):
+        second.drop(f"b, row {k}")
+    first.add(second)
+    assert (first.rows, first.examples, first.tokens, first.label_tokens) == (10, 5, 39, 16)
+    assert first.dropped == 1 + MAX_REASONS + 2
+    assert first.reasons == ["a, row 1"] + [f"b, row {k}" for k in range(MAX_REASONS - 1)]
