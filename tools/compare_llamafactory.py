@@ -33,53 +33,27 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "llamafactory"
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|eom_id|>"]
 
 
 def build_tiny_model(out: Path, data_dir: Path, vocab_size: int = 4096, layers: int = 4, hidden: int = 256,
                      seed: int = 0) -> None:
-    """A byte-level BPE tokenizer trained on the demo data (llama3 special tokens) and a random Llama."""
-    import jax
-    import numpy as np
-    from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
-
-    from jaxsft.model.config import ModelConfig
-    from jaxsft.model.hf import params_to_hf_state_dict
-    from jaxsft.model.transformer import init_params
-
-    def texts():
-        for name in ("alpaca_en_demo.json", "identity.json"):
-            for row in json.loads((data_dir / name).read_text()):
-                yield from (v for v in row.values() if isinstance(v, str))
+    """A byte-level BPE tokenizer trained on the demo data (llama3 special tokens) and a random Llama
+    (tools/make_tiny_model.py's builders, at the issue's size)."""
+    from make_tiny_model import save_random_llama, string_fields, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                   model_max_length=1 << 20)
+    texts = [t for name in ("alpaca_en_demo.json", "identity.json")
+             for t in string_fields(json.loads((data_dir / name).read_text()))]
+    fast = train_tokenizer(texts, vocab_size)
     fast.save_pretrained(str(out))
     config_path = out / "tokenizer_config.json"  # LF's transformers wants the generic class name
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     heads = max(hidden // 64, 1)
-    LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), head_dim=hidden // heads,
-                max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
-                eos_token_id=fast.eos_token_id, rms_norm_eps=1e-5).save_pretrained(str(out))
-    model_cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
-    params = init_params(model_cfg, jax.random.key(seed), std=0.02)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
-               for k, v in params_to_hf_state_dict(params, model_cfg).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    print(f"built {out}: vocab {len(fast)}, {sum(v.size for v in tensors.values()):,d} params", file=sys.stderr)
+    n = save_random_llama(out, fast, layers=layers, hidden=hidden, intermediate=hidden * 4, heads=heads,
+                          kv_heads=max(heads // 2, 1), max_positions=8192, seed=seed)
+    print(f"built {out}: vocab {len(fast)}, {n:,d} params", file=sys.stderr)
 
 
 def common_keys(args) -> dict:

@@ -27,17 +27,36 @@ SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end
            "<|eom_id|>"]
 
 
-def train_tokenizer(data_file: Path, vocab_size: int) -> PreTrainedTokenizerFast:
-    rows = json.loads(data_file.read_text())
-    texts = [v for row in rows for v in row.values() if isinstance(v, str)]
+def train_tokenizer(texts, vocab_size: int, special_tokens: list[str] = SPECIAL) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with the llama3 special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                    eos_token="<|end_of_text|>", model_max_length=1 << 20)
+
+
+def string_fields(rows: list[dict]) -> list[str]:
+    return [v for row in rows for v in row.values() if isinstance(v, str)]
+
+
+def save_random_llama(out: Path, tokenizer: PreTrainedTokenizerFast, *, layers: int, hidden: int,
+                      intermediate: int, heads: int, kv_heads: int, max_positions: int, seed: int) -> int:
+    """config.json and model.safetensors of a Llama with random N(0, 0.02) weights; returns the params."""
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=hidden // heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rms_norm_eps=1e-5).save_pretrained(str(out))
+    model_cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
+    params = init_params(model_cfg, jax.random.key(seed), std=0.02)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
+               for k, v in params_to_hf_state_dict(params, model_cfg).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return sum(v.size for v in tensors.values())
 
 
 def main() -> None:
@@ -51,21 +70,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(Path(args.data), args.vocab_size)
+    tokenizer = train_tokenizer(string_fields(json.loads(Path(args.data).read_text())), args.vocab_size)
     tokenizer.save_pretrained(str(out))
-    vocab = len(tokenizer)
-    hf_config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-                            num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=args.hidden // 4, max_position_embeddings=4096, tie_word_embeddings=False,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            rms_norm_eps=1e-5)
-    hf_config.save_pretrained(str(out))
-    model_cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
-    params = init_params(model_cfg, jax.random.key(args.seed), std=0.02)
-    state = params_to_hf_state_dict(params, model_cfg)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    print(f"wrote {out}: vocab {vocab}, {sum(v.size for v in tensors.values()):,d} params")
+    n = save_random_llama(out, tokenizer, layers=args.layers, hidden=args.hidden, intermediate=args.hidden * 2,
+                          heads=4, kv_heads=2, max_positions=4096, seed=args.seed)
+    print(f"wrote {out}: vocab {len(tokenizer)}, {n:,d} params")
 
 
 if __name__ == "__main__":
