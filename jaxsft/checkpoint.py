@@ -130,7 +130,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 def _abstract(item_dir: Path):
     """Restore target from the saved metadata, on the host CPU (orbax restores flat dicts whose keys
-    hold '/' wrongly without a target)."""
+    hold '/' wrongly without a target); {} for an item the checkpoint does not hold (full fine-tuning
+    saves no `frozen`)."""
+    if not item_dir.is_dir():
+        return {}
     tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)

@@ -148,7 +148,7 @@ def test_sharded_and_bf16_export(tmp_path):
     assert 0 < err < 0.05 * np.abs(want).max()
 
 
-def test_convert_checkpoint(tmp_path):
+def test_convert_checkpoint(tmp_path, capsys):
     path, cfg, params = base_model("qwen2", tmp_path / "base")
     run = build_config({"model_name_or_path": str(path), "finetuning_type": "lora", "lora_rank": 4,
                         "lora_target": "q_proj,v_proj", "additional_target": "norm"})
@@ -170,6 +170,23 @@ def test_convert_checkpoint(tmp_path):
                                     "--export_dir", str(tmp_path / "a")]) == 0
     peft_model = PeftModel.from_pretrained(load_hf(path), tmp_path / "a").eval()
     assert np.abs(torch_logits(peft_model, ids) - want).max() < TOL
+
+    # Mistakes are one line on stderr and status 2: no checkpoint in the directory, --adapter on a full run.
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert convert_checkpoint.main(["--checkpoint", str(tmp_path / "empty"), "--export_dir", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == f"convert_checkpoint: no complete checkpoint found in {tmp_path / 'empty'}\n"
+    full = Checkpoints(tmp_path / "full", async_save=False)
+    full_run = build_config({"model_name_or_path": str(path), "finetuning_type": "full"})
+    full.save(1, init_state(flatten(params), build_optimizer(full_run, 10)[0], 0), {}, {}, full_run.to_dict())
+    full.close()
+    assert convert_checkpoint.main(["--checkpoint", str(tmp_path / "full"), "--adapter",
+                                    "--export_dir", str(tmp_path / "f")]) == 2
+    assert "--adapter needs a LoRA run; this checkpoint is finetuning_type: full" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+    # A full fine-tuning checkpoint (nothing frozen) exports as a model that transformers loads.
+    assert convert_checkpoint.main(["--checkpoint", str(tmp_path / "full"), "--export_dir", str(tmp_path / "fm")]) == 0
+    assert np.abs(torch_logits(load_hf(tmp_path / "fm"), ids) - jax_logits(params, cfg, ids)).max() < TOL
 
     # export_from_config refuses an adapter export without adapters
     with pytest.raises(ValueError, match="no LoRA adapters"):
