@@ -71,6 +71,11 @@ class Config:
     val_size: float = _field(0.0, "Held-out evaluation split: a fraction (< 1) or a count.")
     packing: Optional[bool] = _field(None, "Pack examples into rows of cutoff_len (always block-diagonal).")
     neat_packing: bool = _field(False, "Same as packing in jaxsft: packed examples never attend to each other.")
+    length_buckets: bool = _field(True, "Pad each batch (train and eval) only to the smallest of a few lengths "
+                                        "(64, 96, 128, 192, 256, ... cutoff_len) that holds its longest row; "
+                                        "false pads every row to cutoff_len (one compiled shape).")
+    group_by_length: bool = _field(False, "Unpacked: batch examples of similar length (each run of 50 batches "
+                                          "sorted by length, as Hugging Face's group_by_length); less padding.")
     tool_format: Optional[str] = _field(None, "Override the template's tool-call format.")
     default_system: Optional[str] = _field(None, "Override the template's default system prompt.")
     enable_thinking: Optional[bool] = _field(True, "qwen3-style templates: keep the thinking block.")
@@ -163,6 +168,9 @@ class Config:
                                         DTYPES)
     compute_dtype: Optional[str] = _field(None, "dtype of activations (default bfloat16 when bf16).", DTYPES)
     skip_nonfinite_steps: bool = _field(False, "Skip an update whose loss or gradient is NaN/inf instead of stopping.")
+    compilation_cache_dir: Optional[str] = _field("~/.cache/jaxsft/jax", "Persistent XLA compilation cache: a rerun "
+                                                  "or resume with the same shapes loads compiled steps instead of "
+                                                  "compiling again; null disables it.")
     coordinator_address: Optional[str] = _field(None, "Multi-host: host:port of process 0.")
     num_processes: Optional[int] = _field(None, "Multi-host: number of processes.")
     process_id: Optional[int] = _field(None, "Multi-host: this process's index.")

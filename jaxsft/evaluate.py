@@ -72,8 +72,10 @@ def run_evaluation(cfg) -> dict[str, float]:
     model = load_model(cfg, mesh)
     check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
+    from jaxsft.data.packing import length_buckets
+    buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
     metrics = evaluate(step, model.trainable, model.frozen,
-                       data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)), mesh)
+                       data.eval_batches(rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size), buckets), mesh)
     if is_main_process():
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_metrics(cfg.output_dir, "eval", metrics)

@@ -25,7 +25,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def init_distributed(cfg: Config) -> None:
-    """Start JAX's multi-controller runtime when the config or the environment asks for it."""
+    """Turn on the persistent compilation cache; start JAX's multi-controller runtime when the config or the
+    environment asks for it."""
+    use_compilation_cache(cfg.compilation_cache_dir)
     if jax.distributed.is_initialized():
         return
     if cfg.coordinator_address or cfg.num_processes:
@@ -34,6 +36,50 @@ def init_distributed(cfg: Config) -> None:
     elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")):
         if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
             jax.distributed.initialize()
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """Compiled executables are written to and read from `directory` (JAX's persistent cache: keyed by the
+    program, devices and flags, so a changed step recompiles). Only compilations of 0.2 s and more are stored.
+    The directory is fixed for the process once the first step is compiled."""
+    if not directory:
+        return
+    path = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if not _CACHE_EVENTS:
+        _CACHE_EVENTS.update(hits=0, misses=0)
+
+        def count(event: str, **_) -> None:
+            if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+                key = "hits" if event.endswith("hits") else "misses"
+                _CACHE_EVENTS[key] += 1
+
+        jax.monitoring.register_event_listener(count)
+
+
+_CACHE_EVENTS: dict[str, int] = {}  # programs loaded from / compiled and checked against the persistent cache
+
+
+def compilation_cache_summary() -> str | None:
+    """One line on what the persistent compilation cache did in this process so far."""
+    if not _CACHE_EVENTS or not jax.config.jax_compilation_cache_dir:
+        return None
+    return (f"compilation cache {jax.config.jax_compilation_cache_dir}: {_CACHE_EVENTS['hits']} compiled programs "
+            f"loaded, {_CACHE_EVENTS['misses']} compiled and stored")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), so time to first step counts imports too."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def load_tokenizer(cfg: Config):

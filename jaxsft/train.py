@@ -22,13 +22,14 @@ import optax
 
 from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint
 from jaxsft.config import Config, ConfigError
+from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import MissingPath, UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.run_logging import RunLogger
-from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
-                            load_tokenizer, rows_per_process)
+from jaxsft.runtime import (build_mesh, check_token_ids, compilation_cache_summary, init_distributed, is_main_process,
+                            load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.sharding import global_batch, replicated
 from jaxsft.step import init_state, make_eval_step, make_train_step
 
@@ -160,7 +161,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
     frozen = model.frozen
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
-    iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs)
+    buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
+    iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs, buckets=buckets,
+                                   group_by_length=cfg.group_by_length)
     checkpoints = Checkpoints(out, max_to_keep=cfg.save_total_limit)
     if resume is None and cfg.overwrite_output_dir:
         checkpoints.delete_all()  # old steps would collide with this run's saves
@@ -187,16 +190,30 @@ def run_training(cfg: Config) -> dict[str, Any]:
     window: list[dict] = []
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens, total_label_tokens, losses, examples_seen = 0, 0, [], 0
+    window_positions, total_positions = 0, 0  # row positions fed, padding included
+    compile_seconds: dict[tuple, float] = {}  # per batch shape: the time of its first step (trace + compile)
+    first_step_at = None
     loop_start = time.perf_counter()
     step = start_step
     with _StopRequest() as stop:
         while step < total_steps:
             micro = [next(iterator) for _ in range(accumulation)]
-            local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            width = max(m["input_ids"].shape[-1] for m in micro)  # micro-batches of one step share a length
+            local = {k: np.stack([fit_width(m, width, data.pad_id)[k] for m in micro]) for k in micro[0]}
             tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            positions = local["segment_ids"].size * jax.process_count()
             examples_seen += int(local["segment_ids"].max(axis=-1).sum()) * jax.process_count()  # packed: >1 a row
+            shape = local["input_ids"].shape
+            first_of_shape = shape not in compile_seconds
+            started = time.perf_counter()
             state, metrics = train_step(state, frozen, global_batch(local, mesh, leading_dims=1))
+            if first_of_shape:
+                compile_seconds[shape] = time.perf_counter() - started
+            if step == start_step:  # one wait, for the time from process start to the first step done
+                first_step_at = process_age() if jax.block_until_ready(metrics) is not None else None
             step += 1
+            window_positions += positions
+            total_positions += positions
             window.append(metrics)
             window_tokens += tokens
             total_tokens += tokens
@@ -215,16 +232,17 @@ def run_training(cfg: Config) -> dict[str, Any]:
                 if log_now:
                     elapsed = time.perf_counter() - window_start
                     summary = _summarize(fetched, window_tokens, elapsed, flops_per_token, peak)
+                    summary["padding_share"] = round(1 - window_tokens / max(window_positions, 1), 4)
                     total_label_tokens += int(sum(m["label_tokens"] for m in fetched))
                     losses.append(summary["loss"])
                     summary.update(step=step, epoch=round(step * accumulation / batches_per_epoch, 4),
                                    elapsed=round(time.perf_counter() - loop_start, 3), total_tokens=total_tokens)
                     run_log.log_train(step, summary)
-                    window, window_tokens, window_start = [], 0, time.perf_counter()
+                    window, window_tokens, window_positions, window_start = [], 0, 0, time.perf_counter()
             final_eval_follows = step == total_steps and cfg.do_eval  # do_eval evaluates at the end anyway
             if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping:
-                run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows),
-                                                mesh))
+                run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen,
+                                                data.eval_batches(eval_rows, buckets), mesh))
             if save_now and cfg.save_strategy != "no":
                 checkpoints.save(step, state, frozen, iterator.get_state(), config_record)
             if stopping:
@@ -244,11 +262,18 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "train_loss": round(float(np.mean(losses)), 4) if losses else float("nan"),
         "epoch": round(step * accumulation / batches_per_epoch, 4),
         "total_flos": float(flops_per_token * total_tokens),
+        "train_padding_share": round(1 - total_tokens / max(total_positions, 1), 4),
+        "train_compiled_shapes": len(compile_seconds),
+        "train_compile_seconds": round(sum(compile_seconds.values()), 2),
     }
+    if first_step_at is not None:
+        results["time_to_first_step"] = round(first_step_at, 2)
     run_log.save_metrics("train", results)
+    if is_main_process() and (cache_line := compilation_cache_summary()):
+        logger.info(cache_line)
     if cfg.do_eval and data.eval:
-        run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows),
-                                              mesh))
+        run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen,
+                                              data.eval_batches(eval_rows, buckets), mesh))
     run_log.close()
     return results
 

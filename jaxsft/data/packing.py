@@ -82,19 +82,65 @@ def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "targets", "segment_ids", "positions")}
 
 
+def length_buckets(seq_len: int, smallest: int = 64) -> list[int]:
+    """The row lengths a batch may be padded to: 64, 96, 128, 192, 256, 384, ... (two steps per doubling,
+    so a batch wastes at most a third of its positions on rounding up), ending at `seq_len`. Few and fixed,
+    so the train step compiles for at most ~2 log2(seq_len / 64) + 1 shapes."""
+    sizes, base = [], smallest
+    while base < seq_len:
+        sizes += [s for s in (base, base * 3 // 2) if s < seq_len]
+        base *= 2
+    return sizes + [seq_len]
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `length` tokens (the last bucket if none does)."""
+    i = int(np.searchsorted(np.asarray(buckets), length))
+    return int(buckets[min(i, len(buckets) - 1)])
+
+
+def batch_widths(row_lengths: Sequence[int], rows_per_batch: int, buckets: Sequence[int]) -> list[int]:
+    """The padded length of each global batch of `rows_per_batch` consecutive rows: the bucket of its longest
+    row. Every process computes it from the whole plan, so all of them pad a batch alike."""
+    lengths = np.asarray(row_lengths, np.int64)
+    n = len(lengths) // rows_per_batch * rows_per_batch
+    longest = lengths[:n].reshape(-1, rows_per_batch).max(axis=1) if n else np.zeros(0, np.int64)
+    tail = [int(lengths[n:].max())] if n < len(lengths) else []
+    return [bucket_for(int(m), buckets) for m in [*longest.tolist(), *tail]]
+
+
+def fit_width(batch: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch (rows on the last axis) cut or padded to `width` positions; cutting drops only padding."""
+    have = batch["input_ids"].shape[-1]
+    if have >= width:
+        if have > width and (batch["segment_ids"][..., width:] != 0).any():
+            raise ValueError(f"a row holds more than {width} tokens")
+        return {k: v[..., :width] for k, v in batch.items()}
+    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "segment_ids": 0, "positions": 0}
+    pad = [(0, 0)] * (batch["input_ids"].ndim - 1) + [(0, width - have)]
+    return {k: np.pad(v, pad, constant_values=fill[k]) for k, v in batch.items()}
+
+
 def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     return make_row([], [], seq_len, pad_id)
 
 
 def plan_epoch(
-    lengths: Sequence[int], seq_len: int, seed: int, epoch: int, packing: bool, shuffle: bool = True
+    lengths: Sequence[int], seq_len: int, seed: int, epoch: int, packing: bool, shuffle: bool = True,
+    group: int = 0,
 ) -> list[list[int]]:
     """The rows of one epoch, as lists of example indices: examples shuffled (seed, epoch), then packed
     (ties between equal lengths follow the shuffle) and the rows shuffled; or one example per row.
-    Without `shuffle`, examples and rows keep their order (every epoch the same)."""
+    Without `shuffle`, examples and rows keep their order (every epoch the same). `group` > 0 (unpacked,
+    `group_by_length`): each run of `group` shuffled examples is sorted longest first, as Hugging Face's
+    LengthGroupedSampler does with its megabatches, so a batch holds examples of similar length."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if not packing:
+        if group > 0:
+            lengths_ = np.asarray(lengths)
+            order = np.concatenate([chunk[np.argsort(-lengths_[chunk], kind="stable")]
+                                    for chunk in np.split(order, range(group, len(order), group))] or [order])
         return [[int(i)] for i in order]
     bins, _ = greedy_knapsack(lengths, seq_len, order.tolist())
     return [bins[i] for i in rng.permutation(len(bins))] if shuffle else bins

@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.formats import InvalidExample, to_conversation
-from jaxsft.data.packing import Example, efficiency, empty_row, greedy_knapsack, make_row, plan_epoch, stack_rows
+from jaxsft.data.packing import (Example, batch_widths, efficiency, empty_row, greedy_knapsack, make_row, plan_epoch,
+                                 stack_rows)
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
 from jaxsft.data.templates import get_template
 from jaxsft.errors import ConfigError, InputError
@@ -190,21 +191,29 @@ class SFTData:
     def batches_per_epoch(self, rows_per_process: int) -> int:
         return self.rows_per_epoch(rows_per_process) // rows_per_process
 
-    def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int) -> grain.MapDataset:
-        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs)
+    def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int, buckets: Sequence[int] | None = None,
+                      group_by_length: bool = False) -> grain.MapDataset:
+        """Batches of `rows_per_process` rows. `buckets`: the lengths a batch may be padded to (the smallest one
+        holding the longest row of the global batch, the same on every process); None pads to `seq_len`."""
+        group = 50 * rows_per_process * self.process_count if group_by_length and not self.packing else 0
+        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs, rows_per_process,
+                          list(buckets) if buckets else [self.seq_len], group)
         if len(rows) == 0:
             raise ConfigError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
                              f"per process x {self.process_count} processes; lower the batch size.")
         return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
 
-    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1) -> grain.DatasetIterator:
+    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1,
+                       buckets: Sequence[int] | None = None, group_by_length: bool = False) -> grain.DatasetIterator:
         """Batches of `rows_per_process` rows for `num_epochs` epochs; checkpoint with get_state()/set_state()."""
-        ds = self.train_dataset(rows_per_process, seed, num_epochs)
+        ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
-    def eval_batches(self, rows_per_process: int) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(self, rows_per_process: int, buckets: Sequence[int] | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
         """Every eval example once (packed when training is), in order; short batches padded with empty rows
-        (all targets IGNORE_INDEX), the same number of batches on every process."""
+        (all targets IGNORE_INDEX), the same number of batches on every process. Each global batch is padded
+        to the smallest of `buckets` holding its longest row (None: `seq_len`)."""
         if not self.eval:
             return
         lengths = [len(ids) for ids, _ in self.eval]
@@ -212,10 +221,12 @@ class SFTData:
         mine = plan[self.process_index::self.process_count]
         per_process = -(-len(plan) // self.process_count)
         n_batches = -(-per_process // rows_per_process)
+        widths = batch_widths([sum(lengths[i] for i in m) for m in plan], rows_per_process * self.process_count,
+                              list(buckets) if buckets else [self.seq_len])
         for b in range(n_batches):
             members = mine[b * rows_per_process:(b + 1) * rows_per_process]
-            rows = [make_row(self.eval, m, self.seq_len, self.pad_id) for m in members]
-            rows += [empty_row(self.seq_len, self.pad_id)] * (rows_per_process - len(rows))
+            rows = [make_row(self.eval, m, widths[b], self.pad_id) for m in members]
+            rows += [empty_row(widths[b], self.pad_id)] * (rows_per_process - len(rows))
             yield stack_rows(rows)
 
     def __post_init__(self) -> None:
@@ -225,21 +236,27 @@ class SFTData:
 class _EpochRows(Sequence):
     """Random access to this process's rows across epochs: row i is (epoch i // R, j = i % R)."""
 
-    def __init__(self, data: SFTData, rows_per_epoch: int, seed: int, num_epochs: int):
+    def __init__(self, data: SFTData, rows_per_epoch: int, seed: int, num_epochs: int, rows_per_batch: int,
+                 buckets: list[int], group: int = 0):
         self.data, self.rows_per_epoch, self.seed, self.num_epochs = data, rows_per_epoch, seed, num_epochs
-        self._plans: dict[int, list[list[int]]] = {}
+        self.rows_per_batch, self.buckets, self.group = rows_per_batch, buckets, group
+        self._plans: dict[int, tuple[list[list[int]], list[int]]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.rows_per_epoch * self.num_epochs
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def _plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """The epoch's rows (example indices, all processes) and the padded length of each global batch."""
         with self._lock:
             if epoch not in self._plans:
                 if len(self._plans) > 2:
                     self._plans.pop(min(self._plans))
                 d = self.data
-                self._plans[epoch] = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing, d.shuffle)
+                plan = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing, d.shuffle, self.group)
+                widths = batch_widths([sum(d.lengths[i] for i in m) for m in plan],
+                                      self.rows_per_batch * d.process_count, self.buckets)
+                self._plans[epoch] = (plan, widths)
             return self._plans[epoch]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -247,8 +264,9 @@ class _EpochRows(Sequence):
             raise IndexError(i)
         epoch, j = divmod(i, self.rows_per_epoch)
         d = self.data
-        members = self._plan(epoch)[j * d.process_count + d.process_index]
-        return make_row(d.train, members, d.seq_len, d.pad_id)
+        plan, widths = self._plan(epoch)
+        return make_row(d.train, plan[j * d.process_count + d.process_index], widths[j // self.rows_per_batch],
+                        d.pad_id)
 
 
 def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: int, packing: bool) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.formats import InvalidExample, to_conversation
-from jaxsft.data.packing import Example, greedy_knapsack, make_row, stack_rows
+from jaxsft.data.packing import Example, bucket_for, fit_width, greedy_knapsack, make_row, stack_rows
 from jaxsft.data.pipeline import SFTData, _arg, encode_rows, learned
 from jaxsft.data.supervised import encode_supervised
 
@@ -189,17 +189,25 @@ class StreamingSFTData:
             data.eval, _ = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
         return data
 
-    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1) -> grain.DatasetIterator:
-        ds = _StreamDataset(self, seed, num_epochs).batch(rows_per_process, drop_remainder=True,
-                                                          batch_fn=stack_rows)
+    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1,
+                       buckets: list[int] | None = None, group_by_length: bool = False) -> grain.DatasetIterator:
+        """`buckets`: with one process, each batch is cut to the smallest bucket holding its longest row (with
+        several, processes cannot see each other's rows of a batch, so rows keep `seq_len`). `group_by_length`
+        has no effect on a stream."""
+        batch_fn = stack_rows
+        if buckets and self.process_count == 1:
+            def batch_fn(rows):
+                longest = max(int(np.count_nonzero(r["segment_ids"])) for r in rows)
+                return fit_width(stack_rows(rows), bucket_for(longest, buckets), self.pad_id)
+        ds = _StreamDataset(self, seed, num_epochs).batch(rows_per_process, drop_remainder=True, batch_fn=batch_fn)
         return iter(ds)
 
-    def eval_batches(self, rows_per_process: int):
+    def eval_batches(self, rows_per_process: int, buckets: list[int] | None = None):
         if not self.eval:
             return iter(())
         view = SFTData([], self.eval, self.seq_len, self.pad_id, self.packing, {}, self.process_index,
                        self.process_count)
-        return view.eval_batches(rows_per_process)
+        return view.eval_batches(rows_per_process, buckets)
 
 
 def _encode_head(head: list[tuple], data: StreamingSFTData, args: Any):

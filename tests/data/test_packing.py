@@ -101,3 +101,47 @@ def test_each_epoch_packs_and_orders_differently(alpaca_2048):
     e1 = plan_epoch(data.lengths, data.seq_len, seed=3, epoch=1, packing=True)
     assert e0 == plan_epoch(data.lengths, data.seq_len, seed=3, epoch=0, packing=True)
     assert e0 != e1 and len(e0) == len(e1)
+
+
+def test_length_buckets_are_few_and_end_at_cutoff():
+    from jaxsft.data.packing import length_buckets
+
+    assert length_buckets(512) == [64, 96, 128, 192, 256, 384, 512]
+    assert length_buckets(2048)[-3:] == [1024, 1536, 2048] and len(length_buckets(2048)) == 11
+    assert length_buckets(300) == [64, 96, 128, 192, 256, 300]
+    assert length_buckets(40) == [40]
+
+
+def test_batch_widths_round_each_global_batch_up_to_its_longest_row():
+    from jaxsft.data.packing import batch_widths
+
+    buckets = [64, 96, 128, 256]
+    assert batch_widths([10, 70, 5, 5, 129, 1, 256, 3, 97], 2, buckets) == [96, 64, 256, 256, 128]
+    assert batch_widths([300], 1, buckets) == [256]  # nothing beyond the last bucket
+
+
+def test_fit_width_pads_and_cuts_only_padding():
+    from jaxsft.data.packing import fit_width, stack_rows
+
+    examples = [(np.arange(1, 6, dtype=np.int32), np.arange(1, 6, dtype=np.int32))]
+    batch = stack_rows([make_row(examples, [0], 16, pad_id=0)])
+    cut = fit_width(batch, 8, pad_id=0)
+    assert cut["input_ids"].shape == (1, 8) and cut["input_ids"][0, :5].tolist() == [1, 2, 3, 4, 5]
+    back = fit_width(cut, 16, pad_id=0)
+    for k in batch:
+        np.testing.assert_array_equal(back[k], batch[k])
+    with pytest.raises(ValueError, match="more than 4 tokens"):
+        fit_width(batch, 4, pad_id=0)
+
+
+def test_group_by_length_sorts_each_megabatch_and_keeps_every_example():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 500, 103).tolist()
+    plain = plan_epoch(lengths, 512, seed=1, epoch=0, packing=False)
+    grouped = plan_epoch(lengths, 512, seed=1, epoch=0, packing=False, group=20)
+    assert sorted(m[0] for m in grouped) == list(range(103))
+    for start in range(0, 103, 20):
+        chunk = [lengths[m[0]] for m in grouped[start:start + 20]]
+        assert chunk == sorted(chunk, reverse=True)
+        # the same examples form each megabatch as without grouping: only the order inside changes
+        assert sorted(m[0] for m in grouped[start:start + 20]) == sorted(m[0] for m in plain[start:start + 20])

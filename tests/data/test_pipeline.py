@@ -154,3 +154,44 @@ def test_counts_add_sums_parts_and_keeps_the_first_reasons_in_order():
     assert (first.rows, first.examples, first.tokens, first.label_tokens) == (10, 5, 39, 16)
     assert first.dropped == 1 + MAX_REASONS + 2
     assert first.reasons == ["a, row 1"] + [f"b, row {k}" for k in range(MAX_REASONS - 1)]
+
+
+def _unpacked(mixed, process_index=0, process_count=1):
+    cls = build_datasets.__globals__["SFTData"]
+    return cls(mixed.train, mixed.eval, mixed.seq_len, mixed.pad_id, False, mixed.stats,
+               process_index=process_index, process_count=process_count)
+
+
+def test_unpacked_batches_are_padded_to_the_bucket_of_the_global_batch(mixed):
+    from jaxsft.data.packing import bucket_for, fit_width, length_buckets
+
+    buckets = length_buckets(mixed.seq_len)
+    full = list(_unpacked(mixed).train_iterator(2, seed=3, num_epochs=2))
+    shards = [list(_unpacked(mixed, p, 2).train_iterator(2, seed=3, num_epochs=2, buckets=buckets))
+              for p in range(2)]
+    assert len(shards[0]) == len(shards[1]) > 10
+    widths = set()
+    for a, b in zip(*shards):
+        assert a["input_ids"].shape == b["input_ids"].shape  # both processes pad the global batch alike
+        longest = max(int(np.count_nonzero(s)) for s in np.concatenate([a["segment_ids"], b["segment_ids"]]))
+        assert a["input_ids"].shape[1] == bucket_for(longest, buckets)
+        widths.add(a["input_ids"].shape[1])
+    assert len(widths) > 1 and min(widths) < mixed.seq_len
+    # the same rows as padding every row to cutoff_len, only without the extra padding
+    one_process = list(_unpacked(mixed).train_iterator(4, seed=3, num_epochs=2, buckets=buckets))
+    assert len(one_process) == len(full) // 2
+    full4 = list(_unpacked(mixed).train_iterator(4, seed=3, num_epochs=2))
+    _equal_batches(one_process, [fit_width(f, o["input_ids"].shape[1], mixed.pad_id)
+                                 for f, o in zip(full4, one_process)])
+
+
+def test_bucketed_eval_batches_hold_the_same_examples(mixed):
+    from jaxsft.data.packing import length_buckets
+
+    for data in (mixed, _unpacked(mixed)):
+        padded = list(data.eval_batches(1))
+        bucketed = list(data.eval_batches(1, length_buckets(data.seq_len)))
+        assert sorted(_segments(bucketed)) == sorted(_segments(padded))
+        fewer = sum(b["input_ids"].size for b in bucketed) < sum(b["input_ids"].size for b in padded)
+        assert fewer or data.packing  # packed rows are (mostly) full already
+        assert sum(int((b["targets"] != -100).sum()) for b in bucketed) == mixed.stats["eval_label_tokens"]
