@@ -1,7 +1,7 @@
 """Orbax checkpoints of everything a run needs to continue exactly.
 
-A checkpoint `output_dir/checkpoint_<step>/` holds: `state` (step, trainable params, optimizer state,
-RNG), `frozen` (the frozen params, so export works from any checkpoint), `data` (the grain iterator
+A checkpoint `output_dir/checkpoint_<step>/` holds: `state` (step, trainable params, optimizer state
+unless `save_only_model`, RNG), `frozen` (the frozen params, so export works from any checkpoint), `data` (the grain iterator
 state) and `config` (the resolved config). Orbax writes into a temporary directory
 (`checkpoint_<step>.orbax-checkpoint-tmp`) and renames it on success, so a save killed halfway leaves
 nothing that `latest_step` would pick up. A save that fails for lack of disk space raises `DiskFull`
@@ -137,6 +137,17 @@ def _abstract(item_dir: Path):
     tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+
+
+def holds_optimizer_state(directory: str | Path, step: int) -> bool:
+    """False for a checkpoint written with `save_only_model: true` (params, step and data position only)."""
+    tree = ocp.StandardCheckpointer().metadata(Path(directory) / f"checkpoint_{step}" / "state").item_metadata.tree
+    return "opt_state" in tree
+
+
+def model_only(state: dict) -> dict:
+    """The train state as `save_only_model` saves it: everything but the optimizer state."""
+    return {k: v for k, v in state.items() if k != "opt_state"}
 
 
 def read_trained_params(path: str | Path) -> tuple[dict, Config]:

@@ -41,6 +41,7 @@ ATTENTION_IMPLS = ("auto", "xla", "xla_chunked", "xla_blocksparse", "cudnn", "pa
 REMAT_POLICIES = ("none", "full", "full_keep_attention",
                   "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
 @dataclasses.dataclass
@@ -48,7 +49,8 @@ class Config:
     # --- model ---
     model_name_or_path: Optional[str] = _field(None, "Local Hugging Face model directory, or a hub name (online only).")
     adapter_name_or_path: Optional[str] = _field(None, "A PEFT adapter directory to load (and continue training).")
-    trust_remote_code: bool = _field(False, "Must stay false: jaxsft never runs downloaded code.")
+    trust_remote_code: bool = _field(False, "Accepted either way: jaxsft never runs code from a model directory or "
+                                            "the hub; a tokenizer that needs such code is refused by name.")
     cache_dir: Optional[str] = _field(None, "Where hub downloads are cached.")
 
     # --- data ---
@@ -95,6 +97,17 @@ class Config:
     additional_target: Optional[str] = _field(None, "Modules trained fully beside LoRA (e.g. embed_tokens,lm_head).")
     use_rslora: bool = _field(False, "Scale LoRA by alpha / sqrt(rank).")
     create_new_adapter: bool = _field(False, "Start a fresh adapter on top of adapter_name_or_path.")
+    loraplus_lr_ratio: Optional[float] = _field(None, "LoRA+: lora_b (and 1-D trainable params, as LLaMA-Factory "
+                                                      "groups them) learn at learning_rate x this ratio.")
+    loraplus_lr_embedding: float = _field(1e-6, "LoRA+: learning rate of embedding adapters; jaxsft puts no "
+                                                "adapters on embeddings, so it has no effect.")
+    use_dora: bool = _field(False, "DoRA: a trained magnitude per output channel times the normalized W + s B A.")
+    pissa_init: bool = _field(False, "PiSSA: start A, B from the top singular vectors of W; W keeps the residual.")
+    pissa_iter: int = _field(16, "PiSSA: subspace iterations of the randomized SVD (-1: exact SVD).")
+    pissa_convert: bool = _field(False, "PiSSA: the exported adapter is converted to a plain LoRA adapter (rank 2r) "
+                                        "that applies to the original model.")
+    use_llama_pro: bool = _field(False, "freeze: train the expanded blocks of a LLaMA Pro model (every "
+                                        "num_layers / freeze_trainable_layers-th layer; tools/llama_pro.py expands).")
     pure_bf16: bool = _field(False, "Keep params in bf16 (no fp32 master copy).")
     compute_accuracy: bool = _field(False, "Report token accuracy in evaluation.")
     plot_loss: bool = _field(False, "Write training_loss.png at the end.")
@@ -136,6 +149,11 @@ class Config:
     report_to: Union[str, list, None] = _field("none", "'tensorboard' and/or 'none'.")
     run_name: Optional[str] = _field(None, "A name for the run's logs.")
     gradient_checkpointing: Optional[bool] = _field(None, "false sets remat_policy: none (LLaMA-Factory habit).")
+    save_only_model: bool = _field(False, "Checkpoints hold params, step and data position but no optimizer state "
+                                          "(smaller; they export and predict, but training cannot resume from them).")
+    deepspeed: Union[str, dict, None] = _field(None, "A DeepSpeed config (file or dict): its ZeRO stage picks the mesh "
+                                                     "(0: data parallel, 1-3: fsdp) unless `mesh` is set; nothing else "
+                                                     "in it is read. A file that does not exist here is fine.")
     ddp_timeout: Optional[int] = _field(None, "No effect: XLA collectives have no such timeout.")
     dataloader_num_workers: Optional[int] = _field(None, "No effect: the grain pipeline is in-process.")
     disable_tqdm: bool = _field(False, "Hide the progress bar.")
@@ -156,9 +174,11 @@ class Config:
     export_dtype: Optional[str] = _field(None, "dtype of exported weights (default bfloat16 for bf16 runs).", DTYPES)
     export_adapter: bool = _field(False, "Export a PEFT adapter instead of merged weights (LoRA runs).")
     export_device: Optional[str] = _field(None, "No effect: export runs on the host.")
+    export_legacy_format: bool = _field(False, "Only false: exports are safetensors (legacy .bin pickles are not "
+                                               "written).")
 
     # --- jaxsft: parallelism, kernels, numerics ---
-    mesh: dict = _field({"data": 1, "fsdp": -1, "tensor": 1},
+    mesh: dict = _field(dict(DEFAULT_MESH),
                         "Device mesh axis sizes; -1 takes the remaining devices.")
     attention_impl: str = _field("auto", "Attention kernel.", ATTENTION_IMPLS)
     remat_policy: Optional[str] = _field(None, "Rematerialization (default: full_keep_attention = full, but an "
@@ -195,6 +215,8 @@ class Config:
             changes["export_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
         if self.eval_steps is None:
             changes["eval_steps"] = self.logging_steps
+        if self.deepspeed is not None:
+            changes["mesh"] = _deepspeed_mesh(self)[0]
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +236,7 @@ NO_EFFECT_KEYS = {
 
 # Keys that are only accepted with these values (anything else is a feature we do not have).
 _ONLY_VALUES = {
-    "trust_remote_code": (False,),
+    "export_legacy_format": (False,),
     "fp16": (False,),
     "num_beams": (1,),
     "repetition_penalty": (1.0,),
@@ -276,13 +298,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 # What to do instead, for LLaMA-Factory keys people often carry over.
 _UNSUPPORTED_HINTS = {
-    "deepspeed": "jaxsft shards params and optimizer state over the device `mesh` (fsdp axis) instead",
     "fsdp": "use the `mesh` key, e.g. mesh: {fsdp: -1}",
     "flash_attn": "use attention_impl: auto | xla | cudnn | pallas | splash",
     "quantization_bit": "quantized (QLoRA) training is not available",
     "use_unsloth": "jaxsft has its own compiled train step",
-    "use_dora": "DoRA is not available; use plain LoRA (optionally use_rslora)",
-    "pissa_init": "PiSSA initialisation is not available",
     "rope_scaling": "jaxsft reads rope scaling from the model's config.json",
     "use_galore": "GaLore is not available",
     "gradient_checkpointing_kwargs": "use remat_policy",
@@ -303,7 +322,7 @@ def _check_key(key: str) -> None:
 def _validate(cfg: Config) -> None:
     for key, allowed in _ONLY_VALUES.items():
         if getattr(cfg, key) not in allowed:
-            hint = {"fp16": "; use bf16: true", "trust_remote_code": ": jaxsft never executes downloaded code"}
+            hint = {"fp16": "; use bf16: true", "export_legacy_format": ": jaxsft exports safetensors only"}
             raise ConfigError(f"key '{key}': {getattr(cfg, key)!r} is not supported, only {allowed[0]!r}"
                               f"{hint.get(key, '')}")
     for name, f in FIELDS.items():
@@ -313,12 +332,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"key '{name}': {value!r} is not one of {', '.join(map(repr, choices))}")
     if not (cfg.optim.startswith("adamw") or cfg.optim in ("adafactor", "sgd")):
         raise ConfigError(f"key 'optim': {cfg.optim!r} is not supported; use adamw_torch, adafactor or sgd")
-    if cfg.report_to is not None:
-        reports = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
-        unsupported = [r for r in reports if r not in ("none", "tensorboard", "all")]
-        if unsupported:
-            raise ConfigError(f"key 'report_to': {unsupported} not supported; jaxsft writes trainer_log.jsonl and "
-                              f"TensorBoard events (use 'tensorboard' or 'none')")
+    unsupported = [r for r in _report_names(cfg.report_to) if r not in ("none", "all", *TRACKERS)]
+    if unsupported:
+        raise ConfigError(f"key 'report_to': {', '.join(map(repr, unsupported))} not supported; choose from "
+                          f"{', '.join(TRACKERS)}, all or none (trainer_log.jsonl is always written)")
+    _validate_methods(cfg)
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "lora_rank", "max_new_tokens", "logging_steps", "save_steps")
     for key in positive:
@@ -347,6 +365,91 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("do_predict needs predict_with_generate: true (jaxsft predicts by generating)")
     if cfg.export_adapter and cfg.finetuning_type != "lora":
         raise ConfigError("export_adapter: true needs finetuning_type: lora")
+
+
+def _validate_methods(cfg: Config) -> None:
+    """The LoRA variants and LLaMA Pro need the fine-tuning type they modify (LLaMA-Factory's rules)."""
+    lora_only = {"loraplus_lr_ratio": cfg.loraplus_lr_ratio is not None, "use_dora": cfg.use_dora,
+                 "pissa_init": cfg.pissa_init}
+    for key, used in lora_only.items():
+        if used and cfg.finetuning_type != "lora":
+            raise ConfigError(f"key '{key}' is only valid with finetuning_type: lora")
+    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"key 'loraplus_lr_ratio' must be > 0, got {cfg.loraplus_lr_ratio}")
+    if cfg.use_dora and cfg.pissa_init:
+        raise ConfigError("use_dora and pissa_init cannot be combined (PEFT refuses it too); choose one")
+    if cfg.pissa_iter < -1:
+        raise ConfigError(f"key 'pissa_iter' must be -1 (exact SVD) or >= 0, got {cfg.pissa_iter}")
+    if cfg.use_llama_pro:
+        if cfg.finetuning_type != "freeze":
+            raise ConfigError("use_llama_pro needs finetuning_type: freeze (LoRA on the expanded blocks alone would "
+                              "put adapters on a subset of layers, which jaxsft does not support)")
+        if cfg.freeze_trainable_layers <= 0:
+            raise ConfigError("use_llama_pro: freeze_trainable_layers must be > 0, the number of expanded blocks")
+    if cfg.deepspeed is not None:
+        deepspeed_stage(cfg.deepspeed)  # a readable file must be valid JSON with a known stage
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _report_names(report_to: Union[str, list, None]) -> list[str]:
+    items = report_to if isinstance(report_to, (list, tuple)) else str(report_to or "none").split(",")
+    return [str(t).strip() for t in items if str(t).strip()]
+
+
+def report_targets(report_to: Union[str, list, None]) -> tuple[str, ...]:
+    """The trackers a run reports to: HF's `report_to` (a name, a list or a comma list; `all` is every
+    tracker installed here, `none` nothing)."""
+    import importlib.util
+
+    names = _report_names(report_to)
+    if "none" in names:
+        return ()
+    if "all" in names:
+        return tuple(t for t in TRACKERS if t == "tensorboard" or importlib.util.find_spec(t) is not None)
+    return tuple(dict.fromkeys(names))
+
+
+def deepspeed_stage(deepspeed: Union[str, dict]) -> int | None:
+    """The ZeRO stage of a DeepSpeed config: from the dict or the JSON file, else from a file name like
+    LLaMA-Factory's `ds_z3_config.json` (the file need not exist here); None when it says nothing."""
+    import json
+    import re
+
+    config = deepspeed
+    if isinstance(deepspeed, str):
+        path = Path(deepspeed).expanduser()
+        config = None
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ConfigError(f"key 'deepspeed': {deepspeed} is not valid JSON: {e}") from None
+    if isinstance(config, dict):
+        stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"key 'deepspeed': zero_optimization.stage {stage!r} is not 0, 1, 2 or 3")
+        return int(stage)
+    match = re.search(r"z(?:ero)?[_-]?([0-3])", Path(str(deepspeed)).name)
+    return int(match[1]) if match else None
+
+
+def _deepspeed_mesh(cfg: Config) -> tuple[dict, str]:
+    """(mesh, what was chosen and why) for a run with a `deepspeed` key. ZeRO-0 is plain data parallelism;
+    ZeRO-1/2/3 shard optimizer state (and gradients, and params) over the data-parallel ranks, which the
+    `fsdp` axis does for all three at once: the same math, less memory."""
+    stage = deepspeed_stage(cfg.deepspeed)
+    said = f"ZeRO-{stage}" if stage is not None else "no ZeRO stage in it"
+    if stage == 0:
+        mesh, how = {"data": -1, "fsdp": 1, "tensor": 1}, \
+            "mesh {data: -1}: data parallel, params and optimizer state replicated on every device"
+    else:
+        mesh, how = dict(DEFAULT_MESH), ("mesh {fsdp: -1}: params, gradients and optimizer state sharded over all "
+                                         "devices (XLA gathers params per layer, as ZeRO-3 does)")
+    if cfg.mesh not in (DEFAULT_MESH, mesh):
+        return cfg.mesh, f"{said}; the `mesh` key is set, so mesh {cfg.mesh} is used"
+    return mesh, f"{said} -> {how}"
 
 
 def _validate_mesh(mesh: dict) -> None:
@@ -417,5 +520,22 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 
 def ignored_settings(cfg: Config) -> dict[str, str]:
     """Keys the user set that jaxsft accepts but that have no effect here, with why."""
-    return {key: why for key, why in NO_EFFECT_KEYS.items()
-            if getattr(cfg, key) != FIELDS[key].default}
+    notes = {key: why for key, why in NO_EFFECT_KEYS.items() if getattr(cfg, key) != FIELDS[key].default}
+    if cfg.loraplus_lr_embedding != FIELDS["loraplus_lr_embedding"].default:
+        notes["loraplus_lr_embedding"] = "jaxsft puts no LoRA adapters on embeddings"
+    return notes
+
+
+def met_settings(cfg: Config) -> dict[str, str]:
+    """LLaMA-Factory keys the user set whose intent jaxsft meets its own way: key -> how (one line each)."""
+    notes = {}
+    if cfg.trust_remote_code:
+        notes["trust_remote_code"] = ("jaxsft never executes code from a model directory or the hub; it reads "
+                                      "config.json, safetensors and tokenizer files (a tokenizer that needs custom "
+                                      "code is refused by name)")
+    if cfg.deepspeed is not None:
+        notes["deepspeed"] = _deepspeed_mesh(cfg)[1]
+    if cfg.save_only_model:
+        notes["save_only_model"] = ("checkpoints hold params, step and data position without optimizer state; "
+                                    "they export and predict, but a run cannot resume from them")
+    return notes

@@ -7,6 +7,7 @@ tokenizer files; `adapter_config.json` + `adapter_model.safetensors` for an adap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -170,6 +171,23 @@ def export_from_config(params: dict, cfg: Config, model_cfg: ModelConfig, lora_s
                                    dtype=None)
     return export_hf(params, model_cfg, cfg.model_name_or_path, out, dtype=cfg.export_dtype,
                      shard_size_gb=cfg.export_size, lora_scale=lora_scale)
+
+
+def save_trained_model(params: dict, cfg: Config, model_cfg: ModelConfig, lora_scale: float | None) -> Path | None:
+    """What Hugging Face's `Trainer.save_model` leaves in `output_dir` when LLaMA-Factory's training ends:
+    the PEFT adapter of a LoRA run, else the whole model (in `export_dtype`), and the tokenizer files, so
+    a later `adapter_name_or_path: <output_dir>` (merge, predict) finds them. Every process takes part
+    (params are gathered to the hosts); process 0 writes."""
+    from jaxsft.runtime import host_array
+
+    params = jax.tree_util.tree_map(host_array, params)
+    if jax.process_index() != 0:
+        return None
+    run = dataclasses.replace(cfg, export_adapter=lora_scale is not None)
+    out = export_from_config(params, run, model_cfg, lora_scale, out_dir=cfg.output_dir)
+    if lora_scale is not None:
+        copy_tokenizer(resolve_model_path(cfg.model_name_or_path), Path(out))
+    return out
 
 
 def run_export(cfg: Config) -> Path:

@@ -1,4 +1,10 @@
-"""Entry point: `python -m jaxsft.main --config cfg.yaml [key=value ...]`.
+"""Entry point: `jaxsft train cfg.yaml [key=value ...]` (as `llamafactory-cli` reads it), or
+`python -m jaxsft.main --config cfg.yaml [key=value ...]`.
+
+Subcommands: `train` runs the stages the config asks for (do_train, do_eval, do_predict, export_dir), as
+`llamafactory-cli train` does; `eval`, `predict` and `export` run only that stage; `chat` talks to the
+model; `inspect` prints encoded examples and the data counts; `version` and `env` print versions for bug
+reports. Without a subcommand the configured stages run, as with `train`.
 
 Reads and validates the config, says what it will run, checks the paths, template, data and devices
 (`jaxsft.preflight.validate_run`, before anything compiles or loads weights), then runs the configured
@@ -13,7 +19,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from jaxsft.config import Config, ignored_settings, load_config
+from jaxsft.config import Config, ignored_settings, load_config, met_settings
 from jaxsft.errors import UserError
 
 
@@ -45,9 +51,9 @@ def planned_stages(cfg: Config) -> list[str]:
     return stages
 
 
-def describe(cfg: Config) -> str:
+def describe(cfg: Config, stages: list[str] | None = None) -> str:
     """A short human summary of what the run will do."""
-    stages = planned_stages(cfg)
+    stages = planned_stages(cfg) if stages is None else stages
     planned = ", ".join(stages) if stages else "none (set do_train, do_eval, do_predict or export_dir)"
     lines = [f"jaxsft: stages: {planned}"]
     lines.append(f"  model: {cfg.model_name_or_path}  template: {cfg.template}  finetuning: {cfg.finetuning_type}"
@@ -61,6 +67,8 @@ def describe(cfg: Config) -> str:
     lines.append(f"  mesh: {cfg.mesh}  attention: {cfg.attention_impl}  remat: {cfg.remat_policy}  "
                  f"params {cfg.param_dtype} / compute {cfg.compute_dtype}")
     lines.append(f"  output_dir: {cfg.output_dir}")
+    for key, how in met_settings(cfg).items():
+        lines.append(f"  note: '{key}': {how}")
     for key, why in ignored_settings(cfg).items():
         lines.append(f"  note: '{key}' has no effect in jaxsft: {why}")
     return "\n".join(lines)
@@ -133,21 +141,60 @@ def _setup_logging() -> None:
         logger.propagate = False  # libraries (orbax/absl) put a handler on the root logger: print once
 
 
+# Subcommand -> (flags it sets, the one stage it runs); `train` runs whatever the config asks for.
+SUBCOMMANDS = {
+    "train": ((), None),
+    "eval": (("do_train=false", "do_predict=false", "do_eval=true"), "eval"),
+    "predict": (("do_train=false", "do_eval=false", "do_predict=true"), "predict"),
+    "export": (("do_train=false", "do_eval=false", "do_predict=false"), "export"),
+}
+USAGE = """usage: jaxsft {train,eval,predict,export,chat,inspect} cfg.yaml [key=value ...]
+       jaxsft {version,env}
+       python -m jaxsft.main --config cfg.yaml [key=value ...] [--dry_run]
+
+  train    run the stages the config asks for (do_train, do_eval, do_predict, export_dir)
+  eval     evaluate only (do_eval)          predict  generate and score only (do_predict)
+  export   merge adapter_name_or_path into model_name_or_path and write export_dir
+  chat     chat with the model in the terminal
+  inspect  print encoded examples and the data counts
+  version  jaxsft's version                 env      versions and devices, for bug reports"""
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    if command in ("-h", "--help", "help") or not argv:
+        print(USAGE)
+        return 0
+    if command in ("version", "env", "chat", "inspect"):
+        from jaxsft import cli_tools
+
+        _setup_logging()
+        try:
+            return getattr(cli_tools, command)(argv[1:])
+        except UserError as e:
+            return _user_error(e)
+    only = None
+    if command in SUBCOMMANDS:
+        flags, only = SUBCOMMANDS[command]
+        argv = argv[1:] + list(flags)
+    args = parse_args(argv)
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
         return _user_error(e)
-    print(describe(cfg), flush=True)
+    print(describe(cfg, None if only is None else [only]), flush=True)
     if args.dry_run:
         return 0
     try:
         from jaxsft.preflight import validate_run
 
         validate_run(cfg)
-        run(cfg)
+        if only is None:
+            run(cfg)
+        else:
+            _stages()[only](cfg)
     except UserError as e:
         return _user_error(e)
     return 0

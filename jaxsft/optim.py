@@ -66,6 +66,31 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def loraplus_factors(params, ratio: float) -> dict:
+    """LoRA+ (LLaMA-Factory's param groups): `lora_b` and the 1-D trainable params (norm scales, biases:
+    `param.ndim == 1` in torch, the layer axis of stacked leaves aside) learn at `ratio` x the learning
+    rate; `lora_a` and fully trained matrices (additional_target) at the learning rate."""
+    def factor(path, _):
+        name = str(getattr(path[-1], "key", path[-1])).rsplit("/", 1)[-1]
+        return ratio if name in ("lora_b", "scale", "bias") else 1.0
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_per_leaf(factors_of) -> optax.GradientTransformation:
+    """Multiply each leaf's update by a constant factor (`factors_of(params) -> tree of floats`). After
+    AdamW/Adafactor/SGD, whose updates end with `-lr * (...)` (decoupled weight decay included), this is
+    exactly a per-group learning rate, as torch param groups give it."""
+    def init(params):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        factors = factors_of(updates)
+        return jax.tree_util.tree_map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates,
+                                      factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(cfg: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, total_steps)
     if cfg.optim.startswith("adamw"):
@@ -78,6 +103,8 @@ def build_optimizer(cfg: Config, total_steps: int) -> tuple[optax.GradientTransf
         core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), optax.sgd(schedule))
     else:
         raise ConfigError(f"optim {cfg.optim!r} is not supported; use adamw_torch, adafactor or sgd")
+    if cfg.loraplus_lr_ratio is not None:
+        core = optax.chain(core, scale_per_leaf(lambda tree: loraplus_factors(tree, cfg.loraplus_lr_ratio)))
     if cfg.max_grad_norm > 0:
         core = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), core)
     return core, schedule

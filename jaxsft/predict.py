@@ -48,7 +48,7 @@ def sampling_of(cfg: Config) -> Sampling:
 
 def restore_trained(cfg: Config, model: Model, mesh, directory: str | Path, step: int) -> Model:
     """`model` with the trainable and frozen params of checkpoint `step` in `directory`."""
-    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.checkpoint import Checkpoints, holds_optimizer_state, model_only
     from jaxsft.optim import build_optimizer
     from jaxsft.step import init_state
     from jaxsft.train import state_shardings
@@ -61,6 +61,8 @@ def restore_trained(cfg: Config, model: Model, mesh, directory: str | Path, step
                                             shapes, shardings)
     abstract_frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                              model.frozen, f_shard)
+    if not holds_optimizer_state(directory, step):  # save_only_model
+        abstract_state = model_only(abstract_state)
     restored = Checkpoints(directory, async_save=False).restore(step, abstract_state, abstract_frozen)
     model.trainable, model.frozen = restored["state"]["trainable"], restored["frozen"]
     return model

@@ -64,7 +64,33 @@ def check_model_dir(name_or_path: str) -> Path | None:
                 "convert them to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
                 ".save_pretrained(out, safe_serialization=True)` in a trusted environment." if pickles else "")
         raise MissingPath(f"model_name_or_path: no *.safetensors in {path}.{hint}")
+    check_tokenizer_code(path)
     return path
+
+
+def check_tokenizer_code(model_dir: Path) -> None:
+    """A tokenizer that exists only as code shipped with the model (`auto_map` with no class transformers
+    has) is refused by name: jaxsft never executes such code, whatever `trust_remote_code` says."""
+    config = model_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        raise InputError(f"{config} is not valid JSON") from None
+    remote = (values.get("auto_map") or {}).get("AutoTokenizer")
+    if not remote:
+        return
+    import transformers
+
+    name = values.get("tokenizer_class") or ""
+    if name and (hasattr(transformers, name) or hasattr(transformers, name.removesuffix("Fast"))):
+        return  # transformers has the class itself and uses it without the shipped code
+    shipped = ", ".join(str(r) for r in (remote if isinstance(remote, list) else [remote]) if r)
+    raise ConfigError(f"model_name_or_path: the tokenizer of {model_dir} needs custom code shipped with the model "
+                      f"({config.name}: auto_map AutoTokenizer -> {shipped}), and jaxsft never executes such code "
+                      f"(trust_remote_code is not honoured); use a model whose tokenizer transformers provides "
+                      f"(a tokenizer.json and a built-in tokenizer_class)")
 
 
 def _has_chat_template(model_dir: Path) -> bool:

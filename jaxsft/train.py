@@ -20,16 +20,18 @@ import jax
 import numpy as np
 import optax
 
-from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint
+from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint, holds_optimizer_state, model_only
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import MissingPath, UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
+from jaxsft.export import save_trained_model
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.run_logging import RunLogger
 from jaxsft.runtime import (build_mesh, check_token_ids, compilation_cache_summary, init_distributed, is_main_process,
                             load_model, load_tokenizer, process_age, rows_per_process)
+from jaxsft.params import merge
 from jaxsft.sharding import global_batch, replicated
 from jaxsft.step import init_state, make_eval_step, make_train_step
 
@@ -171,6 +173,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
     start_step = 0
     if resume is not None:
         directory, step = resume
+        if not holds_optimizer_state(directory, step):
+            raise ConfigError(f"{directory}/checkpoint_{step} was saved with save_only_model: true and holds no "
+                              f"optimizer state, so training cannot resume from it; export it (export_dir, or "
+                              f"tools/convert_checkpoint.py) and start a new run from the exported model")
         source = checkpoints if directory == out.absolute() else Checkpoints(directory, async_save=False)
         restored = source.restore(step, abstract_like(state), abstract_like(frozen))
         state, frozen = restored["state"], restored["frozen"]
@@ -244,7 +250,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
                 run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen,
                                                 data.eval_batches(eval_rows, buckets), mesh))
             if save_now and cfg.save_strategy != "no":
-                checkpoints.save(step, state, frozen, iterator.get_state(), config_record)
+                checkpoints.save(step, model_only(state) if cfg.save_only_model else state, frozen,
+                                 iterator.get_state(), config_record)
             if stopping:
                 checkpoints.close()
                 run_log.close()
@@ -271,6 +278,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     run_log.save_metrics("train", results)
     if is_main_process() and (cache_line := compilation_cache_summary()):
         logger.info(cache_line)
+    save_trained_model(merge(state["trainable"], frozen, model.partition), cfg, model.config, model.runner.lora_scale)
     if cfg.do_eval and data.eval:
         run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen,
                                               data.eval_batches(eval_rows, buckets), mesh))

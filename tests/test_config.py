@@ -80,8 +80,45 @@ def test_llamafactory_yaml_loads_with_meanings(tmp_path):
 
 
 def test_unsupported_llamafactory_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="key 'save_only_model' is a LLaMA-Factory option that jaxsft does not support"):
-        load_config(lf_config(tmp_path))
+    with pytest.raises(ConfigError, match="key 'use_galore' is a LLaMA-Factory option that jaxsft does not support: "
+                                          "GaLore is not available"):
+        load_config(write(tmp_path, "use_galore: true\n"))
+
+
+def test_llamafactory_keys_met_another_way_are_accepted_and_described(tmp_path):
+    """Keys LLaMA-Factory's examples always carry load, and `describe` says how jaxsft meets each."""
+    from jaxsft.main import describe
+
+    path = write(tmp_path, LLAMAFACTORY_LORA_SFT.replace("trust_remote_code: false", "trust_remote_code: true")
+                 .replace("save_only_model: false", "save_only_model: true")
+                 + "deepspeed: examples/deepspeed/ds_z0_config.json\nexport_legacy_format: false\n"
+                 + "export_device: cpu\n")
+    cfg = load_config(path)
+    assert cfg.save_only_model and cfg.trust_remote_code
+    assert cfg.mesh == {"data": -1, "fsdp": 1, "tensor": 1}  # ZeRO-0: plain data parallelism
+    notes = [line.strip() for line in describe(cfg).splitlines() if line.strip().startswith("note:")]
+    assert [n.split("'")[1] for n in notes] == ["trust_remote_code", "deepspeed", "save_only_model",
+                                                "overwrite_cache", "ddp_timeout", "dataloader_num_workers",
+                                                "export_device"]
+    assert "note: 'deepspeed': ZeRO-0 -> mesh {data: -1}" in describe(cfg)
+
+
+@pytest.mark.parametrize("deepspeed, mesh, says", [
+    ("ds_z3_config.json", {"data": 1, "fsdp": -1, "tensor": 1}, "ZeRO-3 -> mesh {fsdp: -1}"),
+    ("ds_z2_offload_config.json", {"data": 1, "fsdp": -1, "tensor": 1}, "ZeRO-2 -> mesh {fsdp: -1}"),
+    ({"zero_optimization": {"stage": 0}}, {"data": -1, "fsdp": 1, "tensor": 1}, "ZeRO-0 -> mesh {data: -1}"),
+    ("FILE", {"data": -1, "fsdp": 1, "tensor": 1}, "ZeRO-0"),  # a real file's stage wins over its name
+])
+def test_deepspeed_stage_picks_the_mesh(tmp_path, deepspeed, mesh, says):
+    from jaxsft.config import build_config, met_settings
+
+    if deepspeed == "FILE":
+        deepspeed = str(tmp_path / "ds_z3_config.json")
+        Path(deepspeed).write_text('{"zero_optimization": {"stage": 0}}')
+    cfg = build_config({"deepspeed": deepspeed})
+    assert cfg.mesh == mesh and says in met_settings(cfg)["deepspeed"]
+    explicit = build_config({"deepspeed": deepspeed, "mesh": {"data": 2, "fsdp": 4}})
+    assert explicit.mesh == {"data": 2, "fsdp": 4}
 
 
 def test_typo_gets_did_you_mean(tmp_path):
@@ -106,15 +143,18 @@ def test_overrides_win_and_are_typed(tmp_path):
     ("lr_scheduler_type: cosine_restarts\n", "key 'lr_scheduler_type': 'cosine_restarts' is not one of"),
     ("finetuning_type: oft\n", "key 'finetuning_type': 'oft' is not one of"),
     ("fp16: true\n", "key 'fp16': True is not supported, only False; use bf16: true"),
-    ("trust_remote_code: true\n", "jaxsft never executes downloaded code"),
+    ("export_legacy_format: true\n", "key 'export_legacy_format': True is not supported, only False: jaxsft "
+                                     "exports safetensors only"),
+    ("use_dora: true\nfinetuning_type: full\n", "key 'use_dora' is only valid with finetuning_type: lora"),
+    ("use_llama_pro: true\nfinetuning_type: lora\n", "use_llama_pro needs finetuning_type: freeze"),
     ("mesh: {data: 2, fdsp: 4}\n", "unknown mesh axis 'fdsp', did you mean 'fsdp'?"),
     ("mesh: {data: -1, fsdp: -1}\n", "at most one axis may be -1"),
     ("cutoff_len: 0\n", "key 'cutoff_len' must be > 0"),
     ("do_train: true\nmodel_name_or_path: m\noutput_dir: o\ntemplate: llama3\n",
      "key 'dataset' is required with do_train"),
-    ("deepspeed: ds_z3.json\n", "key 'deepspeed' is a LLaMA-Factory option that jaxsft does not support"),
+    ("deepspeed: {zero_optimization: {stage: 4}}\n", "key 'deepspeed': zero_optimization.stage 4 is not 0, 1, 2"),
     ("optim: lion\n", "key 'optim': 'lion' is not supported"),
-    ("report_to: wandb\n", "key 'report_to'"),
+    ("report_to: comet_ml\n", "key 'report_to': 'comet_ml' not supported; choose from tensorboard, wandb, mlflow"),
     ("- a\n- b\n", "the top level must be a mapping"),
 ])
 def test_bad_config_messages(tmp_path, text, message):

@@ -365,11 +365,23 @@ def test_an_unsupported_peft_adapter_is_one_line_and_exit_2(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Security.
 
-def test_trust_remote_code_is_off_and_cannot_be_turned_on(tmp_path):
-    assert _config(tmp_path).trust_remote_code is False
-    with pytest.raises(ConfigError, match="key 'trust_remote_code': True is not supported, only False: jaxsft never "
-                                          "executes downloaded code"):
-        _config(tmp_path, trust_remote_code=True)
+def test_trust_remote_code_runs_no_code_and_a_custom_code_tokenizer_is_refused_by_name(tmp_path):
+    """`trust_remote_code: true` (in every LLaMA-Factory example) is accepted, but code shipped with a model
+    never runs: a tokenizer that exists only as such code is refused by name, before anything loads."""
+    assert _config(tmp_path, trust_remote_code=True).trust_remote_code is True
+    tokenizer_config = json.loads((TINY / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="EvilTokenizer",
+                            auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    model = _model_copy(tmp_path, drop=("tokenizer_config.json",),
+                        add={"tokenizer_config.json": json.dumps(tokenizer_config),
+                             "tokenization_evil.py": "raise SystemExit('remote code ran')\n"})
+    with pytest.raises(ConfigError) as e:
+        validate_run(_config(tmp_path, trust_remote_code=True, model_name_or_path=str(model)), devices=False)
+    assert str(e.value) == (
+        f"model_name_or_path: the tokenizer of {model} needs custom code shipped with the model (tokenizer_config.json:"
+        f" auto_map AutoTokenizer -> tokenization_evil.EvilTokenizer), and jaxsft never executes such code "
+        f"(trust_remote_code is not honoured); use a model whose tokenizer transformers provides (a tokenizer.json "
+        f"and a built-in tokenizer_class)")
 
 
 def test_pickled_weights_are_refused_by_the_loader_too(tmp_path):

@@ -67,11 +67,13 @@ TINY_MODELS = {
 }
 
 
-def build_tiny_model(name: str, *, seed: int = 0, std: float = 0.1, num_layers: int | None = None):
+def build_tiny_model(name: str, *, seed: int = 0, std: float = 0.1, num_layers: int | None = None,
+                     **config_overrides):
     """A tiny random torch model in eval mode (eager attention). Every weight, including norms and
-    biases, is random so no part of the math can hide behind ones or zeros."""
+    biases, is random so no part of the math can hide behind ones or zeros. `config_overrides` change
+    the shared shapes (e.g. vocab_size to fit a tokenizer)."""
     config_cls, model_cls, overrides = TINY_MODELS[name]
-    kwargs = {**_BASE, **overrides}
+    kwargs = {**_BASE, **overrides, **config_overrides}
     if num_layers is not None:
         kwargs["num_hidden_layers"] = num_layers
     config = config_cls(**kwargs)

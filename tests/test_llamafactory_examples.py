@@ -1,0 +1,149 @@
+"""LLaMA-Factory's own example YAMLs (../shared/llamafactory-examples) run through the CLI with only what is
+specific to this machine changed (model path, dataset_dir, output_dir, CPU-sized max_samples / epochs /
+cutoff_len), and leave the files LLaMA-Factory leaves."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from run_logs import log_lines
+from tiny_models import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO.parent / "shared" / "llamafactory-examples"
+DATA_DIR = REPO.parent / "shared" / "data" / "llamafactory"
+TOKENIZER = Path(__file__).parent / "fixtures" / "data" / "tokenizer"
+
+
+def tiny_model(family: str, directory: Path) -> Path:
+    """A tiny random model of `family` with a tokenizer that has the chat templates' special tokens."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    model = build_tiny_model(family, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / name, directory / name)
+    return directory
+
+
+def machine_specific(example: str, tmp_path: Path, **values) -> Path:
+    """The example YAML with only the given keys replaced, written to tmp_path."""
+    text = (EXAMPLES / example).read_text()
+    config = yaml.safe_load(text)
+    unknown = set(values) - {"model_name_or_path", "adapter_name_or_path", "dataset_dir", "output_dir",
+                             "max_samples", "num_train_epochs", "cutoff_len"}
+    assert not unknown, unknown
+    config.update(values)
+    path = tmp_path / example
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def jaxsft(*args, cwd=None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "jaxsft.main", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_qwen3_lora_sft_example_trains_and_writes_an_adapter(tmp_path):
+    model = tiny_model("qwen3", tmp_path / "qwen3")
+    out = tmp_path / "saves" / "lora"
+    cfg = machine_specific("train_lora-qwen3_lora_sft.yaml", tmp_path, model_name_or_path=str(model),
+                           dataset_dir=str(DATA_DIR), output_dir=str(out), max_samples=32, num_train_epochs=2.0,
+                           cutoff_len=128)
+    done = jaxsft("train", cfg)
+    assert "note: 'save_only_model'" not in done.stdout  # false: the default, nothing to say
+    assert "note: 'trust_remote_code'" in done.stdout
+    # What LLaMA-Factory's output_dir holds after a LoRA run (HF Trainer.save_model + LF's callbacks).
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "trainer_log.jsonl",
+                 "train_results.json", "all_results.json", "training_loss.png"):
+        assert (out / name).is_file(), name
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert sorted(adapter["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # lora_target: all
+    logged = [r for r in log_lines(out) if "loss" in r]  # 64 examples / (8 rows x 8 accumulation) x 2 epochs
+    assert [r["current_steps"] for r in logged] == [2] == [r["total_steps"] for r in logged]
+    assert json.loads((out / "train_results.json").read_text())["epoch"] == 2.0
+    # The adapter loads in peft on the base model.
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    peft_model = PeftModel.from_pretrained(base, out)
+    assert any(float(p.abs().sum()) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_qwen3_full_sft_example_with_deepspeed_writes_a_model(tmp_path):
+    model = tiny_model("qwen3", tmp_path / "qwen3")
+    out = tmp_path / "saves" / "full"
+    cfg = machine_specific("train_full-qwen3_full_sft.yaml", tmp_path, model_name_or_path=str(model),
+                           dataset_dir=str(DATA_DIR), output_dir=str(out), max_samples=16, num_train_epochs=1.0,
+                           cutoff_len=128)
+    done = jaxsft("train", cfg)
+    # examples/deepspeed/ds_z3_config.json does not exist here: the stage comes from its name.
+    assert "note: 'deepspeed': ZeRO-3 -> mesh {fsdp: -1}" in done.stdout
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_log.jsonl", "train_results.json",
+                 "training_loss.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # bf16: true
+    trained = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    original = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    changed = [n for n, p in trained.named_parameters()
+               if not torch.equal(p, original.get_parameter(n).to(torch.bfloat16).float())]
+    assert "model.layers.1.mlp.down_proj.weight" in changed  # full: every kind of weight trained
+
+
+def test_llama3_lora_predict_example_generates(tmp_path):
+    model = tiny_model("llama", tmp_path / "llama")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    adapter_dir = tmp_path / "saves" / "sft"
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    out = tmp_path / "saves" / "predict"
+    cfg = machine_specific("nlg_eval-llama3_lora_predict.yaml", tmp_path, model_name_or_path=str(model),
+                           adapter_name_or_path=str(adapter_dir), dataset_dir=str(DATA_DIR),
+                           output_dir=str(out), max_samples=2, cutoff_len=128)
+    jaxsft("train", cfg)  # LLaMA-Factory runs this example with `llamafactory-cli train`
+    predictions = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4  # identity + alpaca_en_demo, 2 each
+    assert all(set(p) >= {"prompt", "predict", "label"} for p in predictions)
+    results = json.loads((out / "predict_results.json").read_text())
+    for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"):
+        assert key in results and np.isfinite(results[key]), key
+
+
+def test_merge_lora_example_exports_a_merged_model(tmp_path):
+    """LLaMA-Factory's merge_lora/qwen3_lora_sft.yaml: no do_*, adapter + export_dir, as
+    `llamafactory-cli export` takes it."""
+    model = tiny_model("qwen3", tmp_path / "qwen3")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 300, 42, 7, 1999]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    config = {  # examples/merge_lora/qwen3_lora_sft.yaml, paths changed
+        "model_name_or_path": str(model), "adapter_name_or_path": str(tmp_path / "adapter"),
+        "template": "qwen3_nothink", "trust_remote_code": True,
+        "export_dir": str(tmp_path / "merged"), "export_size": 5, "export_device": "cpu",
+        "export_legacy_format": False,
+    }
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    done = jaxsft("export", tmp_path / "merge.yaml")
+    assert "note: 'export_device' has no effect" in done.stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        got = merged(ids).logits
+    assert float((got - expected).abs().max()) < 1e-4
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
