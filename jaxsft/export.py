@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from safetensors.numpy import save_file
 from jaxsft import lora
 from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.hf import load_hf_config, load_hf_params, params_to_hf_state_dict, resolve_model_path
+from jaxsft.model.hf import (load_hf_config, load_hf_params, other_tower_tensors, params_to_hf_state_dict,
+                             resolve_model_path)
 
 logger = logging.getLogger("jaxsft")
 
@@ -42,8 +44,8 @@ def _np_dtype(dtype: str) -> np.dtype:
 def _hf_order(name: str) -> tuple[int, int]:
     """Layer-major order like a torch state dict: embeddings, layer 0, layer 1, ..., final norm, lm_head."""
     parts = name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        return (1, int(parts[2]))
+    if "layers" in parts[:-2] and parts[parts.index("layers") + 1].isdigit():
+        return (1, int(parts[parts.index("layers") + 1]))
     return (0, 0) if "embed_tokens" in name else (2, 0)
 
 
@@ -89,6 +91,8 @@ def export_hf(params: dict, model_cfg: ModelConfig, source_model_dir: str | Path
         params = lora.merge_adapters(params, lora_scale)
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np_dtype), params)
     state = params_to_hf_state_dict(params, model_cfg)
+    # A multimodal source (Gemma 3): its vision tower and projector go out as they came in.
+    state.update(other_tower_tensors(source, model_cfg, np_dtype))
     state = {name: state[name] for name in sorted(state, key=_hf_order)}
     out.mkdir(parents=True, exist_ok=True)
 
@@ -104,6 +108,14 @@ def export_hf(params: dict, model_cfg: ModelConfig, source_model_dir: str | Path
     logger.info("exported %d tensors (%s) to %s in %s; tokenizer files: %s", len(state), dtype, out,
                 ", ".join(files), ", ".join(copied) or "none")
     return out
+
+
+def _peft_targets(model_cfg: ModelConfig, targets: list[str]) -> list[str] | str:
+    """PEFT's target_modules: the module names, or, in a multimodal model, a regex on the text tower's
+    layers (the vision tower has modules of the same names, as LLaMA-Factory also guards against)."""
+    if model_cfg.peft_prefix == "model.":
+        return sorted(targets)
+    return rf"{re.escape(model_cfg.peft_prefix)}layers\.\d+\.\w+\.({'|'.join(sorted(targets))})"
 
 
 def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Path, *, rank: int, alpha: float,
@@ -127,7 +139,7 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": sorted(targets),
+        "target_modules": _peft_targets(model_cfg, targets),
         "use_rslora": use_rslora,
         "lora_dropout": lora_dropout,
         "bias": "none",

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.layers import rms_norm, rope_cos_sin
-from jaxsft.model.transformer import decoder_layer, embed, lm_logits
+from jaxsft.model.transformer import embed, final_norm, lm_logits, run_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,19 +86,11 @@ def _run_layers(params, cfg, cache, ids_BT, seg_BT, pos_BT, index, compute_dtype
     """Write tokens at cache slot `index` onward and return (final-normed h_BTD, new cache)."""
     seg_BS = jax.lax.dynamic_update_slice(cache["seg"], seg_BT, (0, index))
     pos_BS = jax.lax.dynamic_update_slice(cache["pos"], pos_BT, (0, index))
-    rope = rope_cos_sin(cfg, pos_BT, compute_dtype)
-
-    def body(x_BTD, xs):
-        layer, k_BSKD, v_BSKD = xs
-        kv_cache = {"k": k_BSKD, "v": v_BSKD, "seg": seg_BS, "pos": pos_BS, "index": index}
-        x_BTD, kv = decoder_layer(
-            x_BTD, layer, cfg, rope, seg_BT, pos_BT, attention_impl=attention_impl, kv_cache=kv_cache
-        )
-        return x_BTD, kv
-
-    x_BTD = embed(params, ids_BT, compute_dtype)
-    x_BTD, (k_LBSKD, v_LBSKD) = jax.lax.scan(body, x_BTD, (params["layers"], cache["k"], cache["v"]))
-    h_BTD = rms_norm(x_BTD, params["norm"]["scale"], cfg.rms_norm_eps)
+    x_BTD = embed(params, ids_BT, compute_dtype, cfg)
+    x_BTD, (k_LBSKD, v_LBSKD) = run_layers(
+        params, cfg, x_BTD, seg_BT, pos_BT, attention_impl=attention_impl,
+        cache={"k": cache["k"], "v": cache["v"], "seg": seg_BS, "pos": pos_BS, "index": index})
+    h_BTD = final_norm(params, cfg, x_BTD)
     return h_BTD, {"k": k_LBSKD, "v": v_LBSKD, "seg": seg_BS, "pos": pos_BS}
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from jaxsft.config import ConfigError
 from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
+from jaxsft.model.families import ALL_LINEAR_MODULES
 from jaxsft.model.hf import params_to_hf_state_dict
 from jaxsft.params import LAYERS, Flat, Partition
 
@@ -28,7 +29,7 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_HF_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # for messages
+_HF_ORDER = ALL_LINEAR_MODULES  # the family table's module names, in HF order (for messages and `all`)
 _PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
 
 
@@ -245,6 +246,8 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
     with jax.default_device(cpu), safe_open(weights, framework="flax") as f:  # flax reads bf16
         for name in f.keys():
             short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            if short.startswith(model_cfg.peft_prefix):  # a multimodal model's text tower: as a text model's
+                short = "model." + short[len(model_cfg.peft_prefix):]
             match = _PEFT_LORA_NAME.fullmatch(short)
             if match is None:
                 saved[short] = np.asarray(f.get_tensor(name))
@@ -340,7 +343,7 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
         a_LIR, b_LRO = cast(module["lora_a"]), cast(module["lora_b"])
         hf_module = ".".join(modules[name][1:])
         for i in range(model_cfg.num_layers):
-            base = f"{PEFT_PREFIX}model.layers.{i}.{hf_module}"
+            base = f"{PEFT_PREFIX}{model_cfg.peft_prefix}layers.{i}.{hf_module}"
             state[f"{base}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
             state[f"{base}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
     names = csv_names(modules_to_save)
@@ -356,6 +359,8 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
         if not subtree:
             raise ValueError(f"modules_to_save {names} match no module of the params")
         for name, value in params_to_hf_state_dict(subtree, model_cfg).items():
+            if name.startswith(model_cfg.hf_prefix):  # PEFT names modules as the loaded torch model does
+                name = model_cfg.peft_prefix + name[len(model_cfg.hf_prefix):]
             state[PEFT_PREFIX + name] = value
         if model_cfg.tie_word_embeddings and "embed_tokens" in names:  # PEFT's ensure_weight_tying layout
             state[PEFT_PREFIX + "lm_head.weight"] = state[PEFT_PREFIX + "model.embed_tokens.weight"]

@@ -33,7 +33,12 @@ def attention_mask(
     return mask_BTS
 
 
-def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
+def soft_cap(logits, softcap: float | None):
+    """Gemma 2's attention-logit soft-capping: cap * tanh(logits / cap)."""
+    return logits if softcap is None else jnp.tanh(logits / softcap) * softcap
+
+
+def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, softcap=None):
     """Reference einsum attention. GQA by grouping query heads; K/V are never repeated."""
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
@@ -41,19 +46,20 @@ def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
     logits_BKGTS = jnp.einsum(
         "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
     ) * (D**-0.5)
+    logits_BKGTS = soft_cap(logits_BKGTS, softcap)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKD.dtype)
     out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
     return out_BTKGD.reshape(B, T, H, D)
 
 
-def _xla_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window):
+def _xla_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, softcap=None):
     mask_BTS = attention_mask(seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window)
-    return _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
+    return _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, softcap)
 
 
 def _chunked_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
-                  block: int = 512):
+                  softcap=None, block: int = 512):
     """Memory-efficient XLA attention for long rows: query blocks, each streaming over key blocks with
     an online softmax (flash-attention style), rematerialized in the backward pass. Memory grows with
     T x block instead of T x S; the result equals the reference."""
@@ -85,6 +91,7 @@ def _chunked_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_
                 m_BKGQ, l_BKGQ, acc_BQKGD = carry
                 s_BKGQC = jnp.einsum("bqkgd,bckd->bkgqc", q_BQKGD, k_BCKD,
                                      preferred_element_type=jnp.float32) * scale
+                s_BKGQC = soft_cap(s_BKGQC, softcap)
                 s_BKGQC = jnp.where(mask_BQC[:, None, None], s_BKGQC, _MASKED)
                 m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(-1))
                 p_BKGQC = jnp.where(mask_BQC[:, None, None], jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
@@ -95,8 +102,8 @@ def _chunked_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_
                 acc_new = acc_BQKGD * jnp.moveaxis(correction, 3, 1)[..., None] + pv_BQKGD
                 return m_new, l_new, acc_new
 
-            # Packed rows are block-diagonal and causal: most key blocks hold nothing a query block
-            # may see. Skip those (a real branch: rows run one at a time, see below).
+            # Packed rows are block-diagonal and causal (and windowed): most key blocks hold nothing a
+            # query block may see. Skip those (a real branch: rows run one at a time, see below).
             return jax.lax.cond(mask_BQC.any(), update, lambda c: c, carry), None
 
         init = (jnp.full((B, K, G, bq), _MASKED, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
@@ -150,8 +157,9 @@ def _kernel_inputs(impl: str, q_BTHD, k_BSKD, v_BSKD, seg_BT, sliding_window, bl
     T = q_BTHD.shape[1]
     if k_BSKD.shape[1] != T:
         raise ValueError(f"attention impl '{impl}' runs training-shaped attention (T == S); decode with 'xla'")
-    if sliding_window is not None:
-        raise ValueError(f"attention impl '{impl}' has no sliding window; use 'xla' for Mistral's window")
+    if sliding_window is not None and impl != "splash":
+        raise ValueError(f"attention impl '{impl}' has no sliding window; use 'cudnn' or 'xla_blocksparse' for "
+                         "models with sliding-window layers")
     groups = q_BTHD.shape[2] // k_BSKD.shape[2]
     pad = -T % block
 
@@ -174,9 +182,11 @@ def _pallas_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_B
 
 
 def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
-                 interpret: bool = False):
-    """TPU splash attention: a causal mask plus `SegmentIds`, per example (vmapped over the batch).
-    Training-shaped only; `interpret` runs it on CPU."""
+                 softcap=None, interpret: bool = False):
+    """TPU splash attention: a causal (or causal sliding-window) mask plus `SegmentIds`, per example
+    (vmapped over the batch), soft-capped logits when asked. Within a packed segment, index distance is
+    position distance, so the index-based window is the position-based one. Training-shaped only;
+    `interpret` runs it on CPU."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -185,8 +195,10 @@ def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_B
                                   k_BSKD, v_BSKD, seg_q_BT, sliding_window)
     q, k, v = (jnp.moveaxis(x, 2, 1) for x in (q, k, v))  # splash wants [heads, length, head_dim] per row
     Tp = q.shape[2]
-    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((Tp, Tp))] * H), head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+    mask = (masks.CausalMask((Tp, Tp)) if sliding_window is None
+            else masks.LocalMask((Tp, Tp), window_size=(sliding_window - 1, 0), offset=0))
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([mask] * H), head_shards=1, q_seq_shards=1,
+                                    attn_logits_soft_cap=softcap, interpret=interpret)
     out_BHTD = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(
         q, k, v, seg)
     return jnp.moveaxis(out_BHTD, 1, 2)[:, :T]
@@ -202,6 +214,7 @@ def _not_yet(name: str, backend: str) -> Callable:
 
 
 # name -> (platforms it runs on or None for any, fn(q, k, v, seg_q, seg_kv, pos_q, pos_kv, window)).
+# Those in SOFTCAP_IMPLS also take `softcap=` (Gemma 2's attention-logit soft-capping).
 # Each implementation builds what it needs: a mask (xla), lengths/offsets (cudnn), segment ids
 # (pallas, splash).
 ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
@@ -212,6 +225,7 @@ ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "pallas": (("gpu", "cuda"), _pallas_impl),
     "splash": (("tpu",), _splash_impl),
 }
+SOFTCAP_IMPLS = ("xla", "xla_chunked", "xla_blocksparse", "splash")
 
 
 def attention(
@@ -225,8 +239,11 @@ def attention(
     q_positions_BT: jax.Array | None = None,
     kv_positions_BS: jax.Array | None = None,
     sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Attention output [B, T, H, D]. H must be a multiple of K (GQA).
+    """Attention output [B, T, H, D]. H must be a multiple of K (GQA). Logits are scaled by `scale`
+    (default D ** -0.5), then soft-capped to (-softcap, softcap) when given.
 
     Positions order tokens for the causal mask; they default to indices, with the T queries being
     the last T of the S keys. Decoding passes the cache's positions, so empty cache slots (segment
@@ -250,5 +267,14 @@ def attention(
         q_positions_BT = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
     if kv_positions_BS is None:
         kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    D = q_BTHD.shape[-1]
+    if scale is not None and scale != D ** -0.5:  # the kernels scale by D ** -0.5; fold the difference into q
+        q_BTHD = (q_BTHD * (scale * D ** 0.5)).astype(q_BTHD.dtype)
+    extra = {}
+    if softcap is not None:
+        if impl not in SOFTCAP_IMPLS:
+            raise ValueError(f"attention impl {impl!r} has no logit soft-capping (this model's "
+                             f"attn_logit_softcapping); use one of {', '.join(SOFTCAP_IMPLS)}")
+        extra["softcap"] = softcap
     return fn(q_BTHD, k_BSKD, v_BSKD, segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS,
-              sliding_window)
+              sliding_window, **extra)

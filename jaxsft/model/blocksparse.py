@@ -137,7 +137,8 @@ def _slot_inputs(s, pairs_BP, M, G, q_b, k_b, v_b, ids, sliding_window):
     return i_B, j_B, _take(q_b, i_B), _take(k_b, j_B), _take(v_b, j_B), mask
 
 
-def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
+def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv,
+             softcap=None):
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     G = H // K
@@ -151,6 +152,8 @@ def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, s
         m_BNKR, l_BNKR, acc_BNKRD = carry
         i_B, _, q_BKRD, k_BKCD, v_BKCD, mask = _slot_inputs(s, pairs_BP, M, G, q_b, k_b, v_b, ids, sliding_window)
         s_BKRC = jnp.einsum("bkrd,bkcd->bkrc", q_BKRD, k_BKCD, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s_BKRC = jnp.tanh(s_BKRC / softcap) * softcap
         s_BKRC = jnp.where(mask, s_BKRC, _MASKED)
         m_old = _take(m_BNKR, i_B)
         m_new = jnp.maximum(m_old, s_BKRC.max(-1))
@@ -171,23 +174,26 @@ def _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, s
     return _token_layout(out_BNKRD, T, G).astype(q_BTHD.dtype), lse_BNKR
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def blocksparse_attention(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
-                          sliding_window: int | None = None, block_q: int = 128, block_kv: int = 128):
-    """Causal, segment-aware attention [B, T, H, D] (same contract as the reference `xla` impl)."""
+                          sliding_window: int | None = None, block_q: int = 128, block_kv: int = 128,
+                          softcap: float | None = None):
+    """Causal, segment-aware attention [B, T, H, D] (same contract as the reference `xla` impl); logits
+    soft-capped to (-softcap, softcap) when given (Gemma 2)."""
     return _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window,
-                    block_q, block_kv)[0]
+                    block_q, block_kv, softcap)[0]
 
 
-def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv):
+def _fwd(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, sliding_window, block_q, block_kv,
+         softcap):
     out_BTHD, lse = _forward(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
-                             sliding_window, block_q, block_kv)
+                             sliding_window, block_q, block_kv, softcap)
     out_BTHD = checkpoint_name(out_BTHD, "attention_out")
     lse = checkpoint_name(lse, "attention_lse")
     return out_BTHD, (q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, out_BTHD, lse)
 
 
-def _bwd(sliding_window, block_q, block_kv, residuals, dout_BTHD):
+def _bwd(sliding_window, block_q, block_kv, softcap, residuals, dout_BTHD):
     q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS, out_BTHD, lse_BNKR = residuals
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -208,10 +214,15 @@ def _bwd(sliding_window, block_q, block_kv, residuals, dout_BTHD):
                                                               sliding_window)
         do_BKRD = _take(dout_BNKRD, i_B)
         s_BKRC = jnp.einsum("bkrd,bkcd->bkrc", q_BKRD, k_BKCD, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            t_BKRC = jnp.tanh(s_BKRC / softcap)
+            s_BKRC = t_BKRC * softcap
         p_BKRC = jnp.where(mask, jnp.exp(s_BKRC - _take(lse_BNKR, i_B)[..., None]), 0.0)
         dv_BKCD = jnp.einsum("bkrc,bkrd->bkcd", p_BKRC, do_BKRD, preferred_element_type=jnp.float32)
         dp_BKRC = jnp.einsum("bkrd,bkcd->bkrc", do_BKRD, v_BKCD, preferred_element_type=jnp.float32)
         ds_BKRC = p_BKRC * (dp_BKRC - _take(delta_BNKR, i_B)[..., None]) * scale
+        if softcap is not None:  # d(cap * tanh(s / cap)) / ds = 1 - tanh^2
+            ds_BKRC = ds_BKRC * (1 - t_BKRC * t_BKRC)
         dq_BKRD = jnp.einsum("bkrc,bkcd->bkrd", ds_BKRC, k_BKCD, preferred_element_type=jnp.float32)
         dk_BKCD = jnp.einsum("bkrc,bkrd->bkcd", ds_BKRC, q_BKRD, preferred_element_type=jnp.float32)
         return _add(dq_BNKRD, i_B, dq_BKRD), _add(dk_BMKCD, j_B, dk_BKCD), _add(dv_BMKCD, j_B, dv_BKCD)

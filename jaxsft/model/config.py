@@ -1,23 +1,36 @@
-"""Model hyperparameters: one frozen dataclass, built from a Hugging Face `config.json` dict."""
+"""Model hyperparameters: one frozen dataclass, built from a Hugging Face `config.json` dict.
+
+What each family sets, and how its config.json is read, is the family table in `families.py`; the
+decoder reads only the resolved fields below, never the family name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `linear` divides every frequency by `factor`; `llama3` is Llama-3.1's."""
+    """RoPE frequency scaling, with the fields transformers' `rope_parameters` use for each type:
+    `linear` divides every frequency by `factor`; `llama3` is Llama-3.1's; `yarn`, `dynamic` (NTK,
+    by sequence length) and `longrope` (Phi-3's short/long factors) as in transformers' rope utils."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +50,38 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 4096
-    # Mistral: a token sees only keys with position > its own position - sliding_window.
+    # A token sees only keys with position > its own position - sliding_window: on every layer when
+    # `layer_types` is None (Mistral, Phi-3), else on the layers marked `sliding_attention`.
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Per layer `sliding_attention` / `full_attention` (Gemma 2/3, Qwen2 max_window_layers).
+    layer_types: tuple[str, ...] | None = None
+    # Rope base of the sliding layers when it differs from the global one (Gemma 3: 10k vs 1M).
+    local_rope_theta: float | None = None
+    partial_rotary_factor: float = 1.0
+    hidden_act: str = "silu"
+    # Gemma: RMSNorm scales by (1 + w), in fp32 before the cast back.
+    norm_plus_one: bool = False
+    # Gemma: embeddings times sqrt(hidden_size).
+    scale_embeddings: bool = False
+    # Gemma 2/3: norms after attention and MLP as well as before (pre/post_feedforward_layernorm).
+    sandwich_norms: bool = False
+    # Attention logits scale query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma).
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Phi-3: one qkv_proj [D, Q+2KV] and one gate_up_proj [D, 2F], kept fused as in the checkpoint.
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    # Where the decoder's tensors sit in the checkpoint ("model." or a multimodal text tower's prefix)
+    # and the module prefix PEFT sees on the loaded torch model.
+    hf_prefix: str = "model."
+    peft_prefix: str = "model."
 
     def __post_init__(self):
+        from jaxsft.model.families import SUPPORTED_ACTIVATIONS, SUPPORTED_ROPE_TYPES
+
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -52,96 +91,47 @@ class ModelConfig:
                 f"rope_scaling type {self.rope_scaling.rope_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+            if unknown:
+                raise ValueError(f"layer_types {unknown} are not supported; supported: {SLIDING}, {FULL}")
 
     @property
     def num_groups(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        """Leading head dims that RoPE rotates (all of them unless partial_rotary_factor < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layer_kinds(self) -> tuple[tuple[int | None, bool], ...]:
+        """The distinct (sliding window or None, uses the local rope base) of the layers, in a fixed order."""
+        return tuple(sorted(set(self._kind(i) for i in range(self.num_layers)), key=str))
+
+    @property
+    def layer_kind_index(self) -> tuple[int, ...]:
+        """Per layer, its index into `layer_kinds`."""
+        kinds = self.layer_kinds
+        return tuple(kinds.index(self._kind(i)) for i in range(self.num_layers))
+
+    def _kind(self, layer: int) -> tuple[int | None, bool]:
+        if self.layer_types is None:
+            return self.sliding_window, False
+        sliding = self.layer_types[layer] == SLIDING
+        return (self.sliding_window if sliding else None), sliding and self.local_rope_theta is not None
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict (transformers 4.x `rope_scaling`/`rope_theta`
-        or 5.x `rope_parameters` layouts)."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{model_type}: hidden_act {act!r} is not supported (only 'silu')")
-        if hf.get("mlp_bias", False):
-            raise ValueError(f"{model_type}: mlp_bias=True is not supported")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            raise ValueError(f"{model_type}: pretraining_tp={hf['pretraining_tp']} is not supported (only 1)")
+        or 5.x `rope_parameters` layouts), per the family table."""
+        from jaxsft.model.families import config_from_hf
 
-        rope_dict = hf.get("rope_parameters") or {}
-        partial = rope_dict.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise ValueError(f"{model_type}: partial_rotary_factor={partial} is not supported (only 1.0)")
-
-        num_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        rope_theta, rope_scaling = _rope_from_hf(hf, model_type)
-
-        # Qwen2 always has q/k/v biases (no o_proj bias); Mistral has none.
-        qkv_bias = model_type == "qwen2"
-        if model_type != "qwen2" and hf.get("attention_bias", False):
-            # llama/qwen3 attention_bias also puts a bias on o_proj, which the param tree has no slot for.
-            raise ValueError(f"{model_type}: attention_bias=True (bias on o_proj) is not supported")
-
-        sliding_window = None
-        if model_type == "mistral":
-            sliding_window = hf.get("sliding_window")
-        elif hf.get("use_sliding_window", False):
-            # Qwen2/3 mix sliding and full layers per `layer_types`; the scanned stack runs one kind.
-            raise ValueError(f"{model_type}: use_sliding_window=True is not supported")
-
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
-            family=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            # HF defaults tie_word_embeddings to False for these families when the key is missing.
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            qk_norm=model_type == "qwen3",
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            sliding_window=sliding_window,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
-
-
-def _rope_from_hf(hf: dict[str, Any], model_type: str) -> tuple[float, RopeScaling | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"{model_type}: rope scaling type {rope_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", float(params["factor"]))
-    return theta, RopeScaling(
-        "llama3",
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        ),
-    )
+        return cls(**config_from_hf(hf))

@@ -68,15 +68,36 @@ def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
 
 
-def _hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, bool]:
-    """HF tensor name of one (per-layer) leaf, and whether it is stored transposed ([out, in])."""
+def _hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.") -> tuple[str, bool]:
+    """HF tensor name of one (per-layer) leaf, and whether it is stored transposed ([out, in]). `prefix` is
+    where the decoder sits in the checkpoint (`model.`, or `language_model.model.` in a multimodal one,
+    whose lm_head is then `language_model.lm_head`)."""
     *modules, leaf = path
     suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
     if modules == ["lm_head"]:
-        return "lm_head.weight", True
+        return prefix.removesuffix("model.") + "lm_head.weight", True
     if modules[0] == "layers":
         modules = ["layers", str(layer), *modules[1:]]
-    return "model." + ".".join([*modules, suffix]), leaf == "kernel"
+    return prefix + ".".join([*modules, suffix]), leaf == "kernel"
+
+
+def _canonical_name(name: str, cfg: ModelConfig) -> str:
+    """A multimodal checkpoint saved with transformers' in-memory names (`model.language_model.*`) read as the
+    on-disk layout (`language_model.model.*`)."""
+    if cfg.peft_prefix != cfg.hf_prefix and name.startswith(cfg.peft_prefix):
+        return cfg.hf_prefix + name[len(cfg.peft_prefix):]
+    if cfg.peft_prefix != cfg.hf_prefix and name == "lm_head.weight":
+        return cfg.hf_prefix.removesuffix("model.") + "lm_head.weight"
+    return name
+
+
+def is_other_tower(name: str, cfg: ModelConfig) -> bool:
+    """Tensors of a multimodal checkpoint outside the text decoder (vision tower, projector): not trained,
+    carried through export as they are."""
+    if cfg.hf_prefix == "model.":
+        return False
+    name = _canonical_name(name, cfg)
+    return not name.startswith(cfg.hf_prefix.removesuffix("model."))
 
 
 def _hf_index(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
@@ -85,7 +106,7 @@ def _hf_index(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, 
     for path in _leaf_paths(cfg):
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for i in layers:
-            name, transposed = _hf_name(path, i)
+            name, transposed = _hf_name(path, i, cfg.hf_prefix)
             index[name] = (path, i, transposed)
     return index
 
@@ -142,8 +163,11 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
     cpu = _host_device()
     for file in _safetensors_files(path):
         with jax.default_device(cpu), safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            for stored in f.keys():
+                name = _canonical_name(stored, cfg)
+                lm_head = _hf_name(("lm_head", "kernel"), None, cfg.hf_prefix)[0]
+                if (name.endswith(_IGNORED_SUFFIXES) or (name == lm_head and cfg.tie_word_embeddings)
+                        or is_other_tower(name, cfg)):
                     continue
                 if name not in index:
                     raise InputError(
@@ -157,7 +181,7 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
                 for key in leaf_path:
                     target = target[key]
                 slot = target if layer is None else target[layer]
-                value = np.asarray(f.get_tensor(name))
+                value = np.asarray(f.get_tensor(stored))
                 if transposed:
                     value = value.T
                 if value.shape != slot.shape:
@@ -174,6 +198,21 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
     return params
 
 
+def other_tower_tensors(name_or_path: str | os.PathLike, cfg: ModelConfig, np_dtype) -> dict[str, np.ndarray]:
+    """The source checkpoint's tensors outside the text decoder (a multimodal model's vision tower and
+    projector), as stored, cast to `np_dtype`; empty for text-only families."""
+    if cfg.hf_prefix == "model.":
+        return {}
+    out = {}
+    with jax.default_device(_host_device()):
+        for file in _safetensors_files(resolve_model_path(name_or_path)):
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    if is_other_tower(name, cfg):
+                        out[name] = np.asarray(f.get_tensor(name)).astype(np_dtype)
+    return out
+
+
 def params_to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF tensor names and shapes ([out, in] linear weights), as host numpy arrays in the params'
     dtype. Adapters must be merged first."""
@@ -186,7 +225,7 @@ def params_to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndar
         value = np.asarray(leaf)
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for i in layers:
-            name, transposed = _hf_name(path, i)
+            name, transposed = _hf_name(path, i, cfg.hf_prefix)
             tensor = value if i is None else value[i]
             state[name] = np.ascontiguousarray(tensor.T if transposed else tensor)
     return state

@@ -95,20 +95,36 @@ def _lora_update_bwd(res, g_BTO):
 lora_update.defvjp(_lora_update_fwd, _lora_update_bwd)
 
 
-def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm as Hugging Face computes it: normalize in fp32, cast back, then scale."""
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm as Hugging Face computes it: normalize in fp32; Llama casts back, then scales by w;
+    Gemma (`plus_one`) scales by (1 + w) in fp32, then casts back."""
     x32 = x_BTD.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (x32 * (1.0 + scale_D.astype(jnp.float32))).astype(x_BTD.dtype)
     return scale_D.astype(x_BTD.dtype) * x32.astype(x_BTD.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair inverse frequencies [head_dim // 2], float32, as transformers computes them."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv_freq = inv_freq.astype(np.float32)
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu": partial(jax.nn.gelu, approximate=False),
+}
+
+
+def _default_inv_freq(theta: float, dim: int) -> np.ndarray:
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, long: bool = False) -> np.ndarray:
+    """Per-pair inverse frequencies [rotary_dim // 2], float32, as transformers computes them. `theta`
+    overrides the base (Gemma 3's local layers, unscaled); `long` picks longrope's long factors."""
+    dim = cfg.rotary_dim
+    if theta is not None:
+        return _default_inv_freq(theta, dim)
+    inv_freq = _default_inv_freq(cfg.rope_theta, dim)
     rs = cfg.rope_scaling
-    if rs is None:
+    if rs is None or rs.rope_type == "dynamic":  # dynamic: the base moves with the length (rope_cos_sin)
         return inv_freq
     if rs.rope_type == "linear":
         return (inv_freq / rs.factor).astype(np.float32)
@@ -123,20 +139,97 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * inv_freq_llama / rs.factor + smooth * inv_freq_llama
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+    if rs.rope_type == "yarn":
+        # _compute_yarn_parameters: interpolate low frequencies, keep high ones, ramp between.
+        def correction_dim(rotations):
+            return (dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+                2 * math.log(cfg.rope_theta))
+
+        low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        pos_freqs = (cfg.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / dim)).astype(np.float32)
+        extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (rs.factor * pos_freqs)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        keep = (1 - ramp).astype(np.float32)
+        return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
+    if rs.rope_type == "longrope":
+        factors = np.asarray(rs.long_factor if long else rs.short_factor, np.float32)
+        shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        return (1.0 / (factors * cfg.rope_theta ** shape)).astype(np.float32)
     raise ValueError(f"unsupported rope_scaling type {rs.rope_type!r}")
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, head_dim] for per-token positions (computed in fp32, then cast)."""
-    inv_freq_K = jnp.asarray(rope_inv_freq(cfg))
-    freqs_BTK = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor transformers multiplies cos and sin by (yarn's mscale, longrope's), else 1."""
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type not in ("yarn", "longrope"):
+        return 1.0
+    if rs.attention_factor is not None:
+        return float(rs.attention_factor)
+    if rs.rope_type == "longrope":
+        if rs.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(rs.factor) / math.log(rs.original_max_position_embeddings))
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rs.mscale and rs.mscale_all_dim:
+        return float(mscale(rs.factor, rs.mscale) / mscale(rs.factor, rs.mscale_all_dim))
+    return mscale(rs.factor)
+
+
+def _segment_lengths(positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
+    """Per token, its example's length so far (the largest position of its segment in the row, + 1): the
+    `seq_len` transformers' dynamic and longrope ropes key on, per example so packing changes nothing."""
+    if segment_ids_BT is None:
+        return jnp.broadcast_to(positions_BT.max(-1, keepdims=True) + 1, positions_BT.shape)
+    T = positions_BT.shape[1]
+
+    def row(pos_T, seg_T):
+        return jax.ops.segment_max(pos_T, seg_T, num_segments=T + 1)[seg_T] + 1
+
+    return jax.vmap(row)(positions_BT, segment_ids_BT.astype(jnp.int32))
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array, dtype, *, local: bool = False,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rotary_dim] for per-token positions (computed in fp32, then cast). `local`: the
+    sliding layers' own base (Gemma 3)."""
+    pos_BT = positions_BT.astype(jnp.float32)
+    rs = cfg.rope_scaling
+    if local:
+        freqs_BTK = pos_BT[..., None] * jnp.asarray(rope_inv_freq(cfg, theta=cfg.local_rope_theta))
+    elif rs is not None and rs.rope_type == "dynamic":
+        # _compute_dynamic_ntk_parameters at seq_len = max(length, max_position_embeddings).
+        dim, max_pos = cfg.rotary_dim, cfg.max_position_embeddings
+        seq_BT = jnp.maximum(_segment_lengths(positions_BT, segment_ids_BT), max_pos).astype(jnp.float32)
+        base_BT = cfg.rope_theta * ((rs.factor * seq_BT / max_pos) - (rs.factor - 1)) ** (dim / (dim - 2))
+        exponent_K = jnp.asarray(np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+        freqs_BTK = pos_BT[..., None] * (1.0 / (base_BT[..., None] ** exponent_K))
+    elif rs is not None and rs.rope_type == "longrope":
+        long_BT = _segment_lengths(positions_BT, segment_ids_BT) > rs.original_max_position_embeddings
+        inv_BTK = jnp.where(long_BT[..., None], jnp.asarray(rope_inv_freq(cfg, long=True)),
+                            jnp.asarray(rope_inv_freq(cfg)))
+        freqs_BTK = pos_BT[..., None] * inv_BTK
+    else:
+        freqs_BTK = pos_BT[..., None] * jnp.asarray(rope_inv_freq(cfg))
     emb_BTD = jnp.concatenate([freqs_BTK, freqs_BTK], axis=-1)
-    return jnp.cos(emb_BTD).astype(dtype), jnp.sin(emb_BTD).astype(dtype)
+    factor = 1.0 if local else rope_attention_factor(cfg)
+    return (jnp.cos(emb_BTD) * factor).astype(dtype), (jnp.sin(emb_BTD) * factor).astype(dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax.Array:
-    """HF's rotate_half convention: the two halves of head_dim form the rotated pairs."""
-    half = x_BTHD.shape[-1] // 2
-    x1, x2 = x_BTHD[..., :half], x_BTHD[..., half:]
-    rotated_BTHD = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BTHD * cos_BTD[:, :, None, :] + rotated_BTHD * sin_BTD[:, :, None, :]
+def apply_rope(x_BTHD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+    """HF's rotate_half convention: the two halves of the first R (rotary) dims form the rotated pairs;
+    dims past R (partial_rotary_factor < 1) pass through."""
+    R = cos_BTR.shape[-1]
+    x_rot, x_pass = x_BTHD[..., :R], x_BTHD[..., R:]
+    half = R // 2
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    rotated_BTHR = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_rot * cos_BTR[:, :, None, :] + rotated_BTHR * sin_BTR[:, :, None, :]
+    return out if R == x_BTHD.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)

@@ -1,7 +1,9 @@
-"""Decoder-only transformer (llama, mistral, qwen2, qwen3) over the plain param tree.
+"""Decoder-only transformer over the plain param tree, for every family of `families.py`.
 
 The tree layout is the contract in docs/internals.md. Layers are stacked on a leading axis and run
-under `jax.lax.scan`, so compile time does not grow with depth.
+under `jax.lax.scan`, so compile time does not grow with depth. Families that mix layer kinds (Gemma's
+sliding and global layers) scan over the same stack and `lax.switch` per layer to one traced body per
+kind, so each kind's window and rope are static for the attention kernels and compile time stays flat.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxsft.model.attention import attention
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.layers import apply_rope, dense, rms_norm, rope_cos_sin
+from jaxsft.model.layers import ACTIVATIONS, apply_rope, dense, rms_norm, rope_cos_sin
 
 REMAT_POLICIES = {
     "none": None,
@@ -39,32 +41,42 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float 
     def ones(*shape):
         return jnp.ones(shape, dtype)
 
-    attn = {
-        "q_proj": {"kernel": normal(L, D, Q)},
-        "k_proj": {"kernel": normal(L, D, KV)},
-        "v_proj": {"kernel": normal(L, D, KV)},
-        "o_proj": {"kernel": normal(L, Q, D)},
-    }
+    def norm(*shape):  # (1 + w) norms start at w = 0, as HF initializes them
+        return jnp.zeros(shape, dtype) if cfg.norm_plus_one else ones(*shape)
+
+    if cfg.fused_qkv:
+        attn = {"qkv_proj": {"kernel": normal(L, D, Q + 2 * KV)}, "o_proj": {"kernel": normal(L, Q, D)}}
+    else:
+        attn = {
+            "q_proj": {"kernel": normal(L, D, Q)},
+            "k_proj": {"kernel": normal(L, D, KV)},
+            "v_proj": {"kernel": normal(L, D, KV)},
+            "o_proj": {"kernel": normal(L, Q, D)},
+        }
     if cfg.qkv_bias:
         for name, width in (("q_proj", Q), ("k_proj", KV), ("v_proj", KV)):
             attn[name]["bias"] = normal(L, width)
     if cfg.qk_norm:
-        attn["q_norm"] = {"scale": ones(L, Dh)}
-        attn["k_norm"] = {"scale": ones(L, Dh)}
-    params = {
-        "embed_tokens": {"embedding": normal(V, D)},
-        "layers": {
-            "input_layernorm": {"scale": ones(L, D)},
-            "self_attn": attn,
-            "post_attention_layernorm": {"scale": ones(L, D)},
-            "mlp": {
-                "gate_proj": {"kernel": normal(L, D, F)},
-                "up_proj": {"kernel": normal(L, D, F)},
-                "down_proj": {"kernel": normal(L, F, D)},
-            },
-        },
-        "norm": {"scale": ones(D)},
+        attn["q_norm"] = {"scale": norm(L, Dh)}
+        attn["k_norm"] = {"scale": norm(L, Dh)}
+    if cfg.fused_gate_up:
+        mlp = {"gate_up_proj": {"kernel": normal(L, D, 2 * F)}, "down_proj": {"kernel": normal(L, F, D)}}
+    else:
+        mlp = {
+            "gate_proj": {"kernel": normal(L, D, F)},
+            "up_proj": {"kernel": normal(L, D, F)},
+            "down_proj": {"kernel": normal(L, F, D)},
+        }
+    layers = {
+        "input_layernorm": {"scale": norm(L, D)},
+        "self_attn": attn,
+        "post_attention_layernorm": {"scale": norm(L, D)},
+        "mlp": mlp,
     }
+    if cfg.sandwich_norms:
+        layers["pre_feedforward_layernorm"] = {"scale": norm(L, D)}
+        layers["post_feedforward_layernorm"] = {"scale": norm(L, D)}
+    params = {"embed_tokens": {"embedding": normal(V, D)}, "layers": layers, "norm": {"scale": norm(D)}}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": normal(D, V)}
     return params
@@ -83,8 +95,10 @@ def decoder_layer(
     kv_cache: dict | None = None,
     lora_dropout: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    sliding_window: int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm block. Returns (x_BTD, (k, v)) where k, v are what later tokens attend to.
+    """One block (pre-norm; Gemma's sandwich norms when cfg says). Returns (x_BTD, (k, v)) where k, v are
+    what later tokens attend to. `sliding_window` is this layer's window (None: full attention).
 
     Without a cache, tokens attend to each other. With `kv_cache` = {k_BSKD, v_BSKD, seg_BS, pos_BS,
     index} the new keys/values are written at slot `index` and queries attend to the whole cache
@@ -98,16 +112,25 @@ def decoder_layer(
     def lin(x, p):  # one dense of this layer, with its own LoRA-dropout key
         return dense(x, p, lora_scale, lora_dropout, next(keys))
 
-    h_BTD = rms_norm(x_BTD, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q_BTHD = lin(h_BTD, attn["q_proj"]).reshape(B, T, H, Dh)
-    k_BTKD = lin(h_BTD, attn["k_proj"]).reshape(B, T, K, Dh)
-    v_BTKD = lin(h_BTD, attn["v_proj"]).reshape(B, T, K, Dh)
-    if cfg.qk_norm:  # qwen3: per-head RMSNorm before RoPE
-        q_BTHD = rms_norm(q_BTHD, attn["q_norm"]["scale"], cfg.rms_norm_eps)
-        k_BTKD = rms_norm(k_BTKD, attn["k_norm"]["scale"], cfg.rms_norm_eps)
-    cos_BTD, sin_BTD = rope
-    q_BTHD = apply_rope(q_BTHD, cos_BTD, sin_BTD)
-    k_BTKD = apply_rope(k_BTKD, cos_BTD, sin_BTD)
+    def norm(x, p):
+        return rms_norm(x, p["scale"], cfg.rms_norm_eps, cfg.norm_plus_one)
+
+    h_BTD = norm(x_BTD, layer["input_layernorm"])
+    if cfg.fused_qkv:  # Phi-3: [q | k | v] along the output axis
+        qkv_BTO = lin(h_BTD, attn["qkv_proj"])
+        q_BTHD = qkv_BTO[..., : H * Dh].reshape(B, T, H, Dh)
+        k_BTKD = qkv_BTO[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
+        v_BTKD = qkv_BTO[..., (H + K) * Dh :].reshape(B, T, K, Dh)
+    else:
+        q_BTHD = lin(h_BTD, attn["q_proj"]).reshape(B, T, H, Dh)
+        k_BTKD = lin(h_BTD, attn["k_proj"]).reshape(B, T, K, Dh)
+        v_BTKD = lin(h_BTD, attn["v_proj"]).reshape(B, T, K, Dh)
+    if cfg.qk_norm:  # qwen3, gemma3: per-head RMSNorm before RoPE
+        q_BTHD = norm(q_BTHD, attn["q_norm"])
+        k_BTKD = norm(k_BTKD, attn["k_norm"])
+    cos_BTR, sin_BTR = rope
+    q_BTHD = apply_rope(q_BTHD, cos_BTR, sin_BTR)
+    k_BTKD = apply_rope(k_BTKD, cos_BTR, sin_BTR)
 
     if kv_cache is None:
         k_BSKD, v_BSKD, seg_kv_BS, pos_kv_BS = k_BTKD, v_BTKD, seg_BT, pos_BT
@@ -125,20 +148,89 @@ def decoder_layer(
         impl=attention_impl,
         q_positions_BT=pos_BT,
         kv_positions_BS=pos_kv_BS,
-        sliding_window=cfg.sliding_window,
+        sliding_window=sliding_window,
+        scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5,
+        softcap=cfg.attn_logit_softcap,
     )
-    x_BTD = x_BTD + lin(o_BTHD.reshape(B, T, H * Dh), attn["o_proj"])
-
+    o_BTD = lin(o_BTHD.reshape(B, T, H * Dh), attn["o_proj"])
     mlp = layer["mlp"]
-    h_BTD = rms_norm(x_BTD, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    gate_BTF = jax.nn.silu(lin(h_BTD, mlp["gate_proj"]))
-    up_BTF = lin(h_BTD, mlp["up_proj"])
-    x_BTD = x_BTD + lin(gate_BTF * up_BTF, mlp["down_proj"])
-    return x_BTD, (k_BSKD, v_BSKD)
+    act = ACTIVATIONS[cfg.hidden_act]
+    if cfg.sandwich_norms:  # gemma: norm the sublayer outputs too, and a separate pre-MLP norm
+        x_BTD = x_BTD + norm(o_BTD, layer["post_attention_layernorm"])
+        h_BTD = norm(x_BTD, layer["pre_feedforward_layernorm"])
+    else:
+        x_BTD = x_BTD + o_BTD
+        h_BTD = norm(x_BTD, layer["post_attention_layernorm"])
+    if cfg.fused_gate_up:  # Phi-3: [gate | up] along the output axis
+        gate_BTF, up_BTF = jnp.split(lin(h_BTD, mlp["gate_up_proj"]), 2, axis=-1)
+    else:
+        gate_BTF, up_BTF = lin(h_BTD, mlp["gate_proj"]), lin(h_BTD, mlp["up_proj"])
+    m_BTD = lin(act(gate_BTF) * up_BTF, mlp["down_proj"])
+    if cfg.sandwich_norms:
+        m_BTD = norm(m_BTD, layer["post_feedforward_layernorm"])
+    return x_BTD + m_BTD, (k_BSKD, v_BSKD)
 
 
-def embed(params: dict, input_ids_BT: jax.Array, compute_dtype) -> jax.Array:
-    return jnp.take(params["embed_tokens"]["embedding"], input_ids_BT, axis=0).astype(compute_dtype)
+def run_layers(
+    params: dict,
+    cfg: ModelConfig,
+    x_BTD: jax.Array,
+    seg_BT: jax.Array,
+    pos_BT: jax.Array,
+    *,
+    attention_impl: str = "xla",
+    remat_policy: str = "none",
+    lora_scale: float | None = None,
+    lora_dropout: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    cache: dict | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """The layer stack under one scan: embedded x_BTD in, last layer's output out (not final-normed).
+
+    With `cache` = {k, v [L, B, S, K, D], seg, pos [B, S], index} (decoding), returns the updated k, v.
+    Layers of different kinds (window, rope base) go through `lax.switch` on a per-layer kind index."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    kinds = cfg.layer_kinds
+    ropes = {local: rope_cos_sin(cfg, pos_BT, x_BTD.dtype, local=local, segment_ids_BT=seg_BT)
+             for local in sorted({local for _, local in kinds})}
+
+    def layer_fn(kind, x_BTD, layer, key, kv_cache):
+        window, local = kind
+        return decoder_layer(x_BTD, layer, cfg, ropes[local], seg_BT, pos_BT, attention_impl=attention_impl,
+                             lora_scale=lora_scale, kv_cache=kv_cache, lora_dropout=lora_dropout,
+                             dropout_rng=key, sliding_window=window)
+
+    def body(x_BTD, xs):
+        layer, key, kind, k_BSKD, v_BSKD = xs
+        kv_cache = None if cache is None else {"k": k_BSKD, "v": v_BSKD, "seg": cache["seg"],
+                                               "pos": cache["pos"], "index": cache["index"]}
+        if len(kinds) == 1:
+            x_BTD, kv = layer_fn(kinds[0], x_BTD, layer, key, kv_cache)
+        else:
+            branches = [lambda *a, k=k: layer_fn(k, *a) for k in kinds]
+            x_BTD, kv = jax.lax.switch(kind, branches, x_BTD, layer, key, kv_cache)
+        return x_BTD, (kv if cache is not None else None)
+
+    if remat_policy != "none":
+        # prevent_cse=False is safe (and faster) under scan.
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    use_dropout = dropout_rng is not None and lora_dropout > 0
+    keys_L = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
+    kind_L = jnp.asarray(cfg.layer_kind_index, jnp.int32) if len(kinds) > 1 else None
+    k_L, v_L = (cache["k"], cache["v"]) if cache is not None else (None, None)
+    return jax.lax.scan(body, x_BTD, (params["layers"], keys_L, kind_L, k_L, v_L))
+
+
+def embed(params: dict, input_ids_BT: jax.Array, compute_dtype, cfg: ModelConfig | None = None) -> jax.Array:
+    x_BTD = jnp.take(params["embed_tokens"]["embedding"], input_ids_BT, axis=0).astype(compute_dtype)
+    if cfg is not None and cfg.scale_embeddings:  # gemma: times sqrt(hidden), rounded to the compute dtype
+        x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, compute_dtype)
+    return x_BTD
+
+
+def final_norm(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
+    return rms_norm(x_BTD, params["norm"]["scale"], cfg.rms_norm_eps, cfg.norm_plus_one)
 
 
 def hidden_states(
@@ -148,42 +240,14 @@ def hidden_states(
     positions_BT: jax.Array,
     segment_ids_BT: jax.Array,
     *,
-    attention_impl: str = "xla",
-    remat_policy: str = "none",
     compute_dtype=jnp.float32,
-    lora_scale: float | None = None,
-    lora_dropout: float = 0.0,
-    dropout_rng: jax.Array | None = None,
+    **kwargs,
 ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] in compute_dtype. LoRA dropout runs only given `dropout_rng`."""
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    rope = rope_cos_sin(cfg, positions_BT, compute_dtype)
-
-    def body(x_BTD, layer_and_key):
-        layer, key = layer_and_key
-        x_BTD, _ = decoder_layer(
-            x_BTD,
-            layer,
-            cfg,
-            rope,
-            segment_ids_BT,
-            positions_BT,
-            attention_impl=attention_impl,
-            lora_scale=lora_scale,
-            lora_dropout=lora_dropout,
-            dropout_rng=key,
-        )
-        return x_BTD, None
-
-    if remat_policy != "none":
-        # prevent_cse=False is safe (and faster) under scan.
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    x_BTD = embed(params, input_ids_BT, compute_dtype)
-    use_dropout = dropout_rng is not None and lora_dropout > 0
-    keys_L = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
-    x_BTD, _ = jax.lax.scan(body, x_BTD, (params["layers"], keys_L))
-    return rms_norm(x_BTD, params["norm"]["scale"], cfg.rms_norm_eps)
+    """Final-normed hidden states [B, T, D] in compute_dtype. kwargs (attention_impl, remat_policy,
+    lora_scale, lora_dropout, dropout_rng) go to `run_layers`; LoRA dropout runs only given `dropout_rng`."""
+    x_BTD = embed(params, input_ids_BT, compute_dtype, cfg)
+    x_BTD, _ = run_layers(params, cfg, x_BTD, segment_ids_BT, positions_BT, **kwargs)
+    return final_norm(params, cfg, x_BTD)
 
 
 def lm_logits(params: dict, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
@@ -192,7 +256,10 @@ def lm_logits(params: dict, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
         w_DV = params["embed_tokens"]["embedding"].T
     else:
         w_DV = params["lm_head"]["kernel"]
-    return jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:  # gemma 2
+        logits_BTV = jnp.tanh(logits_BTV / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits_BTV
 
 
 def forward(
@@ -212,6 +279,8 @@ def forward(
 # the kernels they belong to; norms are small and stay replicated.
 _KERNEL_AXES = {
     "q_proj": ("embed", "heads"),
+    "qkv_proj": ("embed", "heads"),  # fused [q | k | v]: split after the matmul
+    "gate_up_proj": ("embed", "mlp"),
     "k_proj": ("embed", "kv_heads"),
     "v_proj": ("embed", "kv_heads"),
     "o_proj": ("heads", "embed"),

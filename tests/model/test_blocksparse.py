@@ -13,27 +13,30 @@ from jaxsft.model import attention as attn
 from jaxsft.model.blocksparse import _blocks, blocksparse_attention, live_pairs
 
 
-def value_and_grads(fn, q, k, v, seg, pos, window):
+def value_and_grads(fn, q, k, v, seg, pos, window, softcap=None):
     valid = (seg > 0)[..., None, None]
     cotangent = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), q.dtype)
 
     def loss(q, k, v):
-        out = fn(q, k, v, seg, seg, pos, pos, window)
+        out = fn(q, k, v, seg, seg, pos, pos, window, softcap=softcap)
         return (jnp.where(valid, out, 0) * cotangent).astype(jnp.float32).sum(), out
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
 
-@pytest.mark.parametrize("block, window, heads", [(64, None, (8, 2)), (100, None, (4, 4)), (128, 50, (6, 2)),
-                                                  (32, None, (4, 1)), (512, None, (4, 2))])
-def test_matches_reference_forward_and_grad(block, window, heads):
-    """Packed rows with padding, an empty-ish row, blocks that do not divide the row, GQA, a sliding window."""
+@pytest.mark.parametrize("block, window, heads, softcap", [
+    (64, None, (8, 2), None), (100, None, (4, 4), None), (128, 50, (6, 2), None), (32, None, (4, 1), None),
+    (512, None, (4, 2), None), (64, 40, (4, 2), 1.5)])
+def test_matches_reference_forward_and_grad(block, window, heads, softcap):
+    """Packed rows with padding, an empty-ish row, blocks that do not divide the row, GQA, a sliding window,
+    Gemma 2's logit soft-capping (forward and the hand-written backward)."""
     rng = np.random.default_rng(0)
     H, K = heads
     T = 300
     seg, pos = packed_rows([(100, 60, 80), (300,), (7, 5, 150, 2, 90), (20,)], T)
     q, k, v = qkv(4, T, H, K, 32, jnp.float32, rng)
-    (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, window)
-    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, block, block), q, k, v, seg, pos, window)
+    (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, window, softcap)
+    (_, out), grads = value_and_grads(lambda *a, softcap: blocksparse_attention(*a, block, block, softcap), q, k, v,
+                                      seg, pos, window, softcap)
     valid = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     assert (np.asarray(out)[~valid] == 0).all()  # padding attends to nothing here
@@ -47,7 +50,8 @@ def test_bfloat16_inputs():
     seg, pos = packed_rows([(90, 120, 40), (256,)], 256)
     q, k, v = qkv(2, 256, 4, 2, 64, jnp.bfloat16, rng)
     (_, ref), ref_grads = value_and_grads(attn._xla_impl, q, k, v, seg, pos, None)
-    (_, out), grads = value_and_grads(lambda *a: blocksparse_attention(*a, 64, 64), q, k, v, seg, pos, None)
+    (_, out), grads = value_and_grads(lambda *a, softcap: blocksparse_attention(*a, 64, 64, softcap), q, k, v, seg,
+                                      pos, None)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     valid = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out, np.float32)[valid], np.asarray(ref, np.float32)[valid], atol=2e-2)

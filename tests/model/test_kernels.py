@@ -67,10 +67,11 @@ def test_gpu_kernel_matches_xla_forward_and_grad(impl):
                                    atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("impl, window, block", [("_chunked_impl", None, 64), ("_chunked_impl", 50, 100)])
-def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
+@pytest.mark.parametrize("impl, window, block, softcap", [("_chunked_impl", None, 64, None),
+                                                         ("_chunked_impl", 50, 100, 2.0)])
+def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block, softcap):
     """The memory-efficient path equals the reference, with packing, padding rows and blocks that do not
-    divide the length."""
+    divide the length, a sliding window and Gemma 2's logit soft-capping."""
     import jaxsft.model.attention as attn
 
     q, k, v, seg, pos = _packed_case(jnp.float32)
@@ -78,7 +79,7 @@ def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
 
     def run(fn):
         def loss(q, k, v):
-            out = fn(q, k, v, seg, seg, pos, pos, window)
+            out = fn(q, k, v, seg, seg, pos, pos, window, softcap=softcap)
             return jnp.where(valid, out, 0).sum() + 0.5 * jnp.where(valid, out, 0).max(), out
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
@@ -91,10 +92,12 @@ def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block):
         assert np.isfinite(np.asarray(g)).all()
 
 
-@pytest.mark.parametrize("impl", ["_pallas_impl", "_splash_impl"])
-def test_pallas_kernels_match_reference_in_interpret_mode(impl):
-    """The Pallas GPU and TPU splash kernels' wiring (segment ids, GQA, padding to their blocks, scale)
-    checked on CPU through Pallas' interpreter; on a GPU, tools/gpu_checks.sh runs Pallas compiled."""
+@pytest.mark.parametrize("impl, window, softcap", [("_pallas_impl", None, None), ("_splash_impl", None, None),
+                                                   ("_splash_impl", 30, 2.0)])
+def test_pallas_kernels_match_reference_in_interpret_mode(impl, window, softcap):
+    """The Pallas GPU and TPU splash kernels' wiring (segment ids, GQA, padding to their blocks, scale; for
+    splash a sliding window and soft-capping) checked on CPU through Pallas' interpreter; on a GPU,
+    tools/gpu_checks.sh runs Pallas compiled."""
     import jaxsft.model.attention as attn
 
     q, k, v, seg, pos = _packed_case(jnp.float32)
@@ -103,7 +106,7 @@ def test_pallas_kernels_match_reference_in_interpret_mode(impl):
 
     def run(fn):
         def loss(q, k, v):
-            out = fn(q, k, v, seg, seg, pos, pos, None)
+            out = fn(q, k, v, seg, seg, pos, pos, window, **({"softcap": softcap} if softcap else {}))
             return jnp.where(jnp.asarray(valid)[..., None, None], out, 0).sum(), out
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
