@@ -59,8 +59,28 @@ def base_model(name, directory):
     return path, cfg, hf.load_hf_params(path, cfg)
 
 
-# (model, additional_target): untied llama trains lm_head fully; tied qwen2 trains embed_tokens (= its lm_head).
-TRAIN_CASES = [("llama", "lm_head"), ("qwen2", "embed_tokens")]
+# (model, additional_target): untied llama trains lm_head fully; tied qwen2 / gemma2 train embed_tokens (= their
+# lm_head); the multimodal gemma3 checkpoint trains only adapters (its vision tower has norms and embeddings too).
+TRAIN_CASES = [("llama", "lm_head"), ("qwen2", "embed_tokens"), ("gemma2", "embed_tokens"),
+               ("gemma3_text", "lm_head"), ("gemma3", ""), ("phi3", "lm_head")]
+
+
+def train_steps(cfg, params, part, scale=None, steps=4, attention_impl="xla"):
+    """A few high-LR steps on one batch; returns the merged tree."""
+    trainable, frozen = split(flatten(params), part)
+    optimizer, schedule = build_optimizer(build_config({"learning_rate": 3e-2, "lr_scheduler_type": "constant"}),
+                                          steps + 1)
+    runner = ModelRunner(cfg, part, lora_scale=scale, attention_impl=attention_impl)
+    step = jax.jit(make_train_step(runner, optimizer, schedule))
+    state = init_state(trainable, optimizer, seed=0)
+    ids, pos, seg = batch(1)
+    targets = np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)
+    data = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, positions=pos, segment_ids=seg,
+                                                         targets=targets).items()}
+    for _ in range(steps):
+        state, metrics = step(state, frozen, data)
+        assert np.isfinite(float(metrics["loss"]))
+    return merge(state["trainable"], frozen, part)
 
 
 @pytest.fixture(scope="module", params=TRAIN_CASES, ids=lambda c: c[0])
@@ -68,22 +88,35 @@ def trained(request, tmp_path_factory):
     """A tiny model after a few high-LR LoRA steps: (source dir, ModelConfig, params with adapters, scale, extra)."""
     name, extra = request.param
     path, cfg, params = base_model(name, tmp_path_factory.mktemp(name))
-    flat = flatten(lora.add_adapters(params, lora.target_modules(params, "all"), 4, jax.random.key(0)))
-    part = lora.lora_partition(flat, extra)
-    trainable, frozen = split(flat, part)
+    params = lora.add_adapters(params, lora.target_modules(params, "all"), 4, jax.random.key(0))
+    part = lora.lora_partition(flatten(params), extra)
     scale = lora.lora_scale(16, 4, use_rslora=True)
-    optimizer, schedule = build_optimizer(build_config({"learning_rate": 3e-2, "lr_scheduler_type": "constant"}), 5)
-    step = jax.jit(make_train_step(ModelRunner(cfg, part, lora_scale=scale), optimizer, schedule))
-    state = init_state(trainable, optimizer, seed=0)
-    ids, pos, seg = batch(1)
-    targets = np.concatenate([ids[:, 1:], np.full((B, 1), -100, np.int32)], axis=1)
-    data = {k: jnp.asarray(v)[None] for k, v in dict(input_ids=ids, positions=pos, segment_ids=seg,
-                                                         targets=targets).items()}
-    for _ in range(4):
-        state, _ = step(state, frozen, data)
-    params = merge(state["trainable"], frozen, part)
-    assert np.abs(params["layers"]["self_attn"]["q_proj"]["lora_b"]).max() > 1e-3
+    params = train_steps(cfg, params, part, scale)
+    adapted = lora.target_modules(params, "all")[0]  # q_proj, or phi3's fused qkv_proj
+    assert np.abs(params["layers"]["self_attn"][adapted]["lora_b"]).max() > 1e-3
     return path, cfg, params, scale, extra
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3", "qwen2_yarn_window"])
+def test_freeze_training_then_merged_export(name, tmp_path):
+    """Freeze tuning (last layer, plus the final norm) through the block-sparse kernel (windows, soft-caps):
+    the first layer stays bit-identical, and the merged export gives transformers jaxsft's logits."""
+    from jaxsft.params import freeze_partition
+
+    path, cfg, params = base_model(name, tmp_path / "base")
+    run = build_config({"finetuning_type": "freeze", "freeze_trainable_layers": 1, "freeze_extra_modules": "norm"})
+    part = freeze_partition(flatten(params), run, cfg.num_layers)
+    tuned = train_steps(cfg, params, part, attention_impl="xla_blocksparse")
+    before, after = flatten(params), flatten(tuned)
+    for key in before:
+        if key.startswith("layers/"):
+            np.testing.assert_array_equal(np.asarray(after[key])[0], np.asarray(before[key])[0], err_msg=key)
+    assert not np.array_equal(np.asarray(after["norm/scale"]), np.asarray(before["norm/scale"]))
+    ids = batch(2)[0]
+    want = jax_logits(tuned, cfg, ids)
+    assert np.abs(want - jax_logits(params, cfg, ids)).max() > 0.1  # training mattered
+    export_hf(tuned, cfg, path, tmp_path / "out")
+    assert np.abs(torch_logits(load_hf(tmp_path / "out"), ids) - want).max() < TOL
 
 
 def test_merged_export_matches_transformers(trained, tmp_path):
@@ -96,6 +129,11 @@ def test_merged_export_matches_transformers(trained, tmp_path):
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
     got = torch_logits(load_hf(tmp_path), ids)
     assert np.abs(got - want).max() < TOL
+    with safe_open(path / "model.safetensors", "np") as src, safe_open(tmp_path / "model.safetensors", "np") as out:
+        assert set(out.keys()) == set(src.keys())  # same layout (a multimodal model keeps its vision tower)
+        for name in src.keys():
+            if "vision_tower" in name:
+                np.testing.assert_array_equal(out.get_tensor(name), src.get_tensor(name), err_msg=name)
 
 
 def test_adapter_export_matches_peft(trained, tmp_path):
@@ -105,10 +143,17 @@ def test_adapter_export_matches_peft(trained, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
     with safe_open(tmp_path / "adapter_model.safetensors", "np") as f:
-        a = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight")
-        b = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
+        names = set(f.keys())
+        a = f.get_tensor(f"base_model.model.{cfg.peft_prefix}layers.1.mlp.down_proj.lora_A.weight")
+        b = f.get_tensor(f"base_model.model.{cfg.peft_prefix}layers.1.mlp.down_proj.lora_B.weight")
     assert a.shape == (4, 128) and b.shape == (64, 4)
+    if cfg.fused_qkv:  # phi3: LoRA on the fused projections, as PEFT puts it on that model
+        assert f"base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight" in names
+        assert sorted(config["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     peft_model = PeftModel.from_pretrained(load_hf(path), tmp_path).eval()
+    if cfg.peft_prefix != "model.":  # multimodal: PEFT adapted the text tower only
+        adapted = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+        assert adapted and all(".language_model." in n for n in adapted), sorted(adapted)[:3]
     ids = batch(2)[0]
     want = torch_logits(peft_model, ids)
     assert np.abs(want - jax_logits(params, cfg, ids, scale)).max() < TOL

@@ -17,6 +17,7 @@ import json
 import random
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import llamafactory
@@ -41,7 +42,7 @@ PRISTINE = copy.deepcopy(TEMPLATES)
 ROWS = 24
 DATASETS = ["alpaca_en_demo", "identity", "glaive_toolcall_en_demo"]
 TEMPLATE_NAMES = ["llama3", "qwen", "qwen3", "chatml", "mistral", "alpaca", "default", "breeze", "gemma", "llama2",
-             "qwen3_nothink", "zephyr", "vicuna", "deepseek3", "empty"]
+             "qwen3_nothink", "zephyr", "vicuna", "deepseek3", "empty", "gemma2", "gemma3", "phi", "phi4"]
 # (name, options): every template on every dataset, plus option variants
 VARIANTS = [
     ("base", dict(cutoff_len=512)),
@@ -68,7 +69,11 @@ def _encode_rows(dataset: str, template: str, options: dict) -> dict:
     rows = load_dataset("json", data_files=str(DATA_DIR / attr.dataset_name), split="train")
     rows = rows.select(range(min(ROWS, len(rows))))
     converter = get_dataset_converter(attr.formatting, attr, data_args)
-    processor = SupervisedDatasetProcessor(template=tpl, tokenizer=tokenizer, processor=None, data_args=data_args)
+    # gemma3's image plugin insists on a processor even for text; a text-only stand-in (no image ever
+    # reaches it: the demo rows hold no image placeholder)
+    mm = None if tpl.mm_plugin.image_token is None else types.SimpleNamespace(
+        image_processor=object(), boi_token="<start_of_image>", full_image_sequence="<start_of_image>")
+    processor = SupervisedDatasetProcessor(template=tpl, tokenizer=tokenizer, processor=mm, data_args=data_args)
     examples = []
     for i, row in enumerate(rows):
         aligned = converter(row)
@@ -123,7 +128,7 @@ def main() -> None:
     for template in TEMPLATE_NAMES:
         for dataset in DATASETS:
             for variant, options in VARIANTS:
-                if variant == "prompt" and template == "breeze":
+                if variant == "prompt" and template in ("breeze", "gemma2"):
                     continue  # efficient_eos templates reject train_on_prompt
                 if variant == "history" and dataset != "glaive_toolcall_en_demo":
                     continue  # single-turn data: same as base

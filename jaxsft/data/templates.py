@@ -236,6 +236,29 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
         observation=("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
         prefix=(BOS,), stop_words=("<end_of_turn>",), replace_eos=True, kind="llama2",
     ),
+    # gemma3's text part is gemma's (LF adds an image plugin, not used for text)
+    Template(
+        "gemma3", user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+        assistant=("{{content}}<end_of_turn>\n",), system=("{{content}}\n\n",),
+        observation=("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+        prefix=(BOS,), stop_words=("<end_of_turn>",), replace_eos=True, kind="llama2",
+    ),
+    # gemma2: gemma's turns, but the tokenizer's EOS closes each answer (efficient_eos) instead of a new EOS
+    Template(
+        "gemma2", user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+        assistant=("{{content}}<end_of_turn>\n",), system=("{{content}}\n\n",),
+        observation=("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+        prefix=(BOS,), stop_words=("<eos>", "<end_of_turn>"), efficient_eos=True, kind="llama2",
+    ),
+    Template(
+        "phi", user=("<|user|>\n{{content}}<|end|>\n<|assistant|>\n",), assistant=("{{content}}<|end|>\n",),
+        system=("<|system|>\n{{content}}<|end|>\n",), stop_words=("<|end|>",), replace_eos=True,
+    ),
+    Template(
+        "phi4", user=("<|im_start|>user<|im_sep|>{{content}}<|im_end|><|im_start|>assistant<|im_sep|>",),
+        assistant=("{{content}}<|im_end|>",), system=("<|im_start|>system<|im_sep|>{{content}}<|im_end|>",),
+        stop_words=("<|im_end|>",), replace_eos=True,
+    ),
     Template("deepseek3", user=("<｜User｜>{{content}}<｜Assistant｜>",), prefix=(BOS,)),
     # efficient_eos: the EOS closing each answer is learned as the first label of the next prompt
     Template("breeze", user=("[INST] {{content}} [/INST] ",), assistant=("{{content}}",), prefix=(BOS,),

@@ -21,7 +21,8 @@ CASES = [fx for fx in LF["fixtures"] if "examples" in fx]
 def test_fixtures_cover_the_matrix():
     assert LF["meta"]["llamafactory"].startswith("0.9.")
     templates = {fx["template"] for fx in CASES}
-    assert {"llama3", "qwen", "qwen3", "chatml", "mistral", "alpaca", "default", "breeze"} <= templates
+    assert {"llama3", "qwen", "qwen3", "chatml", "mistral", "alpaca", "default", "breeze", "gemma", "gemma2", "gemma3",
+            "phi", "phi4"} <= templates
     assert not [fx for fx in LF["fixtures"] if "error" in fx]
 
 

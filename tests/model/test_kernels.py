@@ -84,7 +84,7 @@ def test_chunked_xla_matches_reference_forward_and_grad(impl, window, block, sof
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
     (_, ref), ref_grads = run(attn._xla_impl)
-    (_, out), grads = run(lambda *a: getattr(attn, impl)(*a, block=block))
+    (_, out), grads = run(lambda *a, **kw: getattr(attn, impl)(*a, **kw, block=block))
     mask = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out)[mask], np.asarray(ref)[mask], atol=1e-5)
     for g, g_ref in zip(grads, ref_grads):
@@ -111,7 +111,7 @@ def test_pallas_kernels_match_reference_in_interpret_mode(impl, window, softcap)
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
     (_, ref), ref_grads = run(attn._xla_impl)
-    (_, out), grads = run(lambda *a: getattr(attn, impl)(*a, interpret=True))
+    (_, out), grads = run(lambda *a, **kw: getattr(attn, impl)(*a, **kw, interpret=True))
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     for g, g_ref in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g)[valid], np.asarray(g_ref)[valid], atol=1e-4)
