@@ -108,15 +108,27 @@ def _kernel_works(impl: str) -> str | None:
 BLOCKSPARSE_FROM_TOKENS = 128
 
 
-def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False) -> str:
+def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False,
+                           model: ModelConfig | None = None) -> str:
     """`auto`: the fastest kernel that works on this backend (GPU: cuDNN, then Pallas; TPU: splash), else an
     XLA path. On CPU,
     `xla_blocksparse` (blockwise, skipping the blocks a packed row masks, memory linear in the row) from
     BLOCKSPARSE_FROM_TOKENS on; elsewhere `xla_chunked` past 4096 tokens; the reference below. A fallback
     says so in one line. Decoding (KV cache, queries shorter than keys) always uses the reference."""
+    from jaxsft.model.attention import model_rules_out
+
+    def rules_out(impl: str) -> str | None:  # the model's sliding windows / soft-caps
+        if model is None:
+            return None
+        return model_rules_out(impl, any(w is not None for w, _ in model.layer_kinds),
+                               model.attn_logit_softcap is not None)
+
     if requested != "auto":
         if decode and requested in ("cudnn", "pallas", "splash"):
             return "xla"  # fused kernels here are training-shaped; the decoder's cache needs T != S
+        why = rules_out(requested)
+        if why:
+            raise ConfigError(f"attention_impl: {requested} cannot run this {model.family} model: {why}")
         return requested
     long_rows = seq_len is not None and seq_len >= BLOCKSPARSE_FROM_TOKENS
     if jax.default_backend() == "cpu":
@@ -128,7 +140,7 @@ def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: b
     if decode:
         return reference
     for impl in candidates:
-        why_not = _kernel_works(impl)
+        why_not = rules_out(impl) or _kernel_works(impl)
         if why_not is None:
             return impl
         logger.warning("attention_impl auto: %s does not work here (%s)", impl, why_not)
@@ -194,7 +206,7 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
     axes = flatten(param_logical_axes(params))
     partition = _partition(flat, cfg, model_cfg)
     trainable, frozen = split(flat, partition)
-    attention_impl = resolve_attention_impl(cfg.attention_impl, cfg.cutoff_len)
+    attention_impl = resolve_attention_impl(cfg.attention_impl, cfg.cutoff_len, model=model_cfg)
     runner = ModelRunner(model_cfg, partition, attention_impl=attention_impl,
                          remat_policy=cfg.remat_policy, compute_dtype=DTYPES[cfg.compute_dtype],
                          lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0)

@@ -226,6 +226,17 @@ ATTENTION_IMPLS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "splash": (("tpu",), _splash_impl),
 }
 SOFTCAP_IMPLS = ("xla", "xla_chunked", "xla_blocksparse", "splash")
+WINDOW_IMPLS = ("xla", "xla_chunked", "xla_blocksparse", "cudnn", "splash")
+
+
+def model_rules_out(impl: str, sliding_window: bool, softcap: bool) -> str | None:
+    """Why `impl` cannot run a model with sliding-window layers / attention soft-capping, or None."""
+    if sliding_window and impl not in WINDOW_IMPLS:
+        return f"it has no sliding window (this model has sliding-window layers; use one of {', '.join(WINDOW_IMPLS)})"
+    if softcap and impl not in SOFTCAP_IMPLS:
+        return (f"it has no logit soft-capping (this model sets attn_logit_softcapping; use one of "
+                f"{', '.join(SOFTCAP_IMPLS)})")
+    return None
 
 
 def attention(

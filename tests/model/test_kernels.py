@@ -28,6 +28,25 @@ def test_auto_is_xla_on_cpu():
     assert resolve_attention_impl("cudnn", decode=True) == "xla"
 
 
+def test_impls_that_cannot_run_the_model_are_refused_by_name():
+    """A model's sliding windows and soft-caps rule kernels out: named at load time, not a trace error."""
+    import transformers
+
+    from jaxsft.config import ConfigError
+    from jaxsft.model.config import ModelConfig
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, sliding_window=8)
+    gemma2 = ModelConfig.from_hf(transformers.Gemma2Config(**small).to_dict())
+    with pytest.raises(ConfigError, match="pallas cannot run this gemma2 model: it has no sliding window"):
+        resolve_attention_impl("pallas", model=gemma2)
+    with pytest.raises(ConfigError, match="cudnn cannot run this gemma2 model: it has no logit soft-capping"):
+        resolve_attention_impl("cudnn", model=gemma2)
+    gemma3 = ModelConfig.from_hf(transformers.Gemma3TextConfig(**small).to_dict())
+    assert resolve_attention_impl("cudnn", model=gemma3) == "cudnn"  # windows only: cuDNN takes them
+    assert resolve_attention_impl("splash", model=gemma2) == "splash"
+
+
 def test_cudnn_refused_off_gpu():
     if jax.default_backend() in ("gpu", "cuda"):
         pytest.skip("runs where there is no GPU")
