@@ -14,7 +14,7 @@ from tiny_models import build_tiny_model, save_tiny_model
 from jaxsft import lora
 from jaxsft.config import ConfigError, build_config
 from jaxsft.errors import InputError, MissingPath
-from jaxsft.model import hf, transformer
+from jaxsft.model import families, hf, transformer
 from jaxsft.optim import build_optimizer
 from jaxsft.params import flatten, merge, split
 from jaxsft.sharding import make_mesh, tree_shardings
@@ -40,16 +40,20 @@ def batch(seed=0):
     return ids_BT, np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), np.ones((B, T), np.int32)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_target_all_is_peft_all_linear(name, bases):
-    _, cfg, params = bases[name]
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3"])
+def test_target_all_is_peft_all_linear(name, tmp_path):
+    """`all` is PEFT's all-linear, and the family table's module names (phi3: the fused qkv_proj/gate_up_proj)."""
+    _, path = save_tiny_model(name, tmp_path)
+    cfg = hf.load_hf_config(path)
+    params = hf.load_hf_params(path, cfg)
     peft_model = get_peft_model(build_tiny_model(name), LoraConfig(r=2, target_modules="all-linear"))
     peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     modules = lora.target_modules(params, "all")
     with_adapters = lora.add_adapters(params, modules, 2, jax.random.key(0))
     ours = {name.removesuffix(".lora_A.weight").removeprefix(lora.PEFT_PREFIX)
             for name in lora.peft_state_dict(with_adapters, cfg) if name.endswith("lora_A.weight")}
-    assert ours == peft_names and len(ours) == 7 * cfg.num_layers
+    assert ours == peft_names and len(ours) == len(families.linear_modules(cfg.family)) * cfg.num_layers
+    assert tuple(modules) == families.linear_modules(cfg.family)
 
 
 def test_target_lists_and_errors(bases):
