@@ -14,7 +14,7 @@ MAX_NEW = 12
 EOS = 2
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3_text"])
 def tiny(request, tmp_path_factory):
     # std 0.3: random weights large enough that greedy continuations vary by prompt and step
     model, path = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param), std=0.3)

@@ -65,14 +65,15 @@ def _packed_case(dtype):
 
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"),
                     reason="cuDNN and Pallas GPU attention need an NVIDIA GPU backend (run when a GPU is lent)")
-@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
-def test_gpu_kernel_matches_xla_forward_and_grad(impl):
+@pytest.mark.parametrize("impl, window", [("cudnn", None), ("pallas", None), ("cudnn", 50)])
+def test_gpu_kernel_matches_xla_forward_and_grad(impl, window):
     q, k, v, seg, pos = _packed_case(jnp.bfloat16)
     valid = (seg > 0)[..., None, None]
 
     def loss(impl):
         def fn(q, k, v):
-            out = attention(q, k, v, seg, seg, impl=impl, q_positions_BT=pos, kv_positions_BS=pos)
+            out = attention(q, k, v, seg, seg, impl=impl, q_positions_BT=pos, kv_positions_BS=pos,
+                            sliding_window=window)
             return jnp.where(valid, out, 0).astype(jnp.float32).sum(), out
         return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
