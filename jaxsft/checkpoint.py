@@ -1,11 +1,13 @@
 """Orbax checkpoints of everything a run needs to continue exactly.
 
 A checkpoint `output_dir/checkpoint_<step>/` holds: `state` (step, trainable params, optimizer state
-unless `save_only_model`, RNG), `frozen` (the frozen params, so export works from any checkpoint), `data` (the grain iterator
-state) and `config` (the resolved config). Orbax writes into a temporary directory
-(`checkpoint_<step>.orbax-checkpoint-tmp`) and renames it on success, so a save killed halfway leaves
-nothing that `latest_step` would pick up. A save that fails for lack of disk space raises `DiskFull`
-naming the checkpoints that are intact.
+unless `save_only_model`, RNG), `frozen` (the frozen params, so export works from any checkpoint),
+`data` (the grain iterator state), `config` (the resolved config) and `progress` (the run's running
+totals: tokens, examples, loss sum, runtime, so results after a resume cover the whole run; absent
+from older checkpoints). Orbax writes into a temporary directory (`checkpoint_<step>.orbax-checkpoint-tmp`)
+and renames it on success, so a save killed halfway leaves nothing that `latest_step` would pick up. A
+save that fails for lack of disk space raises `DiskFull` naming the checkpoints that are intact; a
+checkpoint that cannot be read raises `CorruptCheckpoint` naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jaxsft.config import FIELDS, Config
 
 from jaxsft.errors import MissingPath, UserError
 
-ITEMS = ("state", "frozen", "data", "config")
+ITEMS = ("state", "frozen", "data", "config", "progress")
 
 
 class DiskFull(UserError, OSError):
@@ -40,6 +42,10 @@ def _is_disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+class CorruptCheckpoint(UserError, ValueError):
+    """A checkpoint that exists but cannot be read (truncated, damaged or incomplete files)."""
 
 
 class Checkpoints:
@@ -69,15 +75,32 @@ class Checkpoints:
                            f"{self.directory} ({free:.1f} MiB free); intact checkpoints: {intact}. Free some space "
                            f"(or lower save_total_limit), then rerun with resume_from_checkpoint: true") from e
 
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Whatever orbax/tensorstore raise on damaged files becomes one line naming the checkpoint."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:
+            others = ", ".join(f"checkpoint_{s}" for s in self.all_steps() if s != step) or "none"
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CorruptCheckpoint(f"checkpoint {self.directory / f'checkpoint_{step}'} cannot be read "
+                                    f"({type(e).__name__}: {reason}); it is damaged or incomplete. Resume from "
+                                    f"another checkpoint (here: {others}), or move it aside") from e
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: dict, frozen: dict, data_state: dict, config: dict) -> None:
+    def save(self, step: int, state: dict, frozen: dict, data_state: dict, config: dict,
+             progress: dict | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state),
                  "config": ocp.args.JsonSave(config)}
+        if progress is not None:
+            items["progress"] = ocp.args.JsonSave(progress)
         if frozen:  # full fine-tuning has nothing frozen (orbax refuses empty items)
             items["frozen"] = ocp.args.StandardSave(frozen)
         with self._writing(step):  # orbax first waits for the previous async save: its error surfaces here
@@ -90,11 +113,15 @@ class Checkpoints:
                  "config": ocp.args.JsonRestore()}
         if abstract_frozen:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if (self.directory / f"checkpoint_{step}" / "progress").is_dir():
+            items["progress"] = ocp.args.JsonRestore()
+        with self._reading(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {name: restored[name] if name in items else {} for name in ITEMS}
 
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        with self._reading(step):
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def delete_all(self) -> None:
         """Remove every checkpoint (overwrite_output_dir: a new run must not collide with old steps)."""
@@ -141,7 +168,8 @@ def _abstract(item_dir: Path):
 
 def holds_optimizer_state(directory: str | Path, step: int) -> bool:
     """False for a checkpoint written with `save_only_model: true` (params, step and data position only)."""
-    tree = ocp.StandardCheckpointer().metadata(Path(directory) / f"checkpoint_{step}" / "state").item_metadata.tree
+    with Checkpoints(directory, async_save=False)._reading(step):
+        tree = ocp.StandardCheckpointer().metadata(Path(directory) / f"checkpoint_{step}" / "state").item_metadata.tree
     return "opt_state" in tree
 
 

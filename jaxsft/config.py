@@ -115,7 +115,8 @@ class Config:
 
     # --- training loop ---
     output_dir: Optional[str] = _field(None, "Where checkpoints, logs and results go.")
-    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
+    overwrite_output_dir: bool = _field(False, "Start over in a used output_dir (its checkpoints and results are "
+                                               "deleted); also lets export_dir replace a model it holds.")
     do_train: bool = _field(False, "Run training.")
     do_eval: bool = _field(False, "Run evaluation.")
     do_predict: bool = _field(False, "Run prediction on the evaluation data.")
@@ -145,7 +146,9 @@ class Config:
     seed: int = _field(42, "Seed for init, shuffling and dropout.")
     bf16: bool = _field(False, "Compute in bfloat16 (params stay fp32 unless pure_bf16).")
     fp16: bool = _field(False, "Not supported: use bf16.")
-    resume_from_checkpoint: Union[bool, str, None] = _field(None, "true (latest in output_dir) or a path.")
+    resume_from_checkpoint: Union[bool, str, None] = _field(
+        None, "true (the newest complete checkpoint in output_dir) or a checkpoint_<step> path (an older one sets "
+              "the later ones aside in output_dir/set_aside/).")
     report_to: Union[str, list, None] = _field("none", "'tensorboard' and/or 'none'.")
     run_name: Optional[str] = _field(None, "A name for the run's logs.")
     gradient_checkpointing: Optional[bool] = _field(None, "false sets remat_policy: none (LLaMA-Factory habit).")
@@ -476,21 +479,45 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else None
 
 
-def build_config(values: dict[str, Any]) -> Config:
-    """Type-check a flat dict of keys and build the resolved Config."""
+def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> Config:
+    """Type-check a flat dict of keys and build the resolved Config. `origins` names where a key was set
+    (e.g. "command-line override 'lora_rank=eight'"); an error about that key starts with it."""
     kwargs: dict[str, Any] = {}
     mesh_updates = {}
     for key, value in values.items():
         if key.startswith("mesh."):
             mesh_updates[key.split(".", 1)[1]] = value
             continue
-        _check_key(key)
-        kwargs[key] = _coerce(key, value, _TYPES[key])
+        try:
+            _check_key(key)
+            kwargs[key] = _coerce(key, value, _TYPES[key])
+        except ConfigError as e:
+            if origins and key in origins:
+                raise _Located(f"{origins[key]}: {e}") from None
+            raise
     if mesh_updates:
         kwargs["mesh"] = {**kwargs.get("mesh", FIELDS["mesh"].default_factory()), **mesh_updates}
     cfg = Config(**kwargs)
     _validate(cfg)
     return cfg.resolved()
+
+
+class _Located(ConfigError):
+    """A ConfigError whose message already says where the key was set."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not "the last one wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
@@ -501,19 +528,26 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         if not file.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"{path}: the file is empty (or only comments); put the run's keys in it, e.g. "
+                              f"configs/ has examples")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
+    origins = {}
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
+        origins[key] = f"command-line override '{text}'"
     try:
-        return build_config(values)
+        return build_config(values, origins)
+    except _Located as e:
+        raise ConfigError(str(e)) from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -185,18 +186,23 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         return _user_error(e)
     print(describe(cfg, None if only is None else [only]), flush=True)
-    if args.dry_run:
-        return 0
     try:
         from jaxsft.preflight import validate_run
 
-        validate_run(cfg)
+        validate_run(cfg)  # --dry_run too: every check that needs no weights
+        if args.dry_run:
+            print("dry run: config, paths, template, data and devices check out; nothing was run", flush=True)
+            return 0
         if only is None:
             run(cfg)
         else:
             _stages()[only](cfg)
     except UserError as e:
         return _user_error(e)
+    except KeyboardInterrupt:  # outside the training loop (which turns SIGINT into save-and-stop)
+        print("error: interrupted (SIGINT); stopped (checkpoints already written are intact)", file=sys.stderr,
+              flush=True)
+        os._exit(130)  # skip interpreter teardown: XLA's threads may still be starting (it segfaulted)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 from jaxsft.config import Config, hub_offline
@@ -22,8 +23,14 @@ def validate_run(cfg: Config, *, devices: bool = True) -> None:
 
     `devices=False` skips the mesh and batch checks, which start JAX's runtime.
     """
+    if cfg.export_dir:
+        check_export_dir(cfg)
     if not (cfg.do_train or cfg.do_eval or cfg.do_predict):
         return
+    tokenized = cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir())
+    if cfg.do_train and cfg.eval_strategy != "no" and not (cfg.eval_dataset or cfg.val_size > 0 or tokenized):
+        raise ConfigError(f"eval_strategy: {cfg.eval_strategy} needs evaluation data: set eval_dataset, or val_size "
+                          f"to hold out part of dataset (or eval_strategy: no)")
     model_dir = check_model_dir(cfg.model_name_or_path)
     check_template(cfg.template, cfg.tool_format, model_dir)
     check_datasets(cfg)
@@ -41,7 +48,14 @@ def check_model_dir(name_or_path: str) -> Path | None:
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if _looks_like_hub_id(name_or_path) and not hub_offline():
-            return None
+            from jaxsft.hub import cached_snapshot, hub_endpoint, hub_unreachable
+
+            why = hub_unreachable()
+            if why is None or cached_snapshot(name_or_path):
+                return None
+            raise MissingPath(f"model_name_or_path: {name_or_path} is not a local directory, not in the Hugging Face "
+                              f"cache, and the hub ({hub_endpoint()}) cannot be reached ({why}); download it where "
+                              f"there is network and give its local directory")
         hint = (" (HF_HUB_OFFLINE is set, so a hub id cannot be downloaded)" if _looks_like_hub_id(name_or_path)
                 else "")
         raise MissingPath(f"model_name_or_path: {name_or_path} does not exist{hint}; give a local Hugging Face "
@@ -64,6 +78,11 @@ def check_model_dir(name_or_path: str) -> Path | None:
                 "convert them to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
                 ".save_pretrained(out, safe_serialization=True)` in a trusted environment." if pickles else "")
         raise MissingPath(f"model_name_or_path: no *.safetensors in {path}.{hint}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise MissingPath(f"model_name_or_path: no tokenizer files in {path} (one of {', '.join(TOKENIZER_FILES)}); "
+                          f"copy the tokenizer of the model's original release into it")
     check_tokenizer_code(path)
     return path
 
@@ -91,6 +110,26 @@ def check_tokenizer_code(model_dir: Path) -> None:
                       f"({config.name}: auto_map AutoTokenizer -> {shipped}), and jaxsft never executes such code "
                       f"(trust_remote_code is not honoured); use a model whose tokenizer transformers provides "
                       f"(a tokenizer.json and a built-in tokenizer_class)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_safetensors(file: Path) -> None:
+    """The header parses and the file holds every byte the header points to (a truncated download does not)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(f.read(header_len))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+    if 8 + header_len + end > size:
+        raise InputError(f"{file} is truncated: {size} bytes, but its header needs {8 + header_len + end}; "
+                         f"download it again")
 
 
 def _has_chat_template(model_dir: Path) -> bool:
@@ -125,7 +164,14 @@ def check_datasets(cfg: Config) -> None:
     """Every name in dataset / eval_dataset resolves (registry entry or path) and its file exists."""
     from jaxsft.data.sources import REGISTRY, resolve
 
-    if cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir()):
+    tokenized = Path(cfg.tokenized_path) if cfg.tokenized_path else None
+    if tokenized is not None and tokenized.exists() and not tokenized.is_dir():
+        raise ConfigError(f"tokenized_path: {tokenized} is a file; give a folder (an empty or new one is filled "
+                          f"with the tokenized data)")
+    if tokenized is not None and tokenized.is_dir() and any(tokenized.iterdir()):
+        if not any((tokenized / name).is_file() for name in ("dataset_dict.json", "state.json")):
+            raise InputError(f"tokenized_path: {tokenized} holds files but no saved dataset (no dataset_dict.json or "
+                             f"state.json); point tokenized_path at a new folder to tokenize into it")
         return  # the tokenized data replaces the datasets
     directory = Path(cfg.dataset_dir)
     for key in ("dataset", "eval_dataset"):
@@ -133,12 +179,21 @@ def check_datasets(cfg: Config) -> None:
         if not names:
             continue
         try:
-            resolve(names, cfg.dataset_dir)
+            attrs = resolve(names, cfg.dataset_dir)
         except UserError as e:
             if cfg.dataset_dir != "ONLINE" and not directory.is_dir():
                 raise MissingPath(f"dataset_dir: {cfg.dataset_dir} does not exist ({directory.absolute()}); it "
                                   f"should hold {REGISTRY} and the data files. {key}: {e}") from None
             raise
+        hub = [a for a in attrs if a.load_from == "hf_hub"]
+        if hub and not hub_offline("HF_DATASETS_OFFLINE"):
+            from jaxsft.hub import hub_endpoint, hub_unreachable
+
+            why = hub_unreachable()
+            if why is not None:
+                raise MissingPath(f"{key}: {hub[0].name!r} is a hub dataset ({hub[0].path}) and the hub "
+                                  f"({hub_endpoint()}) cannot be reached ({why}); download it where there is network "
+                                  f"and name the local copy (or set HF_DATASETS_OFFLINE=1 to read the datasets cache)")
 
 
 def _committed_steps(directory: Path) -> list[int]:
@@ -147,8 +202,39 @@ def _committed_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name)))
 
 
+def _check_writable(key: str, directory: Path) -> None:
+    """`directory` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in."""
+    probe = directory
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == directory else f"is inside {probe}, which is a file"
+        raise ConfigError(f"{key}: {directory} {where}; give a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in {probe} ({e.strerror}); give a directory you can write to") \
+            from None
+
+
+MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors.index.json")
+
+
+def check_export_dir(cfg: Config) -> None:
+    """export_dir is writable and holds no model unless overwrite_output_dir says to replace it."""
+    export = Path(cfg.export_dir)
+    _check_writable("export_dir", export)
+    held = [n for n in MODEL_FILES if (export / n).is_file()] + sorted(p.name for p in export.glob("*.safetensors")) \
+        if export.is_dir() else []
+    if held and not cfg.overwrite_output_dir:
+        raise ConfigError(f"export_dir: {export} already holds a model ({', '.join(held[:3])}); set "
+                          f"overwrite_output_dir: true to replace it, or choose another export_dir")
+
+
 def check_output_dir(cfg: Config) -> None:
     out = Path(cfg.output_dir)
+    _check_writable("output_dir", out)
     resume = cfg.resume_from_checkpoint
     resuming = resume not in (None, False) and str(resume).lower() != "false"
     steps = _committed_steps(out)

@@ -75,6 +75,19 @@ def save_metrics(output_dir: str, split: str, metrics: dict[str, Any], write=pri
     write_json(all_path, combined)
 
 
+def clear_results(output_dir: str) -> list[str]:
+    """Remove a previous run's results (`*_results.json`, which `save_metrics` would merge into the new
+    all_results.json, plots, predictions, the log) so a run started over reports only itself."""
+    if not os.path.isdir(output_dir):
+        return []
+    stale = sorted(name for name in os.listdir(output_dir)
+                   if name.endswith("_results.json") or (name.startswith("training_") and name.endswith(".png"))
+                   or name in (TRAINER_LOG, "generated_predictions.jsonl"))
+    for name in stale:
+        os.remove(os.path.join(output_dir, name))
+    return stale
+
+
 class RunLogger:
     """Progress bar, jsonl log, TensorBoard and plots for one training run.
 
@@ -82,8 +95,9 @@ class RunLogger:
     `log_train(step, metrics)` when `should_log(step)`, with metrics averaged over the logging window
     (`loss`, `accuracy`, `lr`, `grad_norm`, `tokens_per_sec`, `mfu`, `epoch`, `total_tokens`, ...;
     None values are dropped). `log_eval(step, metrics)` takes eval metrics with or without the
-    `eval_` prefix. `initial_step` > 0 (resume) appends to an existing trainer_log.jsonl; a fresh run
-    replaces it, as LF does with `overwrite_output_dir`.
+    `eval_` prefix. `initial_step` > 0 (resume) appends to trainer_log.jsonl, whose lines up to that step
+    (`jaxsft.resume.prepare_output_dir` trims it) are passed as `history`, so the plots cover the whole run;
+    a fresh run replaces it, as LF does with `overwrite_output_dir`.
     """
 
     def __init__(
@@ -96,6 +110,8 @@ class RunLogger:
         plot_loss: bool,
         tensorboard: bool = True,
         initial_step: int = 0,
+        history: list[dict[str, Any]] | None = None,
+        progress_bar: bool = True,
     ):
         self.output_dir = output_dir
         self.total_steps = int(total_steps)
@@ -106,10 +122,11 @@ class RunLogger:
         self.plot_loss = plot_loss
         self.initial_step = initial_step
         self.start_time = time.time()
-        self.history: list[dict[str, Any]] = []  # every line written to trainer_log.jsonl
+        self.history: list[dict[str, Any]] = list(history or [])  # every line of trainer_log.jsonl
         self._bar = None
         self._tb = None
         self._log_file = None
+        self._pending: dict[str, Any] = {}  # `note`d fields for the next training line
         if not self.enabled:
             return
 
@@ -122,7 +139,8 @@ class RunLogger:
 
             run_name = f"{datetime.datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}"
             self._tb = SummaryWriter(logdir=os.path.join(output_dir, "runs", run_name))
-        self._bar = tqdm(total=self.total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        self._bar = tqdm(total=self.total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                         disable=not progress_bar)
         self.start_time = time.time()  # after the slow imports, so the first ETA is not skewed
 
     # ------------------------------------------------------------------------------------------
@@ -153,6 +171,10 @@ class RunLogger:
         self._log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._log_file.flush()
 
+    def note(self, **fields: Any) -> None:
+        """Fields (e.g. the data's truncation counts) added once, to the next training line."""
+        self._pending.update({k: _plain(v) for k, v in fields.items() if v is not None})
+
     def log_train(self, step: int, metrics: dict[str, Any]) -> None:
         """One training logging step: jsonl line, TensorBoard scalars, bar postfix and a printed line."""
         if not self.enabled:
@@ -160,9 +182,12 @@ class RunLogger:
         metrics = {k: _plain(v) for k, v in metrics.items() if v is not None}
         record = self._progress(step)
         record.update(metrics)
+        record.update(self._pending)
+        self._pending = {}
         total_tokens = metrics.get("total_tokens")
-        if total_tokens:  # LF's throughput: tokens seen in this run / wall time since it started
-            record["throughput"] = round(total_tokens / max(time.time() - self.start_time, 1e-9), 2)
+        if total_tokens:  # LF's throughput: tokens seen in this run / its training time (`elapsed` when given)
+            elapsed = metrics.get("elapsed") or time.time() - self.start_time
+            record["throughput"] = round(total_tokens / max(elapsed, 1e-9), 2)
         self._write(record)
 
         if self._tb is not None:

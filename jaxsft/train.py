@@ -20,15 +20,16 @@ import jax
 import numpy as np
 import optax
 
-from jaxsft.checkpoint import Checkpoints, abstract_like, find_checkpoint, holds_optimizer_state, model_only
+from jaxsft.checkpoint import Checkpoints, abstract_like, holds_optimizer_state, model_only
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.packing import fit_width, length_buckets
-from jaxsft.errors import MissingPath, UserError
+from jaxsft.errors import UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.export import save_trained_model
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
-from jaxsft.run_logging import RunLogger
+from jaxsft.resume import check_config_change, prepare_output_dir, resume_target
+from jaxsft.run_logging import RunLogger, clear_results
 from jaxsft.runtime import (build_mesh, check_token_ids, compilation_cache_summary, init_distributed, is_main_process,
                             load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.params import merge
@@ -113,18 +114,6 @@ def build_train_step(cfg: Config, model, mesh, total_steps: int):
     return state, train_step
 
 
-def _resume_target(cfg: Config) -> tuple[Path, int] | None:
-    value = cfg.resume_from_checkpoint
-    if value in (None, False, "false", "False"):
-        return None
-    if value is True or str(value).lower() == "true":
-        found = Checkpoints(cfg.output_dir, async_save=False).latest_step()
-        if found is None:
-            raise MissingPath(f"resume_from_checkpoint: true but no complete checkpoint in {cfg.output_dir}")
-        return Path(cfg.output_dir).absolute(), found
-    return find_checkpoint(value)
-
-
 def _print_first_example(data, tokenizer) -> None:
     if not is_main_process() or not data.train:
         return
@@ -138,11 +127,19 @@ def _print_first_example(data, tokenizer) -> None:
 def run_training(cfg: Config) -> dict[str, Any]:
     init_distributed(cfg)
     out = Path(cfg.output_dir)
-    resume = _resume_target(cfg)
+    resume = resume_target(cfg)
     if is_main_process() and resume is None and out.is_dir() and Checkpoints(out, async_save=False).all_steps() \
             and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir {out} already holds checkpoints; set resume_from_checkpoint: true to "
                           f"continue, or overwrite_output_dir: true to start over")
+    if resume is not None:
+        directory, step = resume
+        if not holds_optimizer_state(directory, step):
+            raise ConfigError(f"{directory}/checkpoint_{step} was saved with save_only_model: true and holds no "
+                              f"optimizer state, so training cannot resume from it; export it (export_dir, or "
+                              f"tools/convert_checkpoint.py) and start a new run from the exported model")
+        saved = Checkpoints(directory, async_save=False).restore_config(step)
+        check_config_change(saved, cfg, f"{directory}/checkpoint_{step}")
     from jaxsft.data.pipeline import build_datasets  # here: the step alone (tools/bench.py) needs no grain
 
     mesh = build_mesh(cfg)
@@ -166,27 +163,39 @@ def run_training(cfg: Config) -> dict[str, Any]:
     buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
     iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs, buckets=buckets,
                                    group_by_length=cfg.group_by_length)
+    history = None
+    if resume is not None:
+        if is_main_process():  # later checkpoints must go before orbax lists the steps (it would refuse to save)
+            history = prepare_output_dir(out, resume[0], resume[1])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxsft: output_dir prepared for resuming")
     checkpoints = Checkpoints(out, max_to_keep=cfg.save_total_limit)
     if resume is None and cfg.overwrite_output_dir:
         checkpoints.delete_all()  # old steps would collide with this run's saves
+        if is_main_process() and (stale := clear_results(str(out))):
+            logger.info("overwrite_output_dir: removed the previous run's %s", ", ".join(stale))
     config_record = dataclasses.asdict(cfg)
-    start_step = 0
+    start_step, progress = 0, {}
     if resume is not None:
         directory, step = resume
-        if not holds_optimizer_state(directory, step):
-            raise ConfigError(f"{directory}/checkpoint_{step} was saved with save_only_model: true and holds no "
-                              f"optimizer state, so training cannot resume from it; export it (export_dir, or "
-                              f"tools/convert_checkpoint.py) and start a new run from the exported model")
         source = checkpoints if directory == out.absolute() else Checkpoints(directory, async_save=False)
         restored = source.restore(step, abstract_like(state), abstract_like(frozen))
-        state, frozen = restored["state"], restored["frozen"]
+        state, frozen, progress = restored["state"], restored["frozen"], restored["progress"]
         iterator.set_state(restored["data"])
         start_step = int(state["step"])
         print(f"resumed from {directory}/checkpoint_{step} at step {start_step}", flush=True)
+        if not progress:
+            logger.warning("checkpoint_%d predates saved running totals: train_results.json covers the steps after "
+                           "it only", step)
 
     run_log = RunLogger(str(out), total_steps, is_main_process=is_main_process(), logging_steps=cfg.logging_steps,
                         plot_loss=cfg.plot_loss, tensorboard=cfg.report_to not in (None, "none", ["none"]),
-                        initial_step=start_step)
+                        initial_step=start_step, history=history, progress_bar=not cfg.disable_tqdm)
+    truncation = {"truncated_examples": data.stats.get("train_truncated"),
+                  "truncated_tokens": data.stats.get("train_truncated_tokens")}
+    if start_step == 0:  # the data's truncation counts, on the run's first log line
+        run_log.note(**truncation)
     flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
     peak = peak_flops_per_device()
     steps_per_epoch = max(batches_per_epoch // accumulation, 1)
@@ -194,12 +203,25 @@ def run_training(cfg: Config) -> dict[str, Any]:
     eval_every = {"steps": int(cfg.eval_steps), "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval else None
     eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
     window: list[dict] = []
+    counted = 0  # steps of the window already added to the totals
     window_tokens, window_start = 0, time.perf_counter()
-    total_tokens, total_label_tokens, losses, examples_seen = 0, 0, [], 0
-    window_positions, total_positions = 0, 0  # row positions fed, padding included
+    # Running totals of the whole run (carried by every checkpoint, so results after a resume cover all steps).
+    total_tokens = int(progress.get("total_tokens", 0))
+    total_label_tokens = int(progress.get("label_tokens", 0))
+    examples_seen = int(progress.get("examples_seen", 0))
+    loss_sum, loss_steps = float(progress.get("loss_sum", 0.0)), int(progress.get("loss_steps", 0))
+    runtime_before = float(progress.get("train_runtime", 0.0))
+    window_positions = 0  # row positions fed, padding included
+    total_positions = int(progress.get("positions", 0))
     compile_seconds: dict[tuple, float] = {}  # per batch shape: the time of its first step (trace + compile)
     first_step_at = None
     loop_start = time.perf_counter()
+
+    def running_totals() -> dict:
+        return {"step": step, "total_tokens": total_tokens, "label_tokens": total_label_tokens,
+                "examples_seen": examples_seen, "loss_sum": loss_sum, "loss_steps": loss_steps,
+                "positions": total_positions, "train_runtime": runtime_before + time.perf_counter() - loop_start}
+
     step = start_step
     with _StopRequest() as stop:
         while step < total_steps:
@@ -235,23 +257,27 @@ def run_training(cfg: Config) -> dict[str, Any]:
                     checkpoints.close()  # the last good checkpoint finishes committing before we stop
                     run_log.close()  # the log and plots so far stay readable
                     raise
+                for m in fetched[counted:]:  # HF's train_loss: the mean of every step's loss
+                    total_label_tokens += int(m["label_tokens"])
+                    if bool(m["finite"]):
+                        loss_sum, loss_steps = loss_sum + float(m["loss"]), loss_steps + 1
+                counted = len(fetched)
                 if log_now:
                     elapsed = time.perf_counter() - window_start
                     summary = _summarize(fetched, window_tokens, elapsed, flops_per_token, peak)
                     summary["padding_share"] = round(1 - window_tokens / max(window_positions, 1), 4)
-                    total_label_tokens += int(sum(m["label_tokens"] for m in fetched))
-                    losses.append(summary["loss"])
                     summary.update(step=step, epoch=round(step * accumulation / batches_per_epoch, 4),
-                                   elapsed=round(time.perf_counter() - loop_start, 3), total_tokens=total_tokens)
+                                   elapsed=round(runtime_before + time.perf_counter() - loop_start, 3),
+                                   total_tokens=total_tokens)
                     run_log.log_train(step, summary)
-                    window, window_tokens, window_positions, window_start = [], 0, 0, time.perf_counter()
+                    window, counted, window_tokens, window_positions, window_start = [], 0, 0, 0, time.perf_counter()
             final_eval_follows = step == total_steps and cfg.do_eval  # do_eval evaluates at the end anyway
             if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping:
                 run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen,
                                                 data.eval_batches(eval_rows, buckets), mesh))
             if save_now and cfg.save_strategy != "no":
                 checkpoints.save(step, model_only(state) if cfg.save_only_model else state, frozen,
-                                 iterator.get_state(), config_record)
+                                 iterator.get_state(), config_record, running_totals())
             if stopping:
                 checkpoints.close()
                 run_log.close()
@@ -259,19 +285,20 @@ def run_training(cfg: Config) -> dict[str, Any]:
                     if cfg.save_strategy != "no" else "no checkpoint saved (save_strategy: no)"
                 print(f"stopped by signal {stop.signal} after step {step}; {saved}", flush=True)
                 return {"stopped_at_step": step}
-    train_runtime = time.perf_counter() - loop_start
+    train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
     checkpoints.close()
     results = {
         "train_runtime": round(train_runtime, 4),
         "train_samples_per_second": round(examples_seen / train_runtime, 3),
-        "train_steps_per_second": round((step - start_step) / train_runtime, 3),
+        "train_steps_per_second": round(step / train_runtime, 3),
         "train_tokens_per_second": round(total_tokens / train_runtime, 3),
-        "train_loss": round(float(np.mean(losses)), 4) if losses else float("nan"),
+        "train_loss": round(loss_sum / loss_steps, 4) if loss_steps else float("nan"),
         "epoch": round(step * accumulation / batches_per_epoch, 4),
         "total_flos": float(flops_per_token * total_tokens),
         "train_padding_share": round(1 - total_tokens / max(total_positions, 1), 4),
         "train_compiled_shapes": len(compile_seconds),
         "train_compile_seconds": round(sum(compile_seconds.values()), 2),
+        **{f"train_{k}": v for k, v in truncation.items() if v is not None},
     }
     if first_step_at is not None:
         results["time_to_first_step"] = round(first_step_at, 2)

@@ -11,6 +11,7 @@ from jaxsft.config import ConfigError, load_config
 from jaxsft.main import cli, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
+LF_DATA = (REPO / ".." / "shared" / "data" / "llamafactory").resolve()
 
 # A LLaMA-Factory example SFT YAML (examples/train_lora/llama3_lora_sft.yaml), as users write it.
 LLAMAFACTORY_LORA_SFT = """
@@ -187,11 +188,21 @@ def test_cli_missing_file(capsys):
 
 def test_main_module_reports_plan_and_exits_nonzero_on_error(tmp_path):
     path = lf_config(tmp_path, drop=["save_only_model"])
-    ok = subprocess.run([sys.executable, "-m", "jaxsft.main", "--config", path, "--dry_run"],
+    local = [f"model_name_or_path={REPO / 'examples' / 'tiny-llama'}", f"dataset_dir={LF_DATA}",
+             f"output_dir={tmp_path / 'out'}"]
+    ok = subprocess.run([sys.executable, "-m", "jaxsft.main", "--config", path, "--dry_run", *local],
                         capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert "stages: train" in ok.stdout and "finetuning: lora (rank 8, alpha 16" in ok.stdout
     assert "'ddp_timeout' has no effect" in ok.stdout
+    assert ok.stdout.endswith("dry run: config, paths, template, data and devices check out; nothing was run\n")
+    # --dry_run runs the checks that need no weights: an unknown dataset is an error there too
+    typo = subprocess.run([sys.executable, "-m", "jaxsft.main", "--config", path, "--dry_run", *local,
+                           "dataset=identiy"], capture_output=True, text=True, cwd=REPO)
+    assert typo.returncode == 2
+    assert typo.stderr == (f"error: Unknown dataset 'identiy': not an entry of {LF_DATA}/dataset_info.json and no "
+                           f"file or folder at that path. Did you mean identity? Datasets present in {LF_DATA}: "
+                           f"alpaca_en_demo, glaive_toolcall_en_demo, identity.\n")
     bad = subprocess.run([sys.executable, "-m", "jaxsft.main", path, "lora_rnak=8"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
@@ -216,3 +227,28 @@ def test_hub_offline_reads_the_variables_as_huggingface_hub_does(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert not hub_offline() and hub_offline("HF_DATASETS_OFFLINE")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora_rank: 4\nlearning_rate: 1e-4\nlora_rank: 8\n", "key 'lora_rank' is given twice (lines 1 and 3); keep one"),
+    ("", "the file is empty (or only comments); put the run's keys in it, e.g. configs/ has examples"),
+    ("# only a comment\n", "the file is empty (or only comments); put the run's keys in it, e.g. configs/ has "
+                           "examples"),
+])
+def test_duplicate_keys_and_empty_files_are_errors(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert cli([path]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+
+
+def test_a_bad_override_names_the_command_line_not_the_file(tmp_path, capsys):
+    path = write(tmp_path, "lora_rank: 4\n")
+    assert cli([path, "lora_rank=eight"]) == 2
+    assert capsys.readouterr().err == ("error: command-line override 'lora_rank=eight': key 'lora_rank': expected int, "
+                                       "got 'eight' (str)\n")
+    assert cli([path, "--lora_rnak", "3"]) == 2
+    assert capsys.readouterr().err == ("error: command-line override 'lora_rnak=3': unknown key 'lora_rnak', did you "
+                                       "mean 'lora_rank'?\n")
+    assert cli([write(tmp_path, "lora_rank: eight\n")]) == 2  # in the file: the file is named
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}/")
+

@@ -54,9 +54,8 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
 
     result = run(f"output_dir={resumed}", f"resume_from_checkpoint={two / 'checkpoint_3'}")
     assert "at step 3" in result.stdout
-    after = train_losses(resumed)
-    assert sorted(after) == [4, 5, 6]
-    assert {s: after[s] for s in (4, 5, 6)} == {s: reference[s] for s in (4, 5, 6)}
+    after = train_losses(resumed)  # steps 1-3 from the source run's log, 4-6 trained after the resume
+    assert after == reference
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):

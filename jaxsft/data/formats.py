@@ -132,6 +132,11 @@ def convert_sharegpt(row: dict[str, Any], attr: DatasetAttr, file: str, index: i
     messages = []
     for k, turn in enumerate(turns):
         tag = turn[attr.role_tag]
+        if tag not in tag_to_role or tag is None:
+            known = ", ".join(repr(t) for t in tag_to_role if t is not None)
+            raise InvalidExample(*where, f"{attr.messages}[{k + first}].{attr.role_tag}",
+                                 f"unknown role {tag!r} (this dataset's roles: {known}; set them in tags of "
+                                 f"dataset_info.json)", "dropped")
         if tag not in (odd, even)[k % 2]:
             raise InvalidExample(*where, f"{attr.messages}[{k + first}].{attr.role_tag}",
                                  f"role {tag!r} out of order (expected one of {list((odd, even)[k % 2])})", "dropped")

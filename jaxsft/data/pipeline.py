@@ -52,6 +52,8 @@ class Counts:
     reasons: list[str] = field(default_factory=list)  # the first few, with file / row / field
     tokens: int = 0
     label_tokens: int = 0  # learned targets (labels after the first token that are not IGNORE_INDEX)
+    truncated: int = 0  # kept examples that cutoff_len cut
+    truncated_tokens: int = 0  # the tokens cut from them
 
     def drop(self, reason: str) -> None:
         self.dropped += 1
@@ -63,6 +65,8 @@ class Counts:
         self.rows, self.examples = self.rows + other.rows, self.examples + other.examples
         self.tokens, self.label_tokens = self.tokens + other.tokens, self.label_tokens + other.label_tokens
         self.dropped += other.dropped
+        self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
         self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
 
 
@@ -145,8 +149,10 @@ def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.
     cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
     preserve = bool(_arg(args, "preserve_thinking"))
 
+    sizes: dict = {}
+
     def encode(conversation):
-        return encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve)
+        return encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve, sizes)
 
     for path, row_no, (ids, labels) in encode_each(rows_of, attrs, refs, args, counts, encode):
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
@@ -156,6 +162,9 @@ def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.
             continue
         examples.append(example)
         counts.examples += 1
+        if sizes["full"] > len(ids):
+            counts.truncated, counts.truncated_tokens = counts.truncated + 1, counts.truncated_tokens + sizes["full"] \
+                - len(ids)
         counts.tokens += len(ids)
         counts.label_tokens += n_learned
     return examples, counts
@@ -275,6 +284,7 @@ def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: in
     return {f"{name}_rows_read": counts.rows, f"{name}_examples": counts.examples, f"{name}_dropped": counts.dropped,
             f"{name}_dropped_reasons": counts.reasons, f"{name}_tokens": counts.tokens,
             f"{name}_label_tokens": counts.label_tokens, f"{name}_packed_rows": rows,
+            f"{name}_truncated": counts.truncated, f"{name}_truncated_tokens": counts.truncated_tokens,
             f"{name}_packing_efficiency": efficiency(lengths, rows, seq_len)}
 
 
@@ -325,8 +335,10 @@ def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_coun
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
     _report_dropped("train", counts)
+    _report_truncated("train", counts, seq_len)
     if evals is not None:
         _report_dropped("eval", eval_counts)
+        _report_truncated("eval", eval_counts, seq_len)
     if not train:
         read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
         why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: " + "; ".join(counts.reasons)
@@ -342,6 +354,21 @@ def _report_dropped(split: str, counts: Counts) -> None:
     if counts.dropped:
         logger.warning("%s data: dropped %d of %d rows (the run goes on without them); first reasons:\n  %s",
                        split, counts.dropped, counts.rows, "\n  ".join(counts.reasons))
+
+
+TRUNCATED_WARN = 0.05  # above this share of examples cut by cutoff_len, the report is a warning
+
+
+def _report_truncated(split: str, counts: Counts, cutoff: int) -> None:
+    """Every run says how many examples cutoff_len cut and how many tokens that lost."""
+    if not counts.examples:
+        return
+    share = counts.truncated / counts.examples
+    level = logging.WARNING if share > TRUNCATED_WARN else logging.INFO
+    hint = "; raise cutoff_len to keep more" if share > TRUNCATED_WARN else ""
+    logger.log(level, "%s data: %d of %d examples (%.1f%%) were longer than cutoff_len=%d and were truncated, "
+               "%d tokens cut%s", split, counts.truncated, counts.examples, 100 * share, cutoff,
+               counts.truncated_tokens, hint)
 
 
 def _counts_of(examples: list[Example]) -> Counts:

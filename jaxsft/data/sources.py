@@ -11,9 +11,10 @@ exactly the rows LLaMA-Factory picks for the same seed.
 
 import difflib
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class DatasetAttr:
     function_tag: str | None = "function_call"
     system_tag: str | None = "system"
 
+    named_columns: dict[str, str] = field(default_factory=dict)  # role -> column, as the registry names them
+
     def join(self, info: dict[str, Any]) -> None:
         """Apply a registry entry's `formatting`, `columns`, `tags`, ... (LF's `DatasetAttr.join`)."""
         for key, default in (("formatting", "alpaca"), ("ranking", False), ("subset", None), ("split", "train"),
@@ -62,6 +65,7 @@ class DatasetAttr:
         if "columns" in info:  # LF sets every column, absent ones to None
             for key in ("prompt", "query", "response", "history", "messages", "system", "tools"):
                 setattr(self, key, info["columns"].get(key))
+            self.named_columns = {k: v for k, v in info["columns"].items() if isinstance(v, str) and v}
         if "tags" in info:
             for key in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
                         "system_tag"):
@@ -146,6 +150,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
                 kinds = ", ".join(k for k in info if k.endswith("_url") or k.endswith("_name")) or "no source"
                 raise InputError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
                                  "(local) and hf_hub_url (online) entries.")
+            _check_entry(name, info, base / REGISTRY)
             attr.join(info)
             if attr.ranking:
                 raise InputError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
@@ -169,6 +174,68 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
                 + (f"Datasets present in {dataset_dir}: {', '.join(present_datasets(dataset_dir))}." if known else "")
             ).rstrip())
     return attrs
+
+
+# What LLaMA-Factory's dataset_info.json entries may hold (data/README.md of LLaMA-Factory 0.9).
+ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "formatting",
+              "ranking", "subset", "split", "folder", "num_samples", "columns", "tags")
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos",
+               "audios", "chosen", "rejected", "kto_tag")
+TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+            "system_tag")
+
+
+def _unknown(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key {key!r}" + (f", did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
+
+
+def _check_entry(name: str, info: Any, registry: Path) -> None:
+    """A misspelled key in a registry entry would be ignored (and e.g. the default columns used): refuse it."""
+    where = f"dataset {name!r} in {registry}"
+    if not isinstance(info, dict):
+        raise InputError(f"{where}: expected an object of keys (file_name, formatting, columns, ...), got "
+                         f"{type(info).__name__}")
+    for key in info:
+        if key not in ENTRY_KEYS:
+            raise InputError(f"{where}: {_unknown(key, ENTRY_KEYS)}")
+    for group, known in (("columns", COLUMN_KEYS), ("tags", TAG_KEYS)):
+        value = info.get(group, {})
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: {group!r} must be an object, got {type(value).__name__}")
+        for key in value:
+            if key not in known:
+                raise InputError(f"{where}, {group}: {_unknown(key, known)}")
+
+
+REQUIRED_COLUMNS = ("prompt", "response", "messages")  # without them a row has no conversation
+
+
+def check_columns(attr: DatasetAttr, columns: set[str], file: str) -> None:
+    """The columns a registry entry names exist in its data: a typo in a column that carries the conversation
+    (prompt, response, messages) would train on empty turns, so it is an error; an optional one (query, system,
+    history, tools) that is absent is read as empty, and a warning says so."""
+    for role, column in attr.named_columns.items():
+        if column not in columns:
+            close = difflib.get_close_matches(column, sorted(columns), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            text = (f"dataset {attr.name!r}: columns.{role} names {column!r}, which is not a column of {file} (its "
+                    f"columns: {', '.join(sorted(columns)) or 'none'}).{hint}")
+            if role in REQUIRED_COLUMNS:
+                raise InputError(f"{text} Fix {REGISTRY}")
+            if role in COLUMN_KEYS[:7]:
+                logging.getLogger("jaxsft").warning("%s It is read as empty", text)
+
+
+def _columns_of(rows: Sequence) -> set[str]:
+    names = getattr(rows, "column_names", None)
+    if names is not None:
+        return set(names)
+    columns: set[str] = set()
+    for row in rows:
+        if isinstance(row, dict):
+            columns.update(row)
+    return columns
 
 
 def present_datasets(dataset_dir: str) -> list[str]:
@@ -232,7 +299,7 @@ def _read_json(file: str) -> list[Any]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{file}, line {line_no} (row {len(rows)}): invalid JSON: {e}") from None
+                    raise InputError(f"{file}, line {line_no}: invalid JSON: {e}") from None
         return rows
     try:
         rows = json.loads(text)
@@ -282,6 +349,8 @@ def load_rows(attr: DatasetAttr, max_samples: int | None = None, seed: int = 42)
         rows: Sequence = [row for f in _file_type(attr)[1] for row in _read_json(f)]
     else:
         rows = _hf_dataset(attr, streaming=False)
+    if attr.named_columns and len(rows):
+        check_columns(attr, _columns_of(rows), attr.path)
     if attr.num_samples is not None:  # LF: a permutation, repeated (with replacement) past the dataset size
         rng = np.random.default_rng(seed)
         idx = rng.permutation(len(rows))[:attr.num_samples]
@@ -364,7 +433,13 @@ def split(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
     import datasets
 
     size = int(val_size) if val_size > 1 else val_size
-    parts = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=size, seed=seed)
+    if isinstance(size, int) and size >= n:
+        raise InputError(f"val_size: {size} rows held out for evaluation, but the dataset has only {n}; lower "
+                         f"val_size (a count, or a fraction < 1)")
+    try:
+        parts = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=size, seed=seed)
+    except ValueError as e:  # e.g. a fraction of a handful of rows leaves no training row
+        raise InputError(f"val_size: {val_size} cannot split the dataset's {n} rows ({e}); lower val_size") from None
     return list(parts["train"]["i"]), list(parts["test"]["i"])
 
 

@@ -21,19 +21,22 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 def encode_supervised(
     conversation: Conversation, tokenizer, template: Encoder, cutoff_len: int, train_on_prompt: bool = False,
-    mask_history: bool = False, preserve_thinking: bool = False,
+    mask_history: bool = False, preserve_thinking: bool = False, sizes: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where nothing is learned) of one conversation.
 
     Pairs are truncated turn by turn with `infer_seqlen`; with `mask_history` they are visited last-first (the
     last turn wins the budget and alone keeps labels) and put back in order. `efficient_eos` templates learn
     the EOS closing each answer on the first token of the next prompt and append one final EOS.
+    `sizes`, when given, receives `full`: the length before truncation (so callers count what cutoff_len cut).
     """
     pairs = template.encode_multiturn(
         tokenizer, conversation.messages, conversation.system, conversation.tools,
         discarding_history_cot=mask_history and not preserve_thinking,
     )
     eos = tokenizer.eos_token_id
+    if sizes is not None:
+        sizes["full"] = sum(len(s) + len(t) for s, t in pairs) + (1 if template.efficient_eos else 0)
     input_ids: list[int] = []
     labels: list[int] = []
     total_length = 1 if template.efficient_eos else 0

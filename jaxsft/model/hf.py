@@ -6,6 +6,7 @@ Only safetensors are read; pickled `.bin` checkpoints are refused (loading pickl
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         )
     from huggingface_hub import snapshot_download
 
+    from jaxsft.hub import cached_snapshot, hub_endpoint, hub_unreachable
+
+    why = hub_unreachable()
+    if why is not None:  # no 30 s of retries: the cached copy, or one line
+        cached = cached_snapshot(str(name_or_path), HUB_PATTERNS)
+        if cached is None:
+            raise MissingPath(f"{name_or_path!s} is not a local directory, not in the Hugging Face cache, and the "
+                              f"hub ({hub_endpoint()}) cannot be reached ({why}); download it where there is network "
+                              f"and pass its local directory")
+        logging.getLogger("jaxsft").warning("the hub (%s) cannot be reached (%s): using the cached copy of %s",
+                                            hub_endpoint(), why, name_or_path)
+        return Path(cached)
     return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
 
 

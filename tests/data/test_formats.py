@@ -77,7 +77,8 @@ def test_skipped_when_allowed_and_counted_with_reasons(tmp_path, new_tokenizer):
     ([("gpt", "a"), ("human", "b")], "conversations[0].from",
      "role 'gpt' out of order (expected one of ['human', 'observation'])"),
     ([("system", "s"), ("bot", "a"), ("gpt", "b")], "conversations[1].from",
-     "role 'bot' out of order (expected one of ['human', 'observation'])"),
+     "unknown role 'bot' (this dataset's roles: 'human', 'gpt', 'observation', 'function_call', 'system'; set "
+     "them in tags of dataset_info.json)"),
 ])
 def test_llamafactory_drops_are_always_dropped(tmp_path, new_tokenizer, turns, field, reason):
     bad = {"conversations": [{"from": f, "value": v} for f, v in turns]}

@@ -1,0 +1,272 @@
+"""Faults during training: NaN/inf losses, SIGKILL at random points (training, saving, resuming), a full disk.
+
+Nothing is lost: the next resume finishes, its losses and final params equal an uninterrupted run's, the log
+reads line by line and the results cover every step.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from run_logs import train_losses
+
+from jaxsft.config import build_config
+from jaxsft.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny-llama"
+DATA = REPO / "examples" / "data"
+TMP = ".orbax-checkpoint-tmp"  # orbax 0.12: checkpoint_<step>.orbax-checkpoint-tmp, renamed on commit
+STEP_DIR = re.compile(r"checkpoint_(\d+)$")
+STEP = re.compile(r"checkpoint_(\d+)")
+
+
+def _trained_state(out: Path, step: int) -> dict[str, np.ndarray]:
+    """The trainable params of checkpoint_<step> as saved (restored as numpy, no model needed)."""
+    import orbax.checkpoint as ocp
+
+    restored = ocp.PyTreeCheckpointer().restore(out / f"checkpoint_{step}" / "state")
+    return {k: np.asarray(v) for k, v in restored["trainable"].items()}
+
+
+def _committed(out: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in out.iterdir() if (m := STEP_DIR.match(p.name))) if out.is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite losses (in process).
+
+def _config(tmp_path, **overrides):
+    values = {"model_name_or_path": str(TINY), "dataset": "identity", "dataset_dir": str(DATA), "template": "llama3",
+              "cutoff_len": 128, "do_train": True, "finetuning_type": "full", "output_dir": str(tmp_path / "out"),
+              "report_to": "none"}
+    return build_config({**values, **overrides})
+
+
+DIVERGE = dict(optim="sgd", learning_rate=1e6, max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=10,
+               save_steps=2, logging_steps=5, per_device_train_batch_size=1, packing=True)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.train import NonFiniteLoss, run_training
+
+    cfg = _config(tmp_path, **DIVERGE)
+    with pytest.raises(NonFiniteLoss) as e:
+        run_training(cfg)
+    match = re.fullmatch(r"step (\d+): loss \S+, grad_norm \S+ is not finite; stopped without saving it \(the last "
+                         r"checkpoint is intact\)\. Lower learning_rate, or set skip_nonfinite_steps: true", str(e.value))
+    assert match, str(e.value)
+    bad_step = int(match.group(1))
+    assert isinstance(e.value, UserError)  # the CLI prints it on one line and exits 2
+    steps = Checkpoints(cfg.output_dir, async_save=False).all_steps()
+    assert steps and max(steps) < bad_step and max(steps) == (bad_step - 1) // 2 * 2, (steps, bad_step)
+    assert not [p for p in Path(cfg.output_dir).iterdir() if TMP in p.name]
+    params = _trained_state(Path(cfg.output_dir), max(steps))
+    assert params and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_skip_nonfinite_steps_finishes_the_run(tmp_path):
+    from jaxsft.checkpoint import Checkpoints
+    from jaxsft.train import run_training
+
+    cfg = _config(tmp_path, skip_nonfinite_steps=True, **DIVERGE)
+    run_training(cfg)
+    assert Checkpoints(cfg.output_dir, async_save=False).latest_step() == 10
+    assert json.loads((Path(cfg.output_dir) / "train_results.json").read_text())["epoch"] > 0
+    params = _trained_state(Path(cfg.output_dir), 10)
+    assert all(np.isfinite(v).all() for v in params.values())  # the bad updates were skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subprocess runs: one device and a shared compilation cache, so only the first run compiles.
+
+SUB = {"model_name_or_path": TINY, "dataset": "identity", "dataset_dir": DATA, "template": "llama3",
+       "cutoff_len": 128, "packing": "true", "do_train": "true", "finetuning_type": "full", "optim": "sgd",
+       "learning_rate": 0.05, "per_device_train_batch_size": 2, "logging_steps": 1, "report_to": "none",
+       "max_steps": 12, "save_steps": 1, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(cache) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "HF_HUB_OFFLINE": "1"}
+
+
+def _args(out, *extra, **overrides) -> list[str]:
+    return [sys.executable, "-m", "jaxsft.main", *[f"{k}={v}" for k, v in {**SUB, **overrides}.items()],
+            f"output_dir={out}", *extra]
+
+
+def _cli(out, cache, *extra, **overrides):
+    return subprocess.run(_args(out, *extra, **overrides), capture_output=True, text=True, cwd=REPO, env=_env(cache),
+                          timeout=300)
+
+
+def _logged_steps(out: Path) -> list[int]:
+    """Steps of the log lines that parse (the last one may be half written while the run goes on)."""
+    path = out / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["current_steps"])
+        except ValueError:
+            pass
+    return steps
+
+
+def _wait(proc, condition, deadline: float) -> bool:
+    while time.time() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.003)
+    return False
+
+
+KILLS = 21  # 7 while training, 7 while a checkpoint is being written, 7 while a run resumes
+FAULT_STEPS = 70
+
+
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, compile_cache):
+    """One run killed again and again (kill -9) at random moments of each kind, resumed with
+    `resume_from_checkpoint: true` every time; then it runs to the end. Seeded, so a failure replays."""
+    seed = int(os.environ.get("JAXSFT_FAULT_SEED", "17"))
+    rng = random.Random(seed)
+    straight = tmp_path / "straight"
+    result = _cli(straight, compile_cache, max_steps=FAULT_STEPS, save_steps=1000)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    kinds = ["train", "save", "resume"] * (KILLS // 3)
+    rng.shuffle(kinds)
+    resume_gap = 1.0  # seconds from the model's load to the "resumed from" line, learned as runs go
+    history = []
+    for i, kind in enumerate(kinds):
+        committed = _committed(out)
+        extra = ["resume_from_checkpoint=true"] if committed else []
+        stdout, stderr = tmp_path / f"run{i}.out", tmp_path / f"run{i}.err"
+        with stdout.open("w") as o, stderr.open("w") as e:
+            proc = subprocess.Popen(_args(out, *extra, max_steps=FAULT_STEPS), stdout=o, stderr=e, cwd=REPO,
+                                    env=_env(compile_cache))
+        deadline = time.time() + 240
+        start = committed[-1] if committed else 0
+        loaded = lambda: "trainable params" in stderr.read_text()  # noqa: E731
+        if kind == "train":
+            target = start + rng.randint(1, 3)
+            caught = _wait(proc, lambda: max(_logged_steps(out), default=0) >= target, deadline)
+            time.sleep(rng.uniform(0, 0.03))
+        elif kind == "save":
+            in_flight = lambda: out.is_dir() and any(  # noqa: E731
+                TMP in p.name and int(STEP.match(p.name).group(1)) > start for p in out.iterdir())
+            caught = _wait(proc, in_flight, deadline)
+        else:
+            caught = _wait(proc, loaded, deadline)
+            t0 = time.time()
+            time.sleep(rng.uniform(0, resume_gap))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        text = stdout.read_text()
+        history.append((kind, start, _committed(out)))
+        assert caught and proc.returncode == -signal.SIGKILL, (i, kind, history, stderr.read_text()[-3000:])
+        resumed = re.search(r"resumed from (\S+) at step (\d+)", text)
+        if committed:  # the newest complete checkpoint, also after a kill during a save
+            assert resumed is None or resumed.group(1) == f"{out}/checkpoint_{start}", (i, history, text[-2000:])
+        if kind == "resume" and resumed:
+            resume_gap = max(0.2, time.time() - t0)
+        lines = (out / "trainer_log.jsonl").read_text().splitlines() if (out / "trainer_log.jsonl").exists() else []
+        for line in lines[:-1]:  # only the line being written when the kill came may be torn
+            json.loads(line)
+
+    assert len(history) >= 20
+    start = _committed(out)[-1]
+    assert start < FAULT_STEPS, history  # the kills came before the end
+    result = _cli(out, compile_cache, "resume_from_checkpoint=true", max_steps=FAULT_STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out}/checkpoint_{start} at step {start}" in result.stdout
+    # The log: every step once, in order, each line JSON; losses equal the uninterrupted run's.
+    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in lines] == list(range(1, FAULT_STEPS + 1))
+    assert train_losses(lines) == train_losses(straight)
+    # Results cover the whole run; the final params are bit-identical; nothing was set aside.
+    got, expected = (json.loads((d / "train_results.json").read_text()) for d in (out, straight))
+    for key in ("train_loss", "total_flos", "epoch"):
+        assert got[key] == expected[key], key
+    final, reference = _trained_state(out, FAULT_STEPS), _trained_state(straight, FAULT_STEPS)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_array_equal(final[key], reference[key], err_msg=key)
+    assert not (out / "set_aside").exists()
+    assert not [p for p in out.iterdir() if TMP in p.name]
+    assert {k for k, *_ in history} == {"train", "save", "resume"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk.
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1.4 MB tmpfs: room for one sgd checkpoint of the tiny model (~0.8 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_is_an_error_and_earlier_checkpoints_stay_intact(tiny_disk, compile_cache):
+    out = tiny_disk / "out"
+    result = _cli(out, compile_cache)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    last = errors[0]
+    assert "jaxsft/" not in result.stderr  # no traceback of ours (orbax logs its writer threads' own)
+    assert re.fullmatch(
+        re.escape(f"error: no space left on device while saving checkpoint_2 in {out} (") + r"[\d.]+"
+        + re.escape(" MiB free); intact checkpoints: checkpoint_1. Free some space (or lower save_total_limit), "
+                    "then rerun with resume_from_checkpoint: true"), last), last
+    params = _trained_state(out, 1)
+    assert params and all(np.isfinite(v).all() for v in params.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C before training starts.
+
+def test_sigint_while_the_model_loads_is_one_line_and_no_crash(tmp_path, compile_cache):
+    """SIGINT during start-up (imports, data, model initialisation): one line, exit 130, no traceback, no segfault
+    (the training loop itself turns SIGINT into save-and-stop, tested in test_train.py)."""
+    out = tmp_path / "out"
+    stdout = tmp_path / "run.out"
+    with stdout.open("w") as o:
+        proc = subprocess.Popen(_args(out), stdout=o, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env=_env(compile_cache))
+    assert _wait(proc, lambda: "jaxsft: stages" in stdout.read_text(), time.time() + 120)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == "error: interrupted (SIGINT); stopped (checkpoints already written are intact)"
+    assert not _committed(out)
