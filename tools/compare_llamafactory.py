@@ -8,14 +8,16 @@
 
 Writes `lf.yaml` and `jaxsft.yaml` under `--out`, runs LLaMA-Factory (from /tmp, so this repo is not on
 its path) and `python -m jaxsft.main`, reads both `train_results.json` and prints train_runtime, tokens/s
-and the ratios as one JSON line (plus a readable table on stderr). jaxsft packs (`packing: true`); LF
-pads each batch to its longest example (its default). LF's tokens/s is its `effective_tokens_per_sec`
+and the ratios as one JSON line (plus a readable table on stderr). jaxsft packs (`packing: true`), or with
+`--unpacked` does not (LF's default, both sides then pad each batch: LF to its longest example, jaxsft to
+that example's length bucket). LF's tokens/s is its `effective_tokens_per_sec`
 (every input token of the dataset x epochs / runtime); jaxsft's is `train_tokens_per_second` (non-pad).
 Neither side saves checkpoints during the run (`save_strategy: "no"`).
 
-`--build_model DIR` first builds the issue's tiny model there (unless it exists): a 4096-token byte-level
-BPE tokenizer trained on the demo data with the llama3 special tokens, and a 4-layer, hidden-256 Llama
-with random weights. `--preprocess` also times preprocessing alone on both sides (jaxsft `build_datasets`
+`--build_model DIR` first builds a model there (unless it exists): a 4096-token byte-level BPE tokenizer
+trained on the demo data with the llama3 special tokens, and a Llama with random weights of `--shape`
+(`tiny-4l-256`, or `smollm-135m`: SmolLM-135M's 30 layers, hidden 576, 9/3 heads, 49152-row tied
+embedding). `--preprocess` also times preprocessing alone on both sides (jaxsft `build_datasets`
 vs LF `get_dataset`, same rows, template and cutoff) and reports examples/s.
 """
 
@@ -35,10 +37,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "llamafactory"
 
 
-def build_tiny_model(out: Path, data_dir: Path, vocab_size: int = 4096, layers: int = 4, hidden: int = 256,
-                     seed: int = 0) -> None:
+# Model shapes --build_model can build (random weights, never downloaded).
+SHAPES = {
+    "tiny-4l-256": dict(layers=4, hidden=256, intermediate=1024, heads=4, kv_heads=2),
+    # SmolLM-135M's shape: 134.5M params (tied embeddings, 49152 rows; the tokenizer uses the first 4096)
+    "smollm-135m": dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab_size=49152,
+                        tie_word_embeddings=True),
+}
+
+
+def build_tiny_model(out: Path, data_dir: Path, vocab_size: int = 4096, seed: int = 0,
+                     shape: str = "tiny-4l-256") -> None:
     """A byte-level BPE tokenizer trained on the demo data (llama3 special tokens) and a random Llama
-    (tools/make_tiny_model.py's builders, at the issue's size)."""
+    (tools/make_tiny_model.py's builders) of one of SHAPES."""
     from make_tiny_model import save_random_llama, string_fields, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -50,9 +61,7 @@ def build_tiny_model(out: Path, data_dir: Path, vocab_size: int = 4096, layers: 
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    heads = max(hidden // 64, 1)
-    n = save_random_llama(out, fast, layers=layers, hidden=hidden, intermediate=hidden * 4, heads=heads,
-                          kv_heads=max(heads // 2, 1), max_positions=8192, seed=seed)
+    n = save_random_llama(out, fast, max_positions=8192, seed=seed, **SHAPES[shape])
     print(f"built {out}: vocab {len(fast)}, {n:,d} params", file=sys.stderr)
 
 
@@ -80,7 +89,8 @@ def lf_config(args, out: Path) -> dict:
 def jaxsft_config(args, out: Path) -> dict:
     overrides = dict(kv.split("=", 1) for kv in args.jaxsft)
     overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
-    return {**common_keys(args), "output_dir": str((out / "jaxsft").absolute()), "packing": True, **overrides}
+    return {**common_keys(args), "output_dir": str((out / "jaxsft").absolute()), "packing": not args.unpacked,
+            **overrides}
 
 
 def lf_command(args, config: Path) -> list[str]:
@@ -146,7 +156,10 @@ def time_preprocessing(python: list[str], code: str, config: dict, cwd: str, env
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a Hugging Face model directory (tokenizer included)")
-    parser.add_argument("--build_model", metavar="DIR", help="build the issue's tiny 4-layer model in DIR and use it")
+    parser.add_argument("--build_model", metavar="DIR", help="build a random model of --shape in DIR and use it")
+    parser.add_argument("--shape", default="tiny-4l-256", choices=tuple(SHAPES), help="of --build_model")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="jaxsft without packing too (both sides at LLaMA-Factory's defaults)")
     parser.add_argument("--dataset", default="alpaca_en_demo")
     parser.add_argument("--dataset_dir", default=str(DATA))
     parser.add_argument("--template", default="llama3")
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.build_model:
         model_dir = Path(args.build_model)
         if not (model_dir / "model.safetensors").is_file():
-            build_tiny_model(model_dir, Path(args.dataset_dir))
+            build_tiny_model(model_dir, Path(args.dataset_dir), shape=args.shape)
         args.model = str(model_dir)
     if not args.model:
         parser.error("give --model DIR or --build_model DIR")
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"model": args.model, "dataset": args.dataset, "max_samples": args.max_samples,
                     "template": args.template, "cutoff_len": args.cutoff_len, "batch": args.batch,
                     "epochs": args.epochs, "finetuning_type": args.finetuning_type,
+                    "jaxsft_packing": not args.unpacked,
                     "lf_yaml": str(lf_yaml), "jaxsft_yaml": str(jx_yaml)}
     if args.only != "jaxsft":
         wall = run_logged(lf_command(args, lf_yaml), out / "lf.log", "/tmp", lf_env)

@@ -44,11 +44,14 @@ def string_fields(rows: list[dict]) -> list[str]:
 
 
 def save_random_llama(out: Path, tokenizer: PreTrainedTokenizerFast, *, layers: int, hidden: int,
-                      intermediate: int, heads: int, kv_heads: int, max_positions: int, seed: int) -> int:
-    """config.json and model.safetensors of a Llama with random N(0, 0.02) weights; returns the params."""
-    LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      intermediate: int, heads: int, kv_heads: int, max_positions: int, seed: int,
+                      vocab_size: int | None = None, tie_word_embeddings: bool = False) -> int:
+    """config.json and model.safetensors of a Llama with random N(0, 0.02) weights; returns the params.
+    `vocab_size`: the embedding rows (default: the tokenizer's size; more rows are never looked up)."""
+    LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                head_dim=hidden // heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                head_dim=hidden // heads, max_position_embeddings=max_positions,
+                tie_word_embeddings=tie_word_embeddings,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rms_norm_eps=1e-5).save_pretrained(str(out))
     model_cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
