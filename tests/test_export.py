@@ -148,7 +148,7 @@ def test_adapter_export_matches_peft(trained, tmp_path):
         b = f.get_tensor(f"base_model.model.{cfg.peft_prefix}layers.1.mlp.down_proj.lora_B.weight")
     assert a.shape == (4, 128) and b.shape == (64, 4)
     if cfg.fused_qkv:  # phi3: LoRA on the fused projections, as PEFT puts it on that model
-        assert f"base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight" in names
+        assert "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight" in names
         assert sorted(config["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     peft_model = PeftModel.from_pretrained(load_hf(path), tmp_path).eval()
     if cfg.peft_prefix != "model.":  # multimodal: PEFT adapted the text tower only

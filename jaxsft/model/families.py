@@ -46,6 +46,7 @@ class Family:
     # `sliding_window_pattern`-th layer is global, the others slide).
     windows: str = "none"
     default_window_pattern: int = 0
+    default_sliding_window: int | None = None  # when config.json has no sliding_window key (Gemma: 4096)
     local_rope: bool = False  # rope_parameters per layer type (Gemma 3: sliding layers' own base)
     default_rope_theta: float = 10000.0
     tie_default: bool = False  # tie_word_embeddings when config.json does not say
@@ -58,13 +59,13 @@ class Family:
 
 _GEMMA = dict(activation_key="hidden_activation", activations=("gelu_pytorch_tanh", "gelu"), norm_plus_one=True,
               scale_embeddings=True, sandwich_norms=True, softcaps=True, query_pre_attn_scalar=True,
-              windows="pattern", tie_default=True)
+              windows="pattern", default_sliding_window=4096, tie_default=True)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(windows="all"),
-    "qwen2": Family(qkv_bias=True, windows="qwen", default_rope_theta=1e6),
-    "qwen3": Family(qk_norm=True, windows="qwen", default_rope_theta=1e6),
+    "qwen2": Family(qkv_bias=True, windows="qwen"),
+    "qwen3": Family(qk_norm=True, windows="qwen"),
     "gemma2": Family(**_GEMMA, default_window_pattern=2),
     "gemma3_text": Family(**_GEMMA, qk_norm=True, default_window_pattern=6, local_rope=True,
                           default_rope_theta=1e6),
@@ -157,7 +158,7 @@ def linear_modules(model_type: str) -> tuple[str, ...]:
 
 
 def _windows_from_hf(hf: dict, fam: Family, model_type: str) -> tuple[int | None, tuple[str, ...] | None]:
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", fam.default_sliding_window)
     layers = hf["num_hidden_layers"]
     if fam.windows == "none":
         if hf.get("use_sliding_window") or (window and hf.get("layer_types") and SLIDING in hf["layer_types"]):

@@ -18,6 +18,9 @@ def test_families():
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 32
     mistral = ModelConfig.from_hf(transformers.MistralConfig(**SMALL, sliding_window=4096).to_dict())
     assert mistral.sliding_window == 4096 and mistral.family == "mistral"
+    # a config.json without rope_theta gets transformers' default for the family
+    assert ModelConfig.from_hf({"model_type": "qwen2", **SMALL}).rope_theta == 10000.0
+    assert ModelConfig.from_hf({"model_type": "gemma3_text", **SMALL}).rope_theta == 1e6
 
 
 def test_layer_patterns():
