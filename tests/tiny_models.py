@@ -83,6 +83,11 @@ TINY_MODELS = {
         transformers.Qwen3ForCausalLM,
         dict(head_dim=32, num_attention_heads=4, num_key_value_heads=1),  # head_dim != hidden / heads
     ),
+    "gemma": (
+        transformers.GemmaConfig,
+        transformers.GemmaForCausalLM,
+        dict(head_dim=16, hidden_act="gelu_pytorch_tanh"),
+    ),
     "gemma2": (
         transformers.Gemma2Config,
         transformers.Gemma2ForCausalLM,

@@ -66,6 +66,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(windows="all"),
     "qwen2": Family(qkv_bias=True, windows="qwen"),
     "qwen3": Family(qk_norm=True, windows="qwen"),
+    "gemma": Family(activations=("gelu_pytorch_tanh", "gelu"), norm_plus_one=True, scale_embeddings=True,
+                    tie_default=True),
     "gemma2": Family(**_GEMMA, default_window_pattern=2),
     "gemma3_text": Family(**_GEMMA, qk_norm=True, default_window_pattern=6, local_rope=True,
                           default_rope_theta=1e6),
