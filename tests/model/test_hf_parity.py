@@ -88,7 +88,8 @@ def test_logits_match_padded(tiny, left):
 def test_packed_row_equals_examples_alone(tiny):
     _, _, _, params, fwd = tiny
     rng = np.random.default_rng(2)
-    lengths = [5, 7, 3]  # plus one pad at the end
+    # plus one pad at the end; 9 tokens pass the windows (6) and longrope/dynamic thresholds (8), 4 and 2 do not
+    lengths = [9, 4, 2]
     examples = [rng.integers(3, 256, n) for n in lengths]
     ids_T = np.concatenate(examples + [np.zeros(1, np.int64)])
     seg_T = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(1)]).astype(np.int32)
