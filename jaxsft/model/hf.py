@@ -216,12 +216,11 @@ def other_tower_tensors(name_or_path: str | os.PathLike, cfg: ModelConfig, np_dt
     if cfg.hf_prefix == "model.":
         return {}
     out = {}
-    with jax.default_device(_host_device()):
-        for file in _safetensors_files(resolve_model_path(name_or_path)):
-            with safe_open(file, framework="flax") as f:
-                for name in f.keys():
-                    if is_other_tower(name, cfg):
-                        out[name] = np.asarray(f.get_tensor(name)).astype(np_dtype)
+    for file in _safetensors_files(resolve_model_path(name_or_path)):
+        with safe_open(file, framework="numpy") as f:  # bf16 through ml_dtypes, as load_hf_params reads
+            for name in f.keys():
+                if is_other_tower(name, cfg):
+                    out[name] = np.asarray(f.get_tensor(name)).astype(np_dtype)
     return out
 
 
