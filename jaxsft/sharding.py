@@ -17,6 +17,7 @@ from jaxsft.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over both data-parallel axes
+TENSOR_AXIS = "tensor"  # heads, MLP width and vocab
 
 # logical axis -> mesh axes (in order of preference); None = replicated.
 RULES: dict[str, tuple[str, ...] | None] = {

@@ -7,12 +7,16 @@ see pads, so no row is fully masked and nothing becomes NaN; their outputs are n
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsft.model.blocksparse import blocksparse_attention
+from jaxsft.sharding import BATCH_AXES, TENSOR_AXIS
 
 # Finite, so a row that happens to be fully masked gives a finite average instead of NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -204,15 +208,6 @@ def _splash_impl(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_B
     return jnp.moveaxis(out_BHTD, 1, 2)[:, :T]
 
 
-def _not_yet(name: str, backend: str) -> Callable:
-    def impl(*args, **kwargs):
-        raise NotImplementedError(
-            f"attention impl {name!r} ({backend}) is planned but not implemented yet; use impl='xla'"
-        )
-
-    return impl
-
-
 # name -> (platforms it runs on or None for any, fn(q, k, v, seg_q, seg_kv, pos_q, pos_kv, window)).
 # Those in SOFTCAP_IMPLS also take `softcap=` (Gemma 2's attention-logit soft-capping).
 # Each implementation builds what it needs: a mask (xla), lengths/offsets (cudnn), segment ids
@@ -239,6 +234,38 @@ def model_rules_out(impl: str, sliding_window: bool, softcap: bool) -> str | Non
     return None
 
 
+# Custom calls XLA cannot partition ("Mosaic kernels cannot be automatically partitioned"): they run
+# per shard under shard_map. The XLA paths are plain ops that the partitioner handles.
+FUSED_KERNELS = ("cudnn", "pallas", "splash")
+INTERPRETABLE = ("pallas", "splash")  # Pallas kernels that also run on CPU through Pallas' interpreter
+
+
+def target_platform(mesh: Mesh | None) -> str:
+    """The platform the computation is compiled for: the mesh's devices (which may be a TPU topology
+    described on a CPU host), else JAX's default backend."""
+    if mesh is None:
+        return jax.default_backend()
+    return mesh.devices.flat[0].platform
+
+
+def _per_shard(fn: Callable, mesh: Mesh, q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS,
+               sliding_window, **extra):
+    """Run `fn` on each device's rows and heads: rows over the batch axes (data, fsdp), heads over
+    `tensor` when both query and KV heads divide. An axis that does not divide is replicated
+    (redundant work, same result)."""
+    batch_axes = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+    while batch_axes and q_BTHD.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes.pop()
+    rows = tuple(batch_axes) or None
+    tensor = mesh.shape[TENSOR_AXIS]
+    heads = TENSOR_AXIS if tensor > 1 and not (q_BTHD.shape[2] % tensor or k_BSKD.shape[2] % tensor) else None
+    spec_x, spec_t = P(rows, None, heads, None), P(rows, None)
+    run = jax.shard_map(lambda *a: fn(*a, sliding_window, **extra), mesh=mesh,
+                        in_specs=(spec_x, spec_x, spec_x, spec_t, spec_t, spec_t, spec_t), out_specs=spec_x,
+                        check_vma=False)
+    return run(q_BTHD, k_BSKD, v_BSKD, seg_q_BT, seg_kv_BS, pos_q_BT, pos_kv_BS)
+
+
 def attention(
     q_BTHD: jax.Array,
     k_BSKD: jax.Array,
@@ -252,6 +279,8 @@ def attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    mesh: Mesh | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Attention output [B, T, H, D]. H must be a multiple of K (GQA). Logits are scaled by `scale`
     (default D ** -0.5), then soft-capped to (-softcap, softcap) when given.
@@ -259,15 +288,21 @@ def attention(
     Positions order tokens for the causal mask; they default to indices, with the T queries being
     the last T of the S keys. Decoding passes the cache's positions, so empty cache slots (segment
     0) are masked whatever their index.
+
+    `mesh`: the mesh the arrays live on; fused kernels then run per shard under `shard_map`, and
+    their platform check looks at its devices. `interpret` runs the Pallas kernels (pallas, splash)
+    through Pallas' interpreter, on any platform (tests on CPU).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
     platforms, fn = ATTENTION_IMPLS[impl]
-    backend = jax.default_backend()
-    if platforms is not None and backend not in platforms:
+    platform = target_platform(mesh)
+    if interpret and impl in INTERPRETABLE:
+        fn = functools.partial(fn, interpret=True)
+    elif platforms is not None and platform not in platforms:
         raise ValueError(
-            f"attention impl {impl!r} needs a {'/'.join(platforms)} backend, but JAX runs on "
-            f"{backend!r}; use impl='xla'"
+            f"attention impl {impl!r} needs a {'/'.join(platforms)} backend, but the target devices are "
+            f"{platform!r}; use impl='xla'"
         )
     H, K = q_BTHD.shape[2], k_BSKD.shape[2]
     if H % K:
@@ -287,5 +322,7 @@ def attention(
             raise ValueError(f"attention impl {impl!r} has no logit soft-capping (this model's "
                              f"attn_logit_softcapping); use one of {', '.join(SOFTCAP_IMPLS)}")
         extra["softcap"] = softcap
-    return fn(q_BTHD, k_BSKD, v_BSKD, segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS,
-              sliding_window, **extra)
+    args = (q_BTHD, k_BSKD, v_BSKD, segment_ids_q_BT, segment_ids_kv_BS, q_positions_BT, kv_positions_BS)
+    if impl in FUSED_KERNELS and mesh is not None and mesh.size > 1:
+        return _per_shard(fn, mesh, *args, sliding_window, **extra)
+    return fn(*args, sliding_window, **extra)

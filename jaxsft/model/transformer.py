@@ -96,9 +96,12 @@ def decoder_layer(
     lora_dropout: float = 0.0,
     dropout_rng: jax.Array | None = None,
     sliding_window: int | None = None,
+    mesh=None,
+    interpret_kernels: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One block (pre-norm; Gemma's sandwich norms when cfg says). Returns (x_BTD, (k, v)) where k, v are
     what later tokens attend to. `sliding_window` is this layer's window (None: full attention).
+    `mesh` and `interpret_kernels` go to `attention` (fused kernels run per shard of the mesh).
 
     Without a cache, tokens attend to each other. With `kv_cache` = {k_BSKD, v_BSKD, seg_BS, pos_BS,
     index} the new keys/values are written at slot `index` and queries attend to the whole cache
@@ -151,6 +154,8 @@ def decoder_layer(
         sliding_window=sliding_window,
         scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5,
         softcap=cfg.attn_logit_softcap,
+        mesh=mesh,
+        interpret=interpret_kernels,
     )
     o_BTD = lin(o_BTHD.reshape(B, T, H * Dh), attn["o_proj"])
     mlp = layer["mlp"]
@@ -184,6 +189,8 @@ def run_layers(
     lora_dropout: float = 0.0,
     dropout_rng: jax.Array | None = None,
     cache: dict | None = None,
+    mesh=None,
+    interpret_kernels: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """The layer stack under one scan: embedded x_BTD in, last layer's output out (not final-normed).
 
@@ -199,7 +206,8 @@ def run_layers(
         window, local = kind
         return decoder_layer(x_BTD, layer, cfg, ropes[local], seg_BT, pos_BT, attention_impl=attention_impl,
                              lora_scale=lora_scale, kv_cache=kv_cache, lora_dropout=lora_dropout,
-                             dropout_rng=key, sliding_window=window)
+                             dropout_rng=key, sliding_window=window, mesh=mesh,
+                             interpret_kernels=interpret_kernels)
 
     def body(x_BTD, xs):
         layer, key, kind, k_BSKD, v_BSKD = xs
@@ -244,7 +252,8 @@ def hidden_states(
     **kwargs,
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D] in compute_dtype. kwargs (attention_impl, remat_policy,
-    lora_scale, lora_dropout, dropout_rng) go to `run_layers`; LoRA dropout runs only given `dropout_rng`."""
+    lora_scale, lora_dropout, dropout_rng, mesh, interpret_kernels) go to `run_layers`; LoRA dropout runs
+    only given `dropout_rng`; fused attention kernels run per shard of `mesh`."""
     x_BTD = embed(params, input_ids_BT, compute_dtype, cfg)
     x_BTD, _ = run_layers(params, cfg, x_BTD, segment_ids_BT, positions_BT, **kwargs)
     return final_norm(params, cfg, x_BTD)

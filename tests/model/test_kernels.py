@@ -8,7 +8,10 @@ import pytest
 from attention_cases import packed_rows, qkv
 
 from jaxsft.model.attention import attention, packed_lengths_offsets
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.transformer import forward, init_params
 from jaxsft.runtime import resolve_attention_impl
+from jaxsft.sharding import batch_sharding, make_mesh
 
 
 def test_packed_lengths_offsets_from_segment_ids():
@@ -21,6 +24,7 @@ def test_packed_lengths_offsets_from_segment_ids():
 def test_auto_is_xla_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU choice")
+    assert resolve_attention_impl("auto", mesh=make_mesh({"fsdp": -1})) == "xla"
     assert resolve_attention_impl("auto") == "xla"
     assert resolve_attention_impl("auto", seq_len=64) == "xla"
     assert resolve_attention_impl("auto", seq_len=128) == "xla_blocksparse"
@@ -52,8 +56,9 @@ def test_cudnn_refused_off_gpu():
         pytest.skip("runs where there is no GPU")
     q = jnp.ones((1, 8, 2, 16))
     seg = jnp.ones((1, 8), jnp.int32)
-    with pytest.raises(ValueError, match="attention impl 'cudnn' needs a gpu/cuda backend"):
-        attention(q, q, q, seg, seg, impl="cudnn")
+    with pytest.raises(ValueError, match="attention impl 'cudnn' needs a gpu/cuda backend, but the target "
+                                         "devices are 'cpu'"):
+        attention(q, q, q, seg, seg, impl="cudnn", mesh=make_mesh({"fsdp": -1}))
 
 
 def _packed_case(dtype):
@@ -135,3 +140,26 @@ def test_pallas_kernels_match_reference_in_interpret_mode(impl, window, softcap)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     for g, g_ref in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g)[valid], np.asarray(g_ref)[valid], atol=1e-4)
+
+
+TINY = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
+                   num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("impl", ["splash", "pallas"])
+@pytest.mark.parametrize("devices, mesh_cfg", [(1, {}), (4, {"fsdp": 4}), (8, {"data": 2, "fsdp": 2, "tensor": 2})])
+def test_kernels_under_a_mesh_give_xla_logits(impl, devices, mesh_cfg):
+    """The fused kernels run per shard (rows over data x fsdp, heads over tensor) inside shard_map: the
+    model's logits on 1, 4 and 8 devices equal the XLA reference's (Pallas interpreter on CPU)."""
+    params = init_params(TINY, jax.random.key(0), std=0.2)
+    seg, pos = packed_rows([(60, 40), (128,), (30, 30, 30), (100,), (10, 20), (64, 64), (5,), (90, 20)], 128)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, TINY.vocab_size, size=seg.shape), jnp.int32)
+    reference = jax.jit(lambda p: forward(p, TINY, ids, pos, seg, attention_impl="xla"))(params)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **mesh_cfg}, jax.devices()[:devices])
+    rows = batch_sharding(mesh)
+    ids_s, pos_s, seg_s = (jax.device_put(x, rows) for x in (ids, pos, seg))
+    logits = jax.jit(lambda p, i, po, s: forward(p, TINY, i, po, s, attention_impl=impl, mesh=mesh,
+                                                 interpret_kernels=True))(params, ids_s, pos_s, seg_s)
+    assert len(logits.sharding.device_set) == devices
+    valid = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(reference)[valid], atol=2e-4)
