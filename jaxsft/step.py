@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsft.loss import loss_sums, token_losses
+from jaxsft.loss import chunked_loss_sums, chunked_token_losses, loss_sums, token_losses
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.transformer import forward
+from jaxsft.model.transformer import hidden_states, lm_logits, output_projection
 from jaxsft.params import Flat, Partition, merge
 
 
@@ -31,16 +31,45 @@ class ModelRunner:
     compute_dtype: Any = jnp.float32
     lora_scale: float | None = None
     lora_dropout: float = 0.0  # applied only when logits() gets a dropout rng (training)
+    mesh: Any = None  # where the arrays live: fused attention kernels run per shard of it
+    interpret_kernels: bool = False  # Pallas kernels through the interpreter (tests on CPU)
 
-    def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+    # Positions per chunk of the loss (chunked_loss_sums); 0 computes whole rows' logits at once.
+    loss_chunk: int = 512
+
+    def _hidden(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
+                dropout_rng: jax.Array | None = None) -> tuple[dict, jax.Array]:
         params = merge(trainable, frozen, self.partition)
         kwargs = {"lora_scale": self.lora_scale} if self.lora_scale is not None else {}
         if dropout_rng is not None and self.lora_dropout > 0:
             kwargs.update(lora_dropout=self.lora_dropout, dropout_rng=dropout_rng)
-        return forward(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                       attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                       compute_dtype=self.compute_dtype, **kwargs)
+        h_BTD = hidden_states(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                              attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+                              compute_dtype=self.compute_dtype, mesh=self.mesh,
+                              interpret_kernels=self.interpret_kernels, **kwargs)
+        return params, h_BTD
+
+    def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Whole rows' logits [B, T, V] in fp32 (the train and eval steps never build these)."""
+        params, h_BTD = self._hidden(trainable, frozen, batch, dropout_rng)
+        return lm_logits(params, self.model, h_BTD)
+
+    def loss_sums(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
+                  dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Summed loss, label tokens and correct predictions of `batch["targets"]`, chunked."""
+        params, h_BTD = self._hidden(trainable, frozen, batch, dropout_rng)
+        if self.loss_chunk <= 0:
+            return loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"])
+        return chunked_loss_sums(h_BTD, output_projection(params, self.model), batch["targets"], self.loss_chunk)
+
+    def token_losses(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]):
+        """Per-token loss, label mask and correctness [B, T], chunked."""
+        params, h_BTD = self._hidden(trainable, frozen, batch)
+        if self.loss_chunk <= 0:
+            return token_losses(lm_logits(params, self.model, h_BTD), batch["targets"])
+        return chunked_token_losses(h_BTD, output_projection(params, self.model), batch["targets"],
+                                    self.loss_chunk)
 
 
 def init_state(trainable: Flat, optimizer: optax.GradientTransformation, seed: int) -> dict:
@@ -59,7 +88,7 @@ def _tree_add(a, b):
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: Callable,
                     skip_nonfinite: bool = False) -> Callable:
     def micro_loss(trainable, frozen, micro, dropout_rng):
-        sums = loss_sums(runner.logits(trainable, frozen, micro, dropout_rng), micro["targets"])
+        sums = runner.loss_sums(trainable, frozen, micro, dropout_rng)
         return sums["loss_sum"], sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -108,6 +137,6 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
 def make_eval_step(runner: ModelRunner) -> Callable:
     """Per-token loss, label mask and correctness [R, T]; the host groups them per example."""
     def eval_step(trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        loss_BT, valid_BT, correct_BT = token_losses(runner.logits(trainable, frozen, batch), batch["targets"])
+        loss_BT, valid_BT, correct_BT = runner.token_losses(trainable, frozen, batch)
         return {"loss": loss_BT, "valid": valid_BT, "correct": correct_BT}
     return eval_step

@@ -39,3 +39,59 @@ def test_gradient_is_softmax_minus_one_hot_on_label_tokens():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), atol=1e-6)
     sums = loss_sums(logits, targets)
     assert float(sums["label_tokens"]) == 3.0
+
+
+def test_chunked_loss_equals_whole_row_loss_and_gradients():
+    """Chunks of 16 positions over rows of 50 (the last chunk padded): the same sums, per-token values
+    and gradients (hidden states and output projection) as the whole rows' logits."""
+    from jaxsft.loss import chunked_loss_sums, chunked_token_losses
+
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(3, 50, 8)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(8, 40)).astype(np.float32))
+    targets = rng.integers(0, 40, size=(3, 50)).astype(np.int32)
+    targets[:, :7] = IGNORE_INDEX
+    targets[2] = IGNORE_INDEX  # a row with no labels
+    targets = jnp.asarray(targets)
+
+    def whole(h, w):
+        return loss_sums(jnp.einsum("btd,dv->btv", h, w), targets)
+
+    def chunked(h, w):
+        return chunked_loss_sums(h, w, targets, chunk=16)
+
+    ref, got = whole(h, w), chunked(h, w)
+    for key in ref:
+        np.testing.assert_allclose(float(got[key]), float(ref[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+    assert float(got["correct"]) > 0 and float(got["label_tokens"]) == 2 * 43
+    g_ref = jax.grad(lambda h, w: whole(h, w)["loss_sum"], argnums=(0, 1))(h, w)
+    g = jax.jit(jax.grad(lambda h, w: chunked(h, w)["loss_sum"], argnums=(0, 1)))(h, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    per_token = chunked_token_losses(h, w, targets, chunk=16)
+    for a, b in zip(per_token, token_losses(jnp.einsum("btd,dv->btv", h, w), targets)):
+        assert a.shape == (3, 50)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_never_holds_whole_row_logits():
+    """Compiled for a long row and a big vocab, the chunked loss and its gradient need a fraction of the
+    memory of whole-row logits: temp bytes stay below one [T, V] fp32 array."""
+    from jaxsft.loss import chunked_loss_sums
+
+    T, D, V = 2048, 64, 8192
+    h = jax.ShapeDtypeStruct((1, T, D), jnp.float32)
+    w = jax.ShapeDtypeStruct((D, V), jnp.float32)
+    targets = jax.ShapeDtypeStruct((1, T), jnp.int32)
+
+    def temp_bytes(chunk):
+        def loss(h, w, t):
+            if chunk:
+                return chunked_loss_sums(h, w, t, chunk)["loss_sum"]
+            return loss_sums(jnp.einsum("btd,dv->btv", h, w), t)["loss_sum"]
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, targets).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole_row_logits = T * V * 4
+    assert temp_bytes(0) >= whole_row_logits
+    assert temp_bytes(256) < whole_row_logits / 2
