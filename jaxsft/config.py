@@ -190,6 +190,11 @@ class Config:
     param_dtype: Optional[str] = _field(None, "dtype of stored params (default float32; bfloat16 with pure_bf16).",
                                         DTYPES)
     compute_dtype: Optional[str] = _field(None, "dtype of activations (default bfloat16 when bf16).", DTYPES)
+    loss_chunk_size: int = _field(512, "Positions per chunk of the loss: fp32 logits exist for one chunk at a time, "
+                                       "forward and backward; 0 computes whole rows' [T, vocab] logits at once.")
+    compile_for: Optional[str] = _field(None, "Compile the run's steps for this TPU slice (v5p-8, v5e-16, v6e-8, "
+                                              "v4-8, or a topology such as v5e:2x2) on this host, print per-chip "
+                                              "memory and FLOPs, and stop (docs/scaling.md).")
     skip_nonfinite_steps: bool = _field(False, "Skip an update whose loss or gradient is NaN/inf instead of stopping.")
     compilation_cache_dir: Optional[str] = _field("~/.cache/jaxsft/jax", "Persistent XLA compilation cache: a rerun "
                                                   "or resume with the same shapes loads compiled steps instead of "
@@ -345,7 +350,8 @@ def _validate(cfg: Config) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {getattr(cfg, key)}")
-    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "val_size", "lora_dropout"):
+    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "val_size", "lora_dropout",
+                "loss_chunk_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.warmup_ratio > 1:

@@ -82,6 +82,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("config_file", nargs="?", help="YAML config (same as --config)")
     parser.add_argument("--config", dest="config", help="YAML config file")
     parser.add_argument("--dry_run", action="store_true", help="validate and describe the run, then stop")
+    parser.add_argument("--compile_for", metavar="TPU",
+                        help="compile the run's steps for a TPU slice (e.g. v5p-8, v5e:2x2) on this host, print "
+                             "per-chip memory and FLOPs, then stop (same as compile_for=TPU)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML")
     args, unknown = parser.parse_known_args(argv)
     # `--key value` / `--key=value` overrides as LLaMA-Factory's CLI takes them.
@@ -105,6 +108,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("give the config once: either --config FILE or FILE")
     args.config = args.config or args.config_file
     args.overrides = list(args.overrides) + extra
+    if args.compile_for:
+        args.overrides.append(f"compile_for={args.compile_for}")
     return args
 
 
@@ -187,6 +192,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return _user_error(e)
     print(describe(cfg, None if only is None else [only]), flush=True)
     try:
+        if cfg.compile_for:  # a plan for a TPU slice: shapes only, no data or weights read
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; never claim local chips
+            from jaxsft.aot import run_compile_for
+
+            run_compile_for(cfg)
+            return 0
         from jaxsft.preflight import validate_run
 
         validate_run(cfg)  # --dry_run too: every check that needs no weights

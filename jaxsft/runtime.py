@@ -15,7 +15,7 @@ import numpy as np
 from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.hf import load_hf_config, load_hf_params, resolve_model_path
-from jaxsft.model.transformer import param_logical_axes
+from jaxsft.model.transformer import init_params, param_logical_axes
 from jaxsft.params import Flat, Partition, flatten, freeze_partition, full_partition, merge, split
 from jaxsft.sharding import make_mesh, tree_shardings
 from jaxsft.step import ModelRunner
@@ -89,33 +89,58 @@ def load_tokenizer(cfg: Config):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def _kernel_works(impl: str) -> str | None:
-    """Compile and run a tiny packed attention with `impl`; None if it works, else why not."""
-    from jaxsft.model.attention import attention
-
-    try:
-        x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
-        seg = jnp.concatenate([jnp.ones((1, 64), jnp.int32), 2 * jnp.ones((1, 64), jnp.int32)], axis=1)
-        jax.block_until_ready(jax.jit(lambda q: attention(q, q, q, seg, seg, impl=impl))(x))
-        return None
-    except Exception as e:  # any failure means: not usable here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 # From this many tokens per row on, CPU training skips the empty blocks of packed rows (measured on
 # the compare model, 4 x 1024 rows: 1.04 s/step against 2.04 s for the dense reference; on the tiny
 # example 0.0126 s against 0.0166 s at 256 tokens, 0.88x at 128, even at 64; BENCHMARKS.md).
 BLOCKSPARSE_FROM_TOKENS = 128
 
 
+def _gpu_compute_capability(mesh) -> float | None:
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    capability = getattr(next(iter(devices)), "compute_capability", None)
+    try:
+        return float(capability)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cudnn_loadable() -> bool:
+    """Whether JAX finds the cuDNN library (a deviceless GPU plan may run without the CUDA libraries)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+        return True
+    except Exception:  # not installed, or too old
+        return False
+
+
+def _cudnn_rules_out(model: ModelConfig | None, mesh, compute_dtype) -> str | None:
+    """Why cuDNN flash attention cannot take this run (by its documented limits), or None."""
+    if compute_dtype is None or jnp.dtype(compute_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "it needs bf16/fp16 compute"
+    head_dim = model.head_dim if model is not None else 128
+    if head_dim % 8 or head_dim > 128:
+        return f"head_dim {head_dim} is not a multiple of 8 up to 128"
+    capability = _gpu_compute_capability(mesh)
+    if capability is not None and capability < 8.0:
+        return f"compute capability {capability} < 8.0"
+    if not _cudnn_loadable():
+        return "the cuDNN library is not installed"
+    return None
+
+
 def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: bool = False,
-                           model: ModelConfig | None = None) -> str:
-    """`auto`: the fastest kernel that works on this backend (GPU: cuDNN, then Pallas; TPU: splash), else an
-    XLA path. On CPU,
-    `xla_blocksparse` (blockwise, skipping the blocks a packed row masks, memory linear in the row) from
-    BLOCKSPARSE_FROM_TOKENS on; elsewhere `xla_chunked` past 4096 tokens; the reference below. A fallback
-    says so in one line. Decoding (KV cache, queries shorter than keys) always uses the reference."""
-    from jaxsft.model.attention import model_rules_out
+                           model: ModelConfig | None = None, *, mesh=None, compute_dtype=None) -> str:
+    """`auto`: the kernel for the target devices (the mesh's, else JAX's default backend), chosen by what
+    each kernel supports, never by a trial run: every fused kernel runs per shard under `shard_map`, so
+    it works under any mesh. TPU: splash. GPU: cuDNN (bf16/fp16 compute, head_dim a multiple of 8 up to
+    128, compute capability 8.0+, the cuDNN library installed), else Pallas. A kernel the model rules out
+    (sliding windows, soft-caps) is skipped. Otherwise an XLA path: on CPU `xla_blocksparse` (blockwise,
+    skipping the blocks a packed row masks, memory linear in the row) from BLOCKSPARSE_FROM_TOKENS on;
+    elsewhere `xla_chunked` past 4096 tokens; else the reference. Decoding (KV cache, queries shorter
+    than keys) always uses an XLA path."""
+    from jaxsft.model.attention import model_rules_out, target_platform
 
     def rules_out(impl: str) -> str | None:  # the model's sliding windows / soft-caps
         if model is None:
@@ -130,22 +155,20 @@ def resolve_attention_impl(requested: str, seq_len: int | None = None, decode: b
         if why:
             raise ConfigError(f"attention_impl: {requested} cannot run this {model.family} model: {why}")
         return requested
+    platform = target_platform(mesh)
     long_rows = seq_len is not None and seq_len >= BLOCKSPARSE_FROM_TOKENS
-    if jax.default_backend() == "cpu":
+    if platform == "cpu":
         reference = "xla_blocksparse" if long_rows else "xla"
     else:  # GPU/TPU fallbacks: batched blocks, untested for speed there
         reference = "xla_chunked" if seq_len is not None and seq_len > 4096 else "xla"
-    candidates = {"gpu": ("cudnn", "pallas"), "cuda": ("cudnn", "pallas"),
-                  "tpu": ("splash",)}.get(jax.default_backend(), ())
     if decode:
         return reference
+    candidates = {"gpu": ("cudnn", "pallas"), "cuda": ("cudnn", "pallas"), "tpu": ("splash",)}.get(platform, ())
     for impl in candidates:
-        why_not = rules_out(impl) or _kernel_works(impl)
+        why_not = rules_out(impl) or (_cudnn_rules_out(model, mesh, compute_dtype) if impl == "cudnn" else None)
         if why_not is None:
             return impl
-        logger.warning("attention_impl auto: %s does not work here (%s)", impl, why_not)
-    if candidates:
-        logger.warning("attention_impl auto: using %s", reference)
+        logger.info("attention_impl auto: not %s (%s)", impl, why_not)
     return reference
 
 
@@ -190,30 +213,61 @@ def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) ->
     return params, lora.lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
 
 
-def load_model(cfg: Config, mesh, *, params: dict | None = None) -> Model:
-    """Read the HF checkpoint (or take `params`), add adapters, split and place on the mesh."""
+def _abstract_params(cfg: Config, model_cfg: ModelConfig, param_dtype) -> tuple[dict, float | None]:
+    """Shapes and dtypes of the run's params (fresh adapters for LoRA), from config.json alone."""
+    from jaxsft import lora
+
+    def build():
+        params = init_params(model_cfg, jax.random.key(0), param_dtype)
+        if cfg.finetuning_type == "lora":
+            targets = lora.target_modules(params, cfg.lora_target)
+            params = lora.add_adapters(params, targets, cfg.lora_rank, jax.random.key(cfg.seed), param_dtype)
+        return params
+
+    scale = lora.lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora) if cfg.finetuning_type == "lora" else None
+    return jax.eval_shape(build), scale
+
+
+def load_model(cfg: Config, mesh, *, params: dict | None = None, abstract: bool = False) -> Model:
+    """Read the HF checkpoint (or take `params`), add adapters, split and place on the mesh.
+
+    `abstract`: no weights are read; trainable and frozen hold `jax.ShapeDtypeStruct`s with their
+    shardings on the mesh (ahead-of-time compilation, `--compile_for`); LoRA adapters are fresh."""
     model_cfg = load_hf_config(cfg.model_name_or_path)
     param_dtype = DTYPES[cfg.param_dtype]
-    if params is None:
-        params = load_hf_params(cfg.model_name_or_path, model_cfg, dtype=param_dtype)
     lora_scale = None
-    if cfg.finetuning_type == "lora":
-        params, lora_scale = _add_lora(params, cfg, model_cfg, param_dtype)
-    elif cfg.adapter_name_or_path:
-        from jaxsft import lora
-        params = lora.merge_adapters(*lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg))
+    if abstract:
+        params, lora_scale = _abstract_params(cfg, model_cfg, param_dtype)
+    else:
+        if params is None:
+            params = load_hf_params(cfg.model_name_or_path, model_cfg, dtype=param_dtype)
+        if cfg.finetuning_type == "lora":
+            params, lora_scale = _add_lora(params, cfg, model_cfg, param_dtype)
+        elif cfg.adapter_name_or_path:
+            from jaxsft import lora
+            params = lora.merge_adapters(*lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg))
     flat = flatten(params)
     axes = flatten(param_logical_axes(params))
     partition = _partition(flat, cfg, model_cfg)
-    trainable, frozen = split(flat, partition)
-    attention_impl = resolve_attention_impl(cfg.attention_impl, cfg.cutoff_len, model=model_cfg)
-    runner = ModelRunner(model_cfg, partition, attention_impl=attention_impl,
-                         remat_policy=cfg.remat_policy, compute_dtype=DTYPES[cfg.compute_dtype],
+    trainable, frozen = jax.eval_shape(lambda f: split(f, partition), flat) if abstract else split(flat, partition)
+    attention_impl = resolve_attention_impl(cfg.attention_impl, cfg.cutoff_len, model=model_cfg, mesh=mesh,
+                                            compute_dtype=DTYPES[cfg.compute_dtype])
+    if cfg.attention_impl == "auto":
+        logger.info("attention_impl auto: %s", attention_impl)
+    runner = ModelRunner(model_cfg, partition, attention_impl=attention_impl, mesh=mesh,
+                         loss_chunk=cfg.loss_chunk_size, remat_policy=cfg.remat_policy,
+                         compute_dtype=DTYPES[cfg.compute_dtype],
                          lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0)
     model = Model(model_cfg, runner, partition, trainable, frozen, axes)
     t_shard, f_shard = model.shardings(mesh)
-    model.trainable = jax.device_put(trainable, t_shard)
-    model.frozen = jax.device_put(frozen, f_shard)
+    if abstract:
+        def place(x, sharding):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        model.trainable = jax.tree_util.tree_map(place, trainable, t_shard)
+        model.frozen = jax.tree_util.tree_map(place, frozen, f_shard)
+    else:
+        model.trainable = jax.device_put(trainable, t_shard)
+        model.frozen = jax.device_put(frozen, f_shard)
     logger.info(partition.describe(flat))
     return model
 

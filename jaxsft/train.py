@@ -100,14 +100,23 @@ def state_shardings(state: dict, optimizer, trainable_shardings, mesh) -> dict:
     }
 
 
-def build_train_step(cfg: Config, model, mesh, total_steps: int):
+def build_train_step(cfg: Config, model, mesh, total_steps: int, abstract: bool = False):
     """The initial train state placed on the mesh, and the jitted step with the loop's shardings
-    (`(state, frozen, batch[A, R, T]) -> (state, metrics)`, state donated). Shared with tools/bench.py."""
+    (`(state, frozen, batch[A, R, T]) -> (state, metrics)`, state donated). Shared with tools/bench.py.
+    `abstract` (a model from `load_model(abstract=True)`): the state as shapes with their shardings."""
     optimizer, schedule = build_optimizer(cfg, total_steps)
     t_shard, f_shard = model.shardings(mesh)
-    state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed))(model.trainable)
+
+    def init(trainable):
+        return init_state(trainable, optimizer, cfg.seed)
+
+    state = jax.eval_shape(init, model.trainable) if abstract else jax.jit(init)(model.trainable)
     shardings = state_shardings(state, optimizer, t_shard, mesh)
-    state = jax.device_put(state, shardings)
+    if abstract:
+        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                       shardings)
+    else:
+        state = jax.device_put(state, shardings)
     train_step = jax.jit(make_train_step(model.runner, optimizer, schedule, cfg.skip_nonfinite_steps),
                          in_shardings=(shardings, f_shard, None),
                          out_shardings=(shardings, None), donate_argnums=(0,))
