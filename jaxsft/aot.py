@@ -6,7 +6,7 @@ train_compile.py does). The train state is built with `jax.eval_shape` from conf
 weights read), the batch is only shapes (rows x cutoff_len), and the run's own jitted train step,
 eval step and generation (prefill + decode) are lowered and compiled for the slice on the config's
 mesh. The report gives per-chip memory from the compiled programs, the chip's HBM, whether it fits,
-and XLA's FLOP count per step.
+and the model FLOPs per chip and step.
 """
 
 from __future__ import annotations
@@ -44,36 +44,51 @@ GENERATIONS = {
 }
 
 
+# GPU hosts compiled deviceless through the jax-cuda12 plugin and an XLA target description
+# (jaxsft/targets/<name>.txtpb): name -> HBM GiB per GPU.
+GPUS = {"h100": 80}
+MAX_GPUS_PER_HOST = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
-    topology: str  # e.g. v5p:2x2x1
+    topology: str  # e.g. v5p:2x2x1; for GPUs 1x1xN (one host of N GPUs)
     chips: int
-    generation: Generation
+    generation: Generation | None  # None: a GPU host
+    gpu: str | None = None
 
     @property
     def hbm_bytes(self) -> int:
-        return int(self.generation.hbm_gib * GIB)
+        return int((GPUS[self.gpu] if self.gpu else self.generation.hbm_gib) * GIB)
 
 
 def _grid(chips: int, dims: int) -> str:
-    """Cloud TPU's slice shape for a power-of-two chip count: double the smallest side, sides sorted
-    (v5e-8 -> 2x4, v5p-64 (32 chips) -> 2x4x4)."""
+    """Cloud TPU's slice shape for a power-of-two chip count: double the smallest side, sides sorted,
+    a side of 1 last (v5e-8 -> 2x4, v5p-8 (4 chips) -> 2x2x1, v5p-64 (32 chips) -> 2x4x4)."""
     sides = [1] * dims
     while sides[0] * sides[1] * (sides[2] if dims == 3 else 1) < chips:
         i = min(range(dims), key=lambda d: (sides[d], d))
         sides[i] *= 2
-    return "x".join(str(s) for s in sorted(sides))
+    return "x".join(str(s) for s in sorted(sides, key=lambda s: (s == 1, s)))
 
 
 def parse_target(name: str) -> Target:
     """`v5p-8`, `v4-16`, `v5e-16`, `v5litepod-4`, `v6e-8` (Cloud TPU names), or a topology such as
     `v5e:2x2` / `v5p:2x2x1`."""
     known = ", ".join(GENERATIONS)
+    gpu = re.fullmatch(r"([a-z]\d+)-(\d+)", name.strip())
+    if gpu and gpu.group(1) in GPUS:
+        count = int(gpu.group(2))
+        if not 1 <= count <= MAX_GPUS_PER_HOST:
+            raise ConfigError(f"compile_for: {name!r}: one host of 1 to {MAX_GPUS_PER_HOST} GPUs, e.g. "
+                              f"{gpu.group(1)}-8")
+        return Target(name, f"1x1x{count}", count, None, gpu.group(1))
     m = re.fullmatch(r"(v\d+[a-z]*)[-:](.+)", name.strip())
     if not m or m.group(1) not in GENERATIONS:
         raise ConfigError(f"compile_for: unknown TPU {name!r}; use a Cloud TPU name such as v5p-8, v5e-16, v6e-8, "
-                          f"v4-8 or a topology such as v5e:2x2 (generations: {known})")
+                          f"v4-8 or a topology such as v5e:2x2 (generations: {known}), or a GPU host such as "
+                          f"h100-8")
     generation = GENERATIONS[m.group(1)]
     if ":" in name:
         sides = [int(s) for s in m.group(2).split("x") if s.isdigit()]
@@ -93,8 +108,27 @@ def parse_target(name: str) -> Target:
     return Target(name, f"{generation.topology_prefix}:{_grid(chips, generation.dims)}", chips, generation)
 
 
+def _gpu_devices(target: Target) -> list:
+    """One host of GPUs, described from jaxsft/targets/<gpu>.txtpb (needs the jax-cuda12 plugin)."""
+    from pathlib import Path
+
+    config = (Path(__file__).parent / "targets" / f"{target.gpu}.txtpb").read_text()
+    try:
+        from jax.experimental import topologies
+
+        topology = topologies.get_topology_desc(platform="cuda", topology_name=target.topology,
+                                                topology=target.topology, target_config=config)
+    except Exception as e:  # no CUDA plugin
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"compile_for {target.name}: cannot describe {target.gpu.upper()} GPUs ({first}); install "
+                          f"the CUDA plugin with: pip install -e \".[cuda-aot]\"") from None
+    return list(topology.devices)
+
+
 def target_devices(target: Target) -> list:
     """The slice's devices, described without the hardware (needs libtpu: the `tpu` extra)."""
+    if target.gpu:
+        return _gpu_devices(target)
     # Another process on the host (any JAX run without JAX_PLATFORMS=cpu) may hold libtpu's lock; a
     # topology description claims no chip, so share it. Keep libtpu's start-up warnings off stderr.
     for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3")):
@@ -133,12 +167,15 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops >= 0 else None
 
 
-def _compile(name: str, jitted, *args, **kwargs) -> dict[str, Any]:
+def _compile(name: str, jitted, *args, model_flops: float | None = None, **kwargs) -> dict[str, Any]:
+    """Lower and compile; memory per chip, model FLOPs per chip (`model_flops`: 6N + attention per token,
+    as the training log's MFU counts them) and XLA's own count (which counts a loop body once: with
+    layers under scan it is far below the real work)."""
     start = time.perf_counter()
     compiled = jitted.lower(*args, **kwargs).compile()
     seconds = time.perf_counter() - start
-    return {"step": name, "compile_seconds": round(seconds, 2), **_memory(compiled), "flops": _flops(compiled),
-            "hlo": compiled.as_text()}
+    return {"step": name, "compile_seconds": round(seconds, 2), **_memory(compiled), "flops": model_flops,
+            "xla_flops": _flops(compiled), "hlo": compiled.as_text()}
 
 
 def _batch(mesh, shape: tuple[int, ...], leading_dims: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -153,6 +190,7 @@ def compile_plan(cfg: Config, target: Target | str, devices: list | None = None)
     """Compile the configured stages' steps for `target`; per-chip memory and FLOPs of each.
     `devices` overrides the slice's devices (tests pass CPU devices to compare)."""
     from jaxsft.evaluate import jit_eval_step
+    from jaxsft.flops import train_flops_per_token
     from jaxsft.runtime import load_model
     from jaxsft.sharding import data_parallel_size, make_mesh
     from jaxsft.step import make_eval_step
@@ -168,12 +206,16 @@ def compile_plan(cfg: Config, target: Target | str, devices: list | None = None)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else 1000  # only the schedule's values depend on it
         state, train_step = build_train_step(cfg, model, mesh, total_steps, abstract=True)
         batch = _batch(mesh, (cfg.gradient_accumulation_steps, rows, cfg.cutoff_len), 1)
-        steps.append(_compile("train", train_step, state, model.frozen, batch))
+        tokens_per_chip = cfg.gradient_accumulation_steps * rows * cfg.cutoff_len / len(devices)
+        steps.append(_compile("train", train_step, state, model.frozen, batch,
+                              model_flops=train_flops_per_token(model.config, cfg.cutoff_len) * tokens_per_chip))
     eval_rows = cfg.per_device_eval_batch_size * data_parallel_size(mesh)
     if cfg.do_eval:
         eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
+        forward_flops = train_flops_per_token(model.config, cfg.cutoff_len) / 3  # forward only
         steps.append(_compile("eval", eval_step, model.trainable, model.frozen,
-                              _batch(mesh, (eval_rows, cfg.cutoff_len), 0)))
+                              _batch(mesh, (eval_rows, cfg.cutoff_len), 0),
+                              model_flops=forward_flops * eval_rows * cfg.cutoff_len / len(devices)))
     if cfg.do_predict:
         steps.append(_compile_generation(cfg, model, mesh, eval_rows))
     return {"target": target.name, "topology": target.topology, "chips": len(devices),

@@ -193,8 +193,8 @@ class Config:
     loss_chunk_size: int = _field(512, "Positions per chunk of the loss: fp32 logits exist for one chunk at a time, "
                                        "forward and backward; 0 computes whole rows' [T, vocab] logits at once.")
     compile_for: Optional[str] = _field(None, "Compile the run's steps for this TPU slice (v5p-8, v5e-16, v6e-8, "
-                                              "v4-8, or a topology such as v5e:2x2) on this host, print per-chip "
-                                              "memory and FLOPs, and stop (docs/scaling.md).")
+                                              "v4-8, or a topology such as v5e:2x2) or GPU host (h100-8) on this "
+                                              "host, print per-chip memory and FLOPs, and stop (docs/scaling.md).")
     skip_nonfinite_steps: bool = _field(False, "Skip an update whose loss or gradient is NaN/inf instead of stopping.")
     compilation_cache_dir: Optional[str] = _field("~/.cache/jaxsft/jax", "Persistent XLA compilation cache: a rerun "
                                                   "or resume with the same shapes loads compiled steps instead of "

@@ -82,9 +82,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("config_file", nargs="?", help="YAML config (same as --config)")
     parser.add_argument("--config", dest="config", help="YAML config file")
     parser.add_argument("--dry_run", action="store_true", help="validate and describe the run, then stop")
-    parser.add_argument("--compile_for", metavar="TPU",
-                        help="compile the run's steps for a TPU slice (e.g. v5p-8, v5e:2x2) on this host, print "
-                             "per-chip memory and FLOPs, then stop (same as compile_for=TPU)")
+    parser.add_argument("--compile_for", metavar="TARGET",
+                        help="compile the run's steps for a TPU slice (e.g. v5p-8, v5e:2x2) or GPU host (h100-8) on "
+                             "this host, print per-chip memory and FLOPs, then stop (same as compile_for=TARGET)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML")
     args, unknown = parser.parse_known_args(argv)
     # `--key value` / `--key=value` overrides as LLaMA-Factory's CLI takes them.

@@ -1,7 +1,7 @@
 """Compile every shipped config for the TPU slice it names (its `compile_for` key), without a TPU.
 
     python tools/check_configs.py                      # configs/ and examples/configs/
-    python tools/check_configs.py cfg.yaml --json plans.jsonl
+    python tools/check_configs.py cfg.yaml loss_chunk_size=0 --json plans.jsonl
 
 A config that names no slice (the CPU quickstarts) is compiled for DEFAULT_TARGET and says so. Prints
 each plan (tools-free: the same report as `--compile_for`) and a summary line per config; exits 1 if
@@ -27,10 +27,12 @@ def shipped_configs() -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="*", type=Path, help="YAML files (default: every shipped config)")
+    parser.add_argument("args", nargs="*", help="YAML files (default: every shipped config), and key=value "
+                                                "overrides applied to each")
     parser.add_argument("--json", type=Path, help="append one JSON line per plan here")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides for every config")
     args = parser.parse_args(argv)
+    args.overrides = [a for a in args.args if "=" in a]
+    args.configs = [Path(a).resolve() for a in args.args if "=" not in a]
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.chdir(ROOT)  # shipped configs name paths relative to the checkout
     from jaxsft.aot import GIB, compile_plan, format_plan
