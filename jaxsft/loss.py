@@ -1,13 +1,16 @@
 """Masked cross entropy and token accuracy over already-shifted targets (see docs/internals.md).
 
-The chunked forms take the final hidden states and the output projection instead of logits, and
-never hold the [B, T, V] fp32 logits of whole rows (2 GiB per 4k row at Llama-3's 128k vocab).
+The chunked forms take the final hidden states and the model's hidden -> logits function instead of
+logits, and never hold the [B, T, V] fp32 logits of whole rows (2 GiB per 4k row at Llama-3's 128k
+vocab).
 
 Both return sums, never means: the train step divides by the number of label tokens in the whole
 global batch (all micro-batches), so packing and gradient accumulation leave the objective unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,21 +59,17 @@ def _chunks(h_BTD: jax.Array, targets_BT: jax.Array, chunk: int) -> tuple[jax.Ar
     return h_BTD.reshape(B, N, c, D).swapaxes(0, 1), targets_BT.reshape(B, N, c).swapaxes(0, 1)
 
 
-def _chunk_logits(h_BcD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    """fp32 logits of one chunk (the matmul in h's dtype, accumulating in fp32), as `lm_logits`."""
-    return jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=jnp.float32)
-
-
-def chunked_loss_sums(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, chunk: int) -> dict[str, jax.Array]:
-    """`loss_sums` of the logits `h @ w`, computed `chunk` positions at a time: only one chunk's
-    [B, chunk, V] fp32 logits exist at once, forward and backward (each chunk is rematerialized in
-    the backward pass, which recomputes its logits instead of keeping them)."""
+def chunked_loss_sums(h_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets_BT: jax.Array,
+                      chunk: int) -> dict[str, jax.Array]:
+    """`loss_sums` of the logits `logits_fn(h)` ([B, c, D] -> [B, c, V] fp32), computed `chunk` positions
+    at a time: only one chunk's fp32 logits exist at once, forward and backward (each chunk is
+    rematerialized in the backward pass, which recomputes its logits instead of keeping them)."""
     h_NBcD, targets_NBc = _chunks(h_BTD, targets_BT, chunk)
 
     @jax.checkpoint
     def one_chunk(sums, chunk_in):
         h_BcD, targets_Bc = chunk_in
-        chunk_sums = loss_sums(_chunk_logits(h_BcD, w_DV), targets_Bc)
+        chunk_sums = loss_sums(logits_fn(h_BcD), targets_Bc)
         return jax.tree_util.tree_map(jnp.add, sums, chunk_sums), None
 
     zero = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "label_tokens", "correct")}
@@ -78,12 +77,12 @@ def chunked_loss_sums(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, 
     return sums
 
 
-def chunked_token_losses(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+def chunked_token_losses(h_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets_BT: jax.Array,
                          chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`token_losses` of the logits `h @ w`, `chunk` positions at a time (evaluation: no gradient)."""
+    """`token_losses` of the logits `logits_fn(h)`, `chunk` positions at a time (evaluation: no gradient)."""
     T = h_BTD.shape[1]
     h_NBcD, targets_NBc = _chunks(h_BTD, targets_BT, chunk)
-    per_chunk = jax.lax.map(lambda x: token_losses(_chunk_logits(x[0], w_DV), x[1]), (h_NBcD, targets_NBc))
+    per_chunk = jax.lax.map(lambda x: token_losses(logits_fn(x[0]), x[1]), (h_NBcD, targets_NBc))
 
     def unchunk(x_NBc):
         N, B, c = x_NBc.shape

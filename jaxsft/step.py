@@ -17,7 +17,7 @@ import optax
 
 from jaxsft.loss import chunked_loss_sums, chunked_token_losses, loss_sums, token_losses
 from jaxsft.model.config import ModelConfig
-from jaxsft.model.transformer import hidden_states, lm_logits, output_projection
+from jaxsft.model.transformer import hidden_states, lm_logits
 from jaxsft.params import Flat, Partition, merge
 
 
@@ -61,14 +61,15 @@ class ModelRunner:
         params, h_BTD = self._hidden(trainable, frozen, batch, dropout_rng)
         if self.loss_chunk <= 0:
             return loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"])
-        return chunked_loss_sums(h_BTD, output_projection(params, self.model), batch["targets"], self.loss_chunk)
+        return chunked_loss_sums(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
+                                 self.loss_chunk)
 
     def token_losses(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]):
         """Per-token loss, label mask and correctness [B, T], chunked."""
         params, h_BTD = self._hidden(trainable, frozen, batch)
         if self.loss_chunk <= 0:
             return token_losses(lm_logits(params, self.model, h_BTD), batch["targets"])
-        return chunked_token_losses(h_BTD, output_projection(params, self.model), batch["targets"],
+        return chunked_token_losses(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
                                     self.loss_chunk)
 
 

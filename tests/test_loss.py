@@ -58,7 +58,7 @@ def test_chunked_loss_equals_whole_row_loss_and_gradients():
         return loss_sums(jnp.einsum("btd,dv->btv", h, w), targets)
 
     def chunked(h, w):
-        return chunked_loss_sums(h, w, targets, chunk=16)
+        return chunked_loss_sums(h, lambda h_c: jnp.einsum("bcd,dv->bcv", h_c, w), targets, chunk=16)
 
     ref, got = whole(h, w), chunked(h, w)
     for key in ref:
@@ -68,7 +68,7 @@ def test_chunked_loss_equals_whole_row_loss_and_gradients():
     g = jax.jit(jax.grad(lambda h, w: chunked(h, w)["loss_sum"], argnums=(0, 1)))(h, w)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    per_token = chunked_token_losses(h, w, targets, chunk=16)
+    per_token = chunked_token_losses(h, lambda h_c: jnp.einsum("bcd,dv->bcv", h_c, w), targets, chunk=16)
     for a, b in zip(per_token, token_losses(jnp.einsum("btd,dv->btv", h, w), targets)):
         assert a.shape == (3, 50)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -87,7 +87,7 @@ def test_chunked_loss_never_holds_whole_row_logits():
     def temp_bytes(chunk):
         def loss(h, w, t):
             if chunk:
-                return chunked_loss_sums(h, w, t, chunk)["loss_sum"]
+                return chunked_loss_sums(h, lambda h_c: jnp.einsum("bcd,dv->bcv", h_c, w), t, chunk)["loss_sum"]
             return loss_sums(jnp.einsum("btd,dv->btv", h, w), t)["loss_sum"]
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, targets).compile()
         return compiled.memory_analysis().temp_size_in_bytes
