@@ -21,6 +21,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.numpy import save_file
 
 from jaxsft import lora
+from jaxsft.lora_variants import pissa_init_weights, pissa_to_lora
 from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.hf import (load_hf_config, load_hf_params, other_tower_tensors, params_to_hf_state_dict,
@@ -121,7 +122,7 @@ def _peft_targets(model_cfg: ModelConfig, targets: list[str]) -> list[str] | str
 def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Path, *, rank: int, alpha: float,
                         targets: list[str], use_rslora: bool = False, base_model_name_or_path: str | None = None,
                         modules_to_save: list[str] | tuple = (), lora_dropout: float = 0.0,
-                        dtype: str | None = None) -> Path:
+                        dtype: str | None = None, init_lora_weights: bool | str = True) -> Path:
     """A PEFT LoRA adapter `PeftModel.from_pretrained(base, out_dir)` loads: adapter_config.json and
     adapter_model.safetensors with PEFT's names and shapes (adapters, plus `modules_to_save` weights)."""
     out = Path(out_dir)
@@ -147,7 +148,7 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
         "ensure_weight_tying": tie,
         "base_model_name_or_path": base_model_name_or_path,
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": init_lora_weights,
         "inference_mode": True,
         "use_dora": False,
         "layers_to_transform": None,
@@ -174,15 +175,50 @@ def export_from_config(params: dict, cfg: Config, model_cfg: ModelConfig, lora_s
         adapted = lora.adapted_modules(params)
         if not adapted or lora_scale is None:
             raise ConfigError("export_adapter: true but the params hold no LoRA adapters (finetuning_type: lora)")
+        init_lora_weights: bool | str = True
+        if cfg.pissa_init and cfg.pissa_convert:  # a plain LoRA of the original weights, rank 2r
+            params = pissa_to_lora(params, _pissa_start(cfg, params, model_cfg))
+        elif cfg.pissa_init:  # PEFT rebuilds the residual base from this when it loads the adapter
+            init_lora_weights = pissa_init_weights(cfg.pissa_iter)
         rank = lora.adapter_rank(params)
         # The adapter's alpha reproduces the scale trained with, whatever rank the adapter came with.
         alpha = lora_scale * (rank ** 0.5 if cfg.use_rslora else rank)
         return export_peft_adapter(params, model_cfg, out, rank=rank, alpha=alpha, targets=adapted,
                                    use_rslora=cfg.use_rslora, base_model_name_or_path=cfg.model_name_or_path,
                                    modules_to_save=lora.csv_names(cfg.additional_target), lora_dropout=cfg.lora_dropout,
-                                   dtype=None)
+                                   dtype=None, init_lora_weights=init_lora_weights)
     return export_hf(params, model_cfg, cfg.model_name_or_path, out, dtype=cfg.export_dtype,
                      shard_size_gb=cfg.export_size, lora_scale=lora_scale)
+
+
+PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"
+
+
+def _pissa_start(cfg: Config, params: dict, model_cfg: ModelConfig) -> dict:
+    """The adapters PiSSA started from, as training saved them in `output_dir/pissa_init`."""
+    from jaxsft.errors import MissingPath
+
+    start = Path(cfg.output_dir or "") / PISSA_INIT
+    if not (start / lora.ADAPTER_CONFIG).is_file():
+        raise MissingPath(f"pissa_convert: no initial PiSSA adapter in {start} (training writes it when it starts); "
+                          f"export with pissa_convert: false, or a merged model (export_adapter: false)")
+    return lora.load_peft_adapter(start, _without_adapters(params), model_cfg)[0]
+
+
+def _without_adapters(tree: dict) -> dict:
+    return {k: _without_adapters(v) if isinstance(v, dict) else v for k, v in tree.items()
+            if k not in lora.ADAPTER_LEAVES}
+
+
+def save_pissa_start(params: dict, cfg: Config, model_cfg: ModelConfig, lora_scale: float) -> Path | None:
+    """LLaMA-Factory's `output_dir/pissa_init`: the initial PiSSA adapters, which `pissa_convert` needs."""
+    from jaxsft.runtime import host_array
+
+    params = jax.tree_util.tree_map(host_array, params)
+    if jax.process_index() != 0:
+        return None
+    run = dataclasses.replace(cfg, export_adapter=True, pissa_init=False)
+    return export_from_config(params, run, model_cfg, lora_scale, out_dir=Path(cfg.output_dir) / PISSA_INIT)
 
 
 def save_trained_model(params: dict, cfg: Config, model_cfg: ModelConfig, lora_scale: float | None) -> Path | None:
@@ -195,10 +231,13 @@ def save_trained_model(params: dict, cfg: Config, model_cfg: ModelConfig, lora_s
     params = jax.tree_util.tree_map(host_array, params)
     if jax.process_index() != 0:
         return None
-    run = dataclasses.replace(cfg, export_adapter=lora_scale is not None)
+    run = dataclasses.replace(cfg, export_adapter=lora_scale is not None, pissa_convert=False)
     out = export_from_config(params, run, model_cfg, lora_scale, out_dir=cfg.output_dir)
     if lora_scale is not None:
         copy_tokenizer(resolve_model_path(cfg.model_name_or_path), Path(out))
+    if cfg.pissa_init and cfg.pissa_convert:
+        export_from_config(params, dataclasses.replace(cfg, export_adapter=True), model_cfg, lora_scale,
+                           out_dir=Path(cfg.output_dir) / PISSA_CONVERTED)
     return out
 
 

@@ -206,6 +206,11 @@ def read_adapter_config(path: Path) -> dict:
         "layers_to_transform": (None,), "layer_replication": (None,), "target_parameters": (None, []),
         "trainable_token_indices": (None,), "use_qalora": (False, None),
     }
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith("pissa"):
+        raise InputError(f"{config_file}: init_lora_weights={init!r}: an unconverted PiSSA adapter applies to a residual "
+                         f"base that PEFT recomputes on load, which jaxsft does not do; load the converted adapter "
+                         f"(LLaMA-Factory's and jaxsft's `pissa_converted` directory, written with pissa_convert: true)")
     for key, allowed in unsupported.items():
         if config.get(key, allowed[0]) not in allowed:
             raise InputError(f"{config_file}: {key}={config[key]!r} is not supported by jaxsft "

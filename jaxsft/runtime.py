@@ -210,7 +210,14 @@ def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) ->
         params = lora.merge_adapters(params, scale)
     targets = lora.target_modules(params, cfg.lora_target)
     params = lora.add_adapters(params, targets, cfg.lora_rank, jax.random.key(cfg.seed), param_dtype)
-    return params, lora.lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
+    scale = lora.lora_scale(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
+    if cfg.pissa_init:
+        from jaxsft.lora_variants import pissa_init
+
+        logger.info("PiSSA initialisation (%s)", f"{cfg.pissa_iter} power steps" if cfg.pissa_iter >= 0
+                    else "exact SVD")
+        params = pissa_init(params, scale, cfg.pissa_iter, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    return params, scale
 
 
 def _abstract_params(cfg: Config, model_cfg: ModelConfig, param_dtype) -> tuple[dict, float | None]:

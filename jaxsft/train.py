@@ -25,7 +25,7 @@ from jaxsft.config import Config, ConfigError
 from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
-from jaxsft.export import save_trained_model
+from jaxsft.export import save_pissa_start, save_trained_model
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.resume import check_config_change, prepare_output_dir, resume_target
@@ -167,6 +167,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     state, train_step = build_train_step(cfg, model, mesh, total_steps)
     frozen = model.frozen
+    if cfg.pissa_init and resume is None:
+        save_pissa_start(model.params(), cfg, model.config, model.runner.lora_scale)
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
     buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None

@@ -147,3 +147,107 @@ def test_merge_lora_example_exports_a_merged_model(tmp_path):
         got = merged(ids).logits
     assert float((got - expected).abs().max()) < 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+# LLaMA-Factory's examples/extras/{pissa,loraplus}/llama3_lora_sft.yaml, as its repository ships them.
+LF_LORA_VARIANT = """
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+{method}
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+"""
+
+
+def _jaxsft_logits(out: Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of the run's last checkpoint in fp32 (adapters unmerged)."""
+    from jaxsft.checkpoint import read_trained_params, trained_lora_scale
+    from jaxsft.model.hf import load_hf_config
+    from jaxsft.model.transformer import forward
+
+    params, cfg = read_trained_params(out)
+    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+    return np.asarray(forward(params, load_hf_config(cfg.model_name_or_path), ids, pos, np.ones_like(ids),
+                              lora_scale=trained_lora_scale(cfg)))
+
+
+def _peft_logits(base_dir: Path, adapter_dir: Path, ids: np.ndarray) -> np.ndarray:
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                             attn_implementation="eager")
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def run_variant(tmp_path, method: str) -> tuple[Path, Path]:
+    model = tiny_model("llama", tmp_path / "llama")
+    (tmp_path / "lf.yaml").write_text(LF_LORA_VARIANT.format(method=method))
+    out = tmp_path / "saves" / "sft"
+    cfg = machine_specific("lf.yaml", tmp_path, model_name_or_path=str(model), dataset_dir=str(DATA_DIR),
+                           output_dir=str(out), max_samples=32, num_train_epochs=2.0, cutoff_len=128)
+    jaxsft("train", cfg)
+    return model, out
+
+
+IDS = np.array([[5, 17, 300, 42, 7, 1999, 64, 3]], np.int32)
+
+
+def test_pissa_example_converts_and_the_converted_adapter_matches_in_peft(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", tmp_path)
+    model, out = run_variant(tmp_path, "pissa_init: true\npissa_iter: 16\npissa_convert: true")
+    # LLaMA-Factory's PissaConvertCallback layout: the initial adapter, the trained one, the converted one.
+    start = json.loads((out / "pissa_init" / "adapter_config.json").read_text())
+    trained = json.loads((out / "adapter_config.json").read_text())
+    converted = json.loads((out / "pissa_converted" / "adapter_config.json").read_text())
+    assert (start["r"], start["init_lora_weights"]) == (8, True)
+    assert (trained["r"], trained["init_lora_weights"]) == (8, "pissa_niter_16")
+    assert (converted["r"], converted["lora_alpha"], converted["init_lora_weights"]) == (16, 32, True)
+    # The converted adapter applies to the original model: PEFT gives jaxsft's trained logits.
+    expected = _jaxsft_logits(out, IDS)
+    got = _peft_logits(model, out / "pissa_converted", IDS)
+    assert np.abs(got - expected).max() < 1e-4
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        untrained = base(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    assert np.abs(untrained - expected).max() > 1e-3  # training moved it
+
+
+def test_loraplus_example_trains_and_its_adapter_matches_in_peft(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", tmp_path)
+    model, out = run_variant(tmp_path, "loraplus_lr_ratio: 16.0")
+    expected = _jaxsft_logits(out, IDS)
+    got = _peft_logits(model, out, IDS)
+    assert np.abs(got - expected).max() < 1e-4

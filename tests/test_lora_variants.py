@@ -58,3 +58,29 @@ def test_loraplus_moves_b_faster_than_lora_by_the_ratio():
     # Later steps: B keeps moving much faster (not exactly `ratio`: the gradients now differ).
     moved = {k: np.linalg.norm(plus[-1][k] - init[k]) / np.linalg.norm(plain[-1][k] - init[k]) for k in b_keys}
     assert all(4 < m < 2 * ratio for m in moved.values()), moved
+
+
+def test_pissa_start_keeps_the_model_and_holds_the_top_singular_directions():
+    from jaxsft.model.transformer import forward
+
+    ids = _batch(2, seed=5)
+    args = (ids["input_ids"][0], ids["positions"][0], ids["segment_ids"][0])
+    plain_cfg = build_config({**LORA, "lora_rank": 4})
+    plain = load_model(plain_cfg, build_mesh(plain_cfg))
+    expected = np.asarray(forward(plain.params(), plain.config, *args, lora_scale=plain.runner.lora_scale))
+    for iters in (-1, 8):
+        cfg = build_config({**LORA, "lora_rank": 4, "pissa_init": True, "pissa_iter": iters})
+        model = load_model(cfg, build_mesh(cfg))
+        params, scale = model.params(), model.runner.lora_scale
+        got = np.asarray(forward(params, model.config, *args, lora_scale=scale))
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        q = params["layers"]["self_attn"]["q_proj"]
+        original = np.asarray(plain.params()["layers"]["self_attn"]["q_proj"]["kernel"], np.float64)
+        u, s, vh = np.linalg.svd(original[0], full_matrices=False)
+        top = (u[:, :4] * s[:4]) @ vh[:4]
+        adapter = scale * np.asarray(q["lora_a"][0], np.float64) @ np.asarray(q["lora_b"][0], np.float64)
+        if iters < 0:
+            np.testing.assert_allclose(adapter, top, atol=1e-5)
+        else:  # randomized (torch.svd_lowrank's method): most of the top-r energy on this flat random spectrum
+            assert 0.9 < np.linalg.norm(adapter) / np.linalg.norm(top) <= 1 + 1e-6
+        np.testing.assert_allclose(np.asarray(q["kernel"][0]), original[0] - adapter, atol=1e-5)
