@@ -149,8 +149,10 @@ class Config:
     resume_from_checkpoint: Union[bool, str, None] = _field(
         None, "true (the newest complete checkpoint in output_dir) or a checkpoint_<step> path (an older one sets "
               "the later ones aside in output_dir/set_aside/).")
-    report_to: Union[str, list, None] = _field("none", "'tensorboard' and/or 'none'.")
-    run_name: Optional[str] = _field(None, "A name for the run's logs.")
+    report_to: Union[str, list, None] = _field("none", "Trackers: tensorboard, wandb, mlflow (a list or a comma "
+                                                       "list), all (those installed) or none.")
+    run_name: Optional[str] = _field(None, "The run's name in W&B and MLflow (project / experiment: WANDB_PROJECT, "
+                                           "MLFLOW_EXPERIMENT_NAME, as Hugging Face reads them).")
     gradient_checkpointing: Optional[bool] = _field(None, "false sets remat_policy: none (LLaMA-Factory habit).")
     save_only_model: bool = _field(False, "Checkpoints hold params, step and data position but no optimizer state "
                                           "(smaller; they export and predict, but training cannot resume from them).")

@@ -6,7 +6,8 @@ scalars, loss plots and *_results.json, laid out the way LLaMA-Factory / Hugging
   `remaining_time`, `throughput`, `total_tokens`) plus jaxsft's (`accuracy`, `grad_norm`,
   `tokens_per_sec`, `mfu`, and whatever else the loop logs). LlamaBoard can read it.
 - `runs/<time>_<host>/`: TensorBoard scalars named as HF's TensorBoardCallback names them
-  (`train/loss`, `train/learning_rate`, `eval/loss`, ...).
+  (`train/loss`, `train/learning_rate`, `eval/loss`, ...); W&B and MLflow get the same steps
+  (`jaxsft.trackers`).
 - `training_loss.png`, `training_eval_loss.png`, `training_eval_accuracy.png`: LF's plot (raw curve
   faded, TensorBoard-style EMA on top), written by `close()` when `plot_loss`.
 - `{split}_results.json` and `all_results.json`: HF's `save_metrics` (indent 4, sorted keys).
@@ -112,6 +113,7 @@ class RunLogger:
         initial_step: int = 0,
         history: list[dict[str, Any]] | None = None,
         progress_bar: bool = True,
+        trackers: Any = None,
     ):
         self.output_dir = output_dir
         self.total_steps = int(total_steps)
@@ -125,6 +127,7 @@ class RunLogger:
         self.history: list[dict[str, Any]] = list(history or [])  # every line of trainer_log.jsonl
         self._bar = None
         self._tb = None
+        self._trackers = trackers  # jaxsft.trackers.Trackers (W&B, MLflow) or None
         self._log_file = None
         self._pending: dict[str, Any] = {}  # `note`d fields for the next training line
         if not self.enabled:
@@ -195,6 +198,8 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"train/{_TB_NAMES.get(key, key)}", value, step)
             self._tb.flush()
+        if self._trackers is not None:
+            self._trackers.log(metrics, step, "train")
 
         self.advance(step)
         postfix = {}
@@ -223,6 +228,8 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"eval/{key[len('eval_'):]}", value, step)
             self._tb.flush()
+        if self._trackers is not None:
+            self._trackers.log(metrics, step, "eval")
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
         self._bar.write(str({**shown, "step": step}))
 
@@ -272,4 +279,6 @@ class RunLogger:
         self._log_file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
         self.enabled = False  # a second close, or a log after close, does nothing

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from jaxsft.checkpoint import Checkpoints, abstract_like, holds_optimizer_state, model_only
-from jaxsft.config import Config, ConfigError
+from jaxsft.config import Config, ConfigError, report_targets
 from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
@@ -34,6 +34,7 @@ from jaxsft.runtime import (build_mesh, check_token_ids, compilation_cache_summa
                             load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.params import merge
 from jaxsft.sharding import global_batch, replicated
+from jaxsft.trackers import Trackers
 from jaxsft.step import init_state, make_eval_step, make_train_step
 
 logger = logging.getLogger("jaxsft")
@@ -200,9 +201,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
             logger.warning("checkpoint_%d predates saved running totals: train_results.json covers the steps after "
                            "it only", step)
 
+    reports = report_targets(cfg.report_to)
+    trackers = Trackers(reports, config_record, cfg.run_name) \
+        if is_main_process() and {"wandb", "mlflow"} & set(reports) else None
     run_log = RunLogger(str(out), total_steps, is_main_process=is_main_process(), logging_steps=cfg.logging_steps,
-                        plot_loss=cfg.plot_loss, tensorboard=cfg.report_to not in (None, "none", ["none"]),
-                        initial_step=start_step, history=history, progress_bar=not cfg.disable_tqdm)
+                        plot_loss=cfg.plot_loss, tensorboard="tensorboard" in reports,
+                        initial_step=start_step, history=history, progress_bar=not cfg.disable_tqdm,
+                        trackers=trackers)
     truncation = {"truncated_examples": data.stats.get("train_truncated"),
                   "truncated_tokens": data.stats.get("train_truncated_tokens")}
     if start_step == 0:  # the data's truncation counts, on the run's first log line
