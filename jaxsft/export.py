@@ -135,6 +135,7 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
     if got_rank != rank:
         raise ValueError(f"rank {rank} differs from the adapters' rank {got_rank}")
     tie = model_cfg.tie_word_embeddings and "embed_tokens" in modules_to_save
+    uses_dora = any(k.endswith(".lora_magnitude_vector") for k in state)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -150,7 +151,7 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
         "fan_in_fan_out": False,
         "init_lora_weights": init_lora_weights,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": uses_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},

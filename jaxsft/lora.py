@@ -23,14 +23,15 @@ from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.families import ALL_LINEAR_MODULES
 from jaxsft.model.hf import params_to_hf_state_dict
+from jaxsft.model.layers import dora_column_norm
 from jaxsft.params import LAYERS, Flat, Partition
 
-ADAPTER_LEAVES = ("lora_a", "lora_b")
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")  # lora_magnitude [L, out]: DoRA only
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HF_ORDER = ALL_LINEAR_MODULES  # the family table's module names, in HF order (for messages and `all`)
-_PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
+_PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(?:lora_([AB])\.weight|lora_magnitude_(vector))")
 
 
 def _linear_modules(params: dict) -> dict[str, tuple[str, ...]]:
@@ -157,7 +158,7 @@ def lora_partition(flat: Flat, additional_target: str | list[str] | None = None)
 
 
 def merge_adapters(params: dict, scale: float) -> dict:
-    """Fold `scale * A @ B` into each adapted kernel (in fp32, stored back in the kernel's dtype) and
+    """Fold `scale * A @ B` (DoRA: and the magnitudes) into each adapted kernel (in fp32, stored back in the kernel's dtype) and
     drop the adapters. A tree without adapters comes back unchanged."""
     out = _copy(params)
 
@@ -166,10 +167,15 @@ def merge_adapters(params: dict, scale: float) -> dict:
             if isinstance(value, dict):
                 if "lora_a" in value:
                     kernel = value["kernel"]
-                    delta_LIO = jnp.einsum("lir,lro->lio", jnp.asarray(value.pop("lora_a"), jnp.float32),
-                                           jnp.asarray(value.pop("lora_b"), jnp.float32),
+                    a, b = value.pop("lora_a"), value.pop("lora_b")
+                    delta_LIO = jnp.einsum("lir,lro->lio", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                                            precision=jax.lax.Precision.HIGHEST)
-                    value["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta_LIO).astype(kernel.dtype)
+                    merged_LIO = jnp.asarray(kernel, jnp.float32) + scale * delta_LIO
+                    if "lora_magnitude" in value:  # DoRA: columns rescaled to the learned magnitudes
+                        norm_LO = dora_column_norm(kernel, a, b, scale)
+                        merged_LIO = merged_LIO * (jnp.asarray(value.pop("lora_magnitude"), jnp.float32)
+                                                   / norm_LO)[:, None, :]
+                    value["kernel"] = merged_LIO.astype(kernel.dtype)
                 walk(value)
 
     walk(out)
@@ -201,7 +207,7 @@ def read_adapter_config(path: Path) -> dict:
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{config_file}: peft_type {config['peft_type']!r} is not supported (only LORA)")
     unsupported = {
-        "use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
+        "bias": ("none", None), "fan_in_fan_out": (False, None),
         "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
         "layers_to_transform": (None,), "layer_replication": (None,), "target_parameters": (None, []),
         "trainable_token_indices": (None,), "use_qalora": (False, None),
@@ -257,7 +263,7 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
             if match is None:
                 saved[short] = np.asarray(f.get_tensor(name))
                 continue
-            layer, module, which = int(match[1]), match[2], match[3]
+            layer, module, which = int(match[1]), match[2], match[3] or "M"  # M: DoRA's magnitude
             module_path = _module_path(out, f"model.layers.{layer}.{module}")
             if module_path is None or "kernel" not in _get(out, module_path) or layer >= L:
                 raise InputError(f"{weights}: tensor {name!r} names no linear layer of this {model_cfg.family} "
@@ -271,17 +277,20 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
                              f"{missing}; adapters on a subset of layers are not supported")
         module = _get(out, module_path)
         _, fan_in, fan_out = module["kernel"].shape
-        want = (rank, fan_in) if which == "A" else (fan_out, rank)
+        want = {"A": (rank, fan_in), "B": (fan_out, rank), "M": (fan_out,)}[which]
         for layer, value in by_layer.items():
             if value.shape != want:
                 raise InputError(f"{weights}: layer {layer} {'.'.join(module_path[1:])}.lora_{which} has shape "
                                  f"{value.shape}, expected {want} (r={rank} from {ADAPTER_CONFIG})")
         stacked = np.stack([by_layer[i].T for i in range(L)])
-        module["lora_a" if which == "A" else "lora_b"] = jnp.asarray(stacked, dtype or module["kernel"].dtype)
+        leaf = {"A": "lora_a", "B": "lora_b", "M": "lora_magnitude"}[which]
+        module[leaf] = jnp.asarray(stacked, dtype or module["kernel"].dtype)
     for module_path, which in pieces:
-        other = "B" if which == "A" else "A"
-        if (module_path, other) not in pieces:
-            raise InputError(f"{weights}: {'.'.join(module_path[1:])} has lora_{which} but no lora_{other}")
+        need = ("A", "B", "M") if config.get("use_dora") else ("A", "B")
+        for other in need:
+            if (module_path, other) not in pieces:
+                name = "lora_magnitude_vector" if other == "M" else f"lora_{other}"
+                raise InputError(f"{weights}: {'.'.join(module_path[1:])} has adapter weights but no {name}")
 
     if saved:
         _load_modules_to_save(out, saved, model_cfg, config, weights)
@@ -351,6 +360,8 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
             base = f"{PEFT_PREFIX}{model_cfg.peft_prefix}layers.{i}.{hf_module}"
             state[f"{base}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
             state[f"{base}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
+            if "lora_magnitude" in module:
+                state[f"{base}.lora_magnitude_vector"] = np.ascontiguousarray(cast(module["lora_magnitude"])[i])
     names = csv_names(modules_to_save)
     if names:
         flat = {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

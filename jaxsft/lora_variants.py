@@ -1,4 +1,9 @@
-"""LoRA variants as param-tree transforms: PiSSA's initialisation and its conversion to plain LoRA.
+"""LoRA variants as param-tree transforms: DoRA's magnitudes, PiSSA's initialisation and its conversion
+to plain LoRA.
+
+DoRA (PEFT's `use_dora`): each adapted module also learns a magnitude per output column,
+`lora_magnitude [L, out]`, initialised to the column norms of W + s A B (of W, as B starts at 0); the
+forward is `jaxsft.model.layers.dora_dense`.
 
 PiSSA (PEFT's `init_lora_weights="pissa"` / `"pissa_niter_N"`): the adapters start as the top-r
 singular triplets of each adapted kernel and the kernel keeps the residual, so the model is unchanged
@@ -12,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsft.model.layers import dora_column_norm
 from jaxsft.params import LAYERS
 
 
@@ -87,6 +93,17 @@ def pissa_to_lora(trained: dict, initial: dict) -> dict:
                                            axis=-1)
         module["lora_b"] = jnp.concatenate([module["lora_b"], -jnp.asarray(start["lora_b"], module["lora_b"].dtype)],
                                            axis=-2)
+    return out
+
+
+def add_dora_magnitudes(params: dict, scale: float) -> dict:
+    """DoRA's start: every adapted module gets `lora_magnitude` = ||W + s A B|| per output column (fp32 math,
+    stored in the adapters' dtype), so the model is unchanged."""
+    out = _copy(params)
+    for module in _adapted(out):
+        norm_LO = jax.vmap(lambda w, a, b: dora_column_norm(w, a, b, scale))(
+            module["kernel"], module["lora_a"], module["lora_b"])
+        module["lora_magnitude"] = norm_LO.astype(module["lora_a"].dtype)
     return out
 
 

@@ -62,17 +62,17 @@ def decay_mask(params) -> dict:
     """Weight decay on matrices (kernels, embeddings, adapters), never on norms and biases."""
     def decays(path, _):
         name = str(getattr(path[-1], "key", path[-1])).rsplit("/", 1)[-1]
-        return name in ("kernel", "embedding", "lora_a", "lora_b")
+        return name in ("kernel", "embedding", "lora_a", "lora_b", "lora_magnitude")  # HF decays DoRA's too
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def loraplus_factors(params, ratio: float) -> dict:
     """LoRA+ (LLaMA-Factory's param groups): `lora_b` and the 1-D trainable params (norm scales, biases:
-    `param.ndim == 1` in torch, the layer axis of stacked leaves aside) learn at `ratio` x the learning
+    `param.ndim == 1` in torch, the layer axis of stacked leaves aside; DoRA's magnitudes too) learn at `ratio` x the learning
     rate; `lora_a` and fully trained matrices (additional_target) at the learning rate."""
     def factor(path, _):
         name = str(getattr(path[-1], "key", path[-1])).rsplit("/", 1)[-1]
-        return ratio if name in ("lora_b", "scale", "bias") else 1.0
+        return ratio if name in ("lora_b", "scale", "bias", "lora_magnitude") else 1.0
     return jax.tree_util.tree_map_with_path(factor, params)
 
 

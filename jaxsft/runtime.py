@@ -217,6 +217,10 @@ def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) ->
         logger.info("PiSSA initialisation (%s)", f"{cfg.pissa_iter} power steps" if cfg.pissa_iter >= 0
                     else "exact SVD")
         params = pissa_init(params, scale, cfg.pissa_iter, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    if cfg.use_dora:
+        from jaxsft.lora_variants import add_dora_magnitudes
+
+        params = add_dora_magnitudes(params, scale)
     return params, scale
 
 

@@ -126,8 +126,8 @@ def test_peft_adapter_errors(bases, tmp_path):
     path, cfg, params = bases["llama"]
     with pytest.raises(MissingPath, match="no adapter_config.json"):
         lora.load_peft_adapter(tmp_path, params, cfg)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
-    with pytest.raises(InputError, match="use_dora=True is not supported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_bias": True}))
+    with pytest.raises(InputError, match="lora_bias=True is not supported"):
         lora.load_peft_adapter(tmp_path, params, cfg)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(MissingPath, match="no adapter_model.safetensors"):

@@ -84,3 +84,54 @@ def test_pissa_start_keeps_the_model_and_holds_the_top_singular_directions():
         else:  # randomized (torch.svd_lowrank's method): most of the top-r energy on this flat random spectrum
             assert 0.9 < np.linalg.norm(adapter) / np.linalg.norm(top) <= 1 + 1e-6
         np.testing.assert_allclose(np.asarray(q["kernel"][0]), original[0] - adapter, atol=1e-5)
+
+
+def test_dora_trains_and_exports_as_peft_saves_it(tmp_path):
+    """DoRA starts at the base model, trains, and its adapter (lora_magnitude_vector) loads in peft with
+    jaxsft's logits; the merged export loads in transformers with the same logits."""
+    import json
+
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from jaxsft.export import export_from_config
+    from jaxsft.model.transformer import forward
+    from jaxsft.params import merge
+
+    cfg = build_config({**LORA, "use_dora": True, "learning_rate": 1e-2, "lora_dropout": 0.1})
+    mesh = build_mesh(cfg)
+    model = load_model(cfg, mesh)
+    scale = model.runner.lora_scale
+    probe = _batch(2, seed=9)
+    args = (probe["input_ids"][0], probe["positions"][0], probe["segment_ids"][0])
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
+    with torch.no_grad():
+        base_logits = base_model(torch.tensor(args[0], dtype=torch.long)).logits.numpy()
+    start = np.asarray(forward(model.params(), model.config, *args, lora_scale=scale))
+    assert np.abs(start - base_logits).max() < 1e-4  # B = 0 and g = 1: the base model
+    state, step = build_train_step(cfg, model, mesh, total_steps=3)
+    for i in range(3):
+        state, _ = step(state, model.frozen, global_batch(_batch(8, seed=i), mesh, leading_dims=1))
+    params = jax.device_get(merge(state["trainable"], model.frozen, model.partition))
+    magnitude = params["layers"]["mlp"]["down_proj"]["lora_magnitude"]
+    assert magnitude.shape == (2, 64) and np.abs(magnitude - jax.device_get(
+        model.trainable["layers/mlp/down_proj/lora_magnitude"])).max() > 1e-4  # it trained
+    want = np.asarray(forward(params, model.config, *args, lora_scale=scale))
+    assert np.abs(want - start).max() > 1e-3
+
+    adapter = export_from_config(params, build_config({**LORA, "use_dora": True, "export_adapter": True}),
+                                 model.config, scale, out_dir=tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(base_model, adapter).eval()
+        got = peft_model(torch.tensor(args[0], dtype=torch.long)).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+    merged = export_from_config(params, build_config({**LORA, "use_dora": True, "export_dtype": "float32"}),
+                                model.config, scale, out_dir=tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = hf(torch.tensor(args[0], dtype=torch.long)).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4

@@ -351,13 +351,13 @@ def test_an_unsupported_peft_adapter_is_one_line_and_exit_2(tmp_path, capsys):
     """A bad adapter_name_or_path is the user's to fix: one `error:` line naming the file, no traceback."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_bias": True}))
     code = cli([f"model_name_or_path={TINY}", "dataset=identity", f"dataset_dir={DATA}", "template=llama3",
                 "do_train=true", "finetuning_type=lora", f"adapter_name_or_path={adapter}", "cutoff_len=128",
                 f"output_dir={tmp_path / 'out'}", "report_to=none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == (f"error: {adapter / 'adapter_config.json'}: use_dora=True is not supported by jaxsft "
+    assert err[-1] == (f"error: {adapter / 'adapter_config.json'}: lora_bias=True is not supported by jaxsft "
                        "(supported: False); merge this adapter with PEFT first")
     assert not any("Traceback" in line for line in err)
 

@@ -231,7 +231,7 @@ def params_to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndar
     state = {}
     for key_path, leaf in flat:
         path = tuple(k.key for k in key_path)
-        if path[-1] in ("lora_a", "lora_b"):
+        if path[-1] in ("lora_a", "lora_b", "lora_magnitude"):
             raise ValueError(f"params hold LoRA adapter {'/'.join(path)}; merge adapters before export")
         value = np.asarray(leaf)
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]

@@ -20,6 +20,8 @@ def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None, lora_dropo
     through the rank-r bottleneck so W + AB is never materialized. With `dropout_rng`, the LoRA input
     (only) goes through inverted dropout of rate `lora_dropout`, as PEFT's `lora_dropout` does.
     """
+    if "lora_magnitude" in p:
+        return dora_dense(x_BTI, p, lora_scale, lora_dropout, dropout_rng)
     y_BTO = x_BTI @ p["kernel"].astype(x_BTI.dtype)
     if "bias" in p:
         y_BTO = y_BTO + p["bias"].astype(x_BTI.dtype)
@@ -36,6 +38,34 @@ def dense(x_BTI: jax.Array, p: dict, lora_scale: float | None = None, lora_dropo
             return y_BTO + p["bias"].astype(x_BTI.dtype) if "bias" in p else y_BTO
         y_BTO = y_BTO + lora_scale * lora_update(x_BTI, a_IR, b_RO)
     return y_BTO
+
+
+def dora_column_norm(kernel_IO: jax.Array, a_IR: jax.Array, b_RO: jax.Array, scale: float) -> jax.Array:
+    """||W + scale * A @ B|| per output column [O], in fp32 (PEFT's `get_weight_norm`, dim 1 of [out, in])."""
+    w_IO = kernel_IO.astype(jnp.float32) + scale * jnp.matmul(a_IR.astype(jnp.float32), b_RO.astype(jnp.float32),
+                                                              precision=jax.lax.Precision.HIGHEST)
+    return jnp.sqrt(jnp.sum(w_IO * w_IO, axis=-2))
+
+
+def dora_dense(x_BTI: jax.Array, p: dict, lora_scale: float | None, lora_dropout: float = 0.0,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """DoRA as PEFT computes it: with g = magnitude / ||W + s A B|| per output column (the norm is not
+    differentiated, PEFT detaches it), `y = x W + (g - 1) * (x' W) + g * s * (x' A) B (+ bias)`, where x'
+    is the dropped-out input (x itself without dropout, which makes it g * x (W + s A B))."""
+    if lora_scale is None:
+        raise ValueError("params hold DoRA adapters but no lora_scale was given")
+    dtype = x_BTI.dtype
+    kernel_IO, a_IR, b_RO = p["kernel"].astype(dtype), p["lora_a"].astype(dtype), p["lora_b"].astype(dtype)
+    norm_O = jax.lax.stop_gradient(dora_column_norm(p["kernel"], p["lora_a"], p["lora_b"], lora_scale))
+    g_O = (p["lora_magnitude"].astype(jnp.float32) / norm_O).astype(dtype)
+    if dropout_rng is not None and lora_dropout > 0:
+        keep_BTI = jax.random.bernoulli(dropout_rng, 1.0 - lora_dropout, x_BTI.shape)
+        dropped_BTI = jnp.where(keep_BTI, x_BTI / (1.0 - lora_dropout), 0).astype(dtype)
+        y_BTO = x_BTI @ kernel_IO + (g_O - 1) * (dropped_BTI @ kernel_IO) \
+            + g_O * (lora_scale * lora_update(dropped_BTI, a_IR, b_RO))
+    else:
+        y_BTO = g_O * (x_BTI @ kernel_IO + lora_scale * lora_update(x_BTI, a_IR, b_RO))
+    return y_BTO + p["bias"].astype(dtype) if "bias" in p else y_BTO
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))

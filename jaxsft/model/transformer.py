@@ -316,6 +316,7 @@ def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
             "bias": (out_axis,),
             "lora_a": (in_axis, "lora_rank"),
             "lora_b": ("lora_rank", out_axis),
+            "lora_magnitude": (out_axis,),
         }[leaf]
     else:
         raise ValueError(f"no logical axes known for param {'/'.join(path)}")
