@@ -48,12 +48,16 @@ class Partition:
     trainable: frozenset[str]
     sliced: frozenset[str] = frozenset()
     layer_range: tuple[int, int] = (0, 0)
+    layer_ids: tuple[int, ...] = ()  # trained layers when not one range (LLaMA Pro's expanded blocks)
+
+    def trained_layers(self) -> tuple[int, ...]:
+        return self.layer_ids or tuple(range(*self.layer_range))
 
     def describe(self, flat: Flat) -> str:
         def size(path):
             n = flat[path].size
             if path in self.sliced:
-                n = n // flat[path].shape[0] * (self.layer_range[1] - self.layer_range[0])
+                n = n // flat[path].shape[0] * len(self.trained_layers())
             return n
         trained = sum(size(p) for p in self.trainable | self.sliced)
         total = sum(v.size for v in flat.values())
@@ -67,6 +71,10 @@ def split(flat: Flat, part: Partition) -> tuple[Flat, Flat]:
     for path, value in flat.items():
         if path in part.trainable:
             trainable[path] = value
+        elif path in part.sliced and part.layer_ids:
+            ids = list(part.layer_ids)
+            rest = [i for i in range(value.shape[0]) if i not in part.layer_ids]
+            trainable[path], frozen[path] = value[jnp.asarray(ids)], value[jnp.asarray(rest)]
         elif path in part.sliced:
             trainable[path] = value[lo:hi]
             frozen[path] = jnp.concatenate([value[:lo], value[hi:]]) if (lo > 0 and hi < value.shape[0]) \
@@ -81,7 +89,13 @@ def merge(trainable: Flat, frozen: Flat, part: Partition) -> dict:
     flat = dict(frozen)
     lo = part.layer_range[0]
     for path, value in trainable.items():
-        if path in part.sliced:
+        if path in part.sliced and part.layer_ids:
+            rest = frozen[path]
+            total = rest.shape[0] + value.shape[0]
+            order = [i for i in range(total) if i not in part.layer_ids] + list(part.layer_ids)
+            where = [order.index(i) for i in range(total)]  # layer i sits at this row of [rest; value]
+            flat[path] = jnp.take(jnp.concatenate([rest, value]), jnp.asarray(where), axis=0)
+        elif path in part.sliced:
             rest = frozen[path]
             flat[path] = jnp.concatenate([rest[:lo], value, rest[lo:]])
         else:
@@ -101,6 +115,14 @@ def freeze_partition(flat: Flat, cfg: Config, num_layers: int) -> Partition:
     """LLaMA-Factory's freeze tuning: last N layers (first N when negative), chosen modules, extras."""
     n = cfg.freeze_trainable_layers
     lo, hi = (max(0, num_layers - n), num_layers) if n > 0 else (0, min(-n, num_layers))
+    layer_ids: tuple[int, ...] = ()
+    if cfg.use_llama_pro:  # the expanded blocks: every stride-th layer, as LLaMA-Factory picks them
+        if num_layers % n:
+            raise ConfigError(f"use_llama_pro: the model's {num_layers} layers are not divisible by "
+                              f"freeze_trainable_layers ({n}), the number of expanded blocks")
+        stride = num_layers // n
+        layer_ids = tuple(range(stride - 1, num_layers, stride))
+        lo, hi = (layer_ids[0], layer_ids[-1] + 1) if n > 1 else (layer_ids[0], layer_ids[0] + 1)
     layer_modules = sorted({p.split("/")[1] for p in flat if p.startswith(LAYERS + "/")})
     outer_modules = sorted({p.split("/")[0] for p in flat if not p.startswith(LAYERS + "/")})
     modules = _csv(cfg.freeze_trainable_modules) or ["all"]
@@ -116,10 +138,12 @@ def freeze_partition(flat: Flat, cfg: Config, num_layers: int) -> Partition:
     sliced = {p for p in flat if p.startswith(LAYERS + "/")
               and ("all" in modules or p.split("/")[1] in modules)}
     whole = {p for p in flat if p.split("/")[0] in extras}
-    if lo == 0 and hi == num_layers:  # every layer trains: no need to slice
+    if len(layer_ids) == hi - lo:  # the expanded blocks happen to form one range
+        layer_ids = ()
+    if lo == 0 and hi == num_layers and not layer_ids:  # every layer trains: no need to slice
         whole |= sliced
         sliced = set()
-    return Partition(trainable=frozenset(whole), sliced=frozenset(sliced), layer_range=(lo, hi))
+    return Partition(trainable=frozenset(whole), sliced=frozenset(sliced), layer_range=(lo, hi), layer_ids=layer_ids)
 
 
 def count(flat: Iterable) -> int:

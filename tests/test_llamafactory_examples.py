@@ -251,3 +251,46 @@ def test_loraplus_example_trains_and_its_adapter_matches_in_peft(tmp_path, monke
     expected = _jaxsft_logits(out, IDS)
     got = _peft_logits(model, out, IDS)
     assert np.abs(got - expected).max() < 1e-4
+
+
+# LLaMA-Factory's examples/extras/llama_pro/llama3_freeze_sft.yaml (after expand.sh), as it ships it.
+LF_LLAMA_PRO = LF_LORA_VARIANT.replace("finetuning_type: lora\nlora_rank: 8\nlora_target: all\n{method}",
+                                       "finetuning_type: freeze\nfreeze_trainable_layers: 8\n"
+                                       "freeze_trainable_modules: all\nuse_llama_pro: true")
+
+
+def test_llama_pro_example_expands_and_trains_only_the_new_blocks(tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import llama_pro
+
+    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    original = build_tiny_model("llama", num_layers=8, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    original.save_pretrained(tmp_path / "llama3-8b")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / name, tmp_path / "llama3-8b" / name)
+    # expand.sh: python scripts/llama_pro.py --model_name_or_path ... --output_dir models/llama3-8b-pro --num_expand 8
+    assert llama_pro.main(["--model_name_or_path", str(tmp_path / "llama3-8b"), "--num_expand", "8",
+                           "--output_dir", str(tmp_path / "llama3-8b-pro")]) == 0
+    pro = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama3-8b-pro", dtype=torch.float32)
+    assert pro.config.num_hidden_layers == 16
+    with torch.no_grad():
+        ids = torch.tensor(IDS, dtype=torch.long)
+        assert float((pro(ids).logits - original(ids).logits).abs().max()) < 1e-4  # expansion changes nothing
+
+    (tmp_path / "lf.yaml").write_text(LF_LLAMA_PRO)
+    out = tmp_path / "saves" / "freeze"
+    cfg = machine_specific("lf.yaml", tmp_path, model_name_or_path=str(tmp_path / "llama3-8b-pro"),
+                           dataset_dir=str(DATA_DIR), output_dir=str(out), max_samples=32, num_train_epochs=2.0,
+                           cutoff_len=128)
+    jaxsft("train", cfg)
+    before = load_file(tmp_path / "llama3-8b-pro" / "model.safetensors")
+    after = load_file(out / "model.safetensors")  # bf16: true exports bfloat16, compared in bfloat16
+    trained = {int(k.split(".")[2]) for k in before if k.startswith("model.layers.")
+               and not np.array_equal(after[k], before[k].astype(after[k].dtype))}
+    assert trained == {1, 3, 5, 7, 9, 11, 13, 15}  # the inserted blocks, and only they
+    for k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(after[k], before[k].astype(after[k].dtype))
