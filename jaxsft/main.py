@@ -52,6 +52,17 @@ def planned_stages(cfg: Config) -> list[str]:
     return stages
 
 
+def _variants(cfg: Config) -> str:
+    """LoRA+ / DoRA / PiSSA / LLaMA Pro, when on."""
+    parts = [f"LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio is not None else "",
+             "DoRA" if cfg.use_dora else "",
+             f"PiSSA ({'exact SVD' if cfg.pissa_iter < 0 else f'{cfg.pissa_iter} power steps'}"
+             f"{', converted on export' if cfg.pissa_convert else ''})" if cfg.pissa_init else "",
+             "LLaMA Pro blocks" if cfg.use_llama_pro else ""]
+    parts = [p for p in parts if p]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def describe(cfg: Config, stages: list[str] | None = None) -> str:
     """A short human summary of what the run will do."""
     stages = planned_stages(cfg) if stages is None else stages
@@ -59,7 +70,7 @@ def describe(cfg: Config, stages: list[str] | None = None) -> str:
     lines = [f"jaxsft: stages: {planned}"]
     lines.append(f"  model: {cfg.model_name_or_path}  template: {cfg.template}  finetuning: {cfg.finetuning_type}"
                  + (f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
-                    if cfg.finetuning_type == "lora" else ""))
+                    if cfg.finetuning_type == "lora" else "") + _variants(cfg))
     lines.append(f"  data: {cfg.dataset} (dir {cfg.dataset_dir})  cutoff_len: {cfg.cutoff_len}  "
                  f"packing: {cfg.packing}  val_size: {cfg.val_size}")
     steps = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
