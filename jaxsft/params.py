@@ -122,7 +122,7 @@ def freeze_partition(flat: Flat, cfg: Config, num_layers: int) -> Partition:
                               f"freeze_trainable_layers ({n}), the number of expanded blocks")
         stride = num_layers // n
         layer_ids = tuple(range(stride - 1, num_layers, stride))
-        lo, hi = (layer_ids[0], layer_ids[-1] + 1) if n > 1 else (layer_ids[0], layer_ids[0] + 1)
+        lo, hi = layer_ids[0], layer_ids[-1] + 1
     layer_modules = sorted({p.split("/")[1] for p in flat if p.startswith(LAYERS + "/")})
     outer_modules = sorted({p.split("/")[0] for p in flat if not p.startswith(LAYERS + "/")})
     modules = _csv(cfg.freeze_trainable_modules) or ["all"]

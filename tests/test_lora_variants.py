@@ -128,6 +128,14 @@ def test_dora_trains_and_exports_as_peft_saves_it(tmp_path):
         peft_model = PeftModel.from_pretrained(base_model, adapter).eval()
         got = peft_model(torch.tensor(args[0], dtype=torch.long)).logits.numpy()
     assert np.abs(got - want).max() < 1e-4
+    # ... and reads back into jaxsft (adapter_name_or_path) with the same logits.
+    from jaxsft import lora
+    from jaxsft.model.hf import load_hf_params
+
+    loaded, loaded_scale = lora.load_peft_adapter(adapter, load_hf_params(TINY, model.config), model.config)
+    assert loaded_scale == scale and "lora_magnitude" in loaded["layers"]["mlp"]["down_proj"]
+    again = np.asarray(forward(loaded, model.config, *args, lora_scale=loaded_scale))
+    assert np.abs(again - want).max() < 1e-5
 
     merged = export_from_config(params, build_config({**LORA, "use_dora": True, "export_dtype": "float32"}),
                                 model.config, scale, out_dir=tmp_path / "merged")
