@@ -218,10 +218,10 @@ def _case_no_config_json(tmp_path):
 
 
 def _case_unsupported_model(tmp_path):
-    config = json.loads((TINY / "config.json").read_text()) | {"model_type": "gemma"}
+    config = json.loads((TINY / "config.json").read_text()) | {"model_type": "gpt_neox"}
     model = _model_copy(tmp_path, drop=("config.json",), add={"config.json": json.dumps(config)})
     return dict(model_name_or_path=str(model)), InputError, re.compile(
-        re.escape(f"{model}/config.json: ") + r".*'gemma'.*llama, mistral, qwen2, qwen3")
+        re.escape(f"{model}/config.json: ") + r".*'gpt_neox' is not supported; supported: llama, mistral, .*gemma.*phi3.*")
 
 
 def _case_no_safetensors(tmp_path):
