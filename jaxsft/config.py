@@ -62,7 +62,7 @@ class Config:
     train_on_prompt: bool = _field(False, "Learn the prompt tokens too.")
     mask_history: bool = _field(False, "Learn only the last assistant turn.")
     streaming: bool = _field(False, "Read rows lazily instead of loading whole files.")
-    buffer_size: int = _field(16384, "Shuffle buffer size when streaming.")
+    buffer_size: int = _field(16384, "Streaming: examples read, shuffled and packed together at a time.")
     mix_strategy: str = _field("concat", "How several datasets are mixed.",
                                ("concat", "interleave_under", "interleave_over"))
     interleave_probs: Optional[str] = _field(None, "Comma-separated sampling probabilities for interleaving.")
@@ -81,6 +81,8 @@ class Config:
     tool_format: Optional[str] = _field(None, "Override the template's tool-call format.")
     default_system: Optional[str] = _field(None, "Override the template's default system prompt.")
     enable_thinking: Optional[bool] = _field(True, "qwen3-style templates: keep the thinking block.")
+    preserve_thinking: bool = _field(False, "qwen3-style templates: keep the thoughts of earlier answers (with "
+                                            "mask_history, and in predict prompts).")
     tokenized_path: Optional[str] = _field(None, "Save the tokenized dataset here, or load it if it exists.")
     skip_invalid_examples: bool = _field(False, "Skip (and count) malformed rows instead of stopping.")
 
@@ -348,7 +350,8 @@ def _validate(cfg: Config) -> None:
                           f"{', '.join(TRACKERS)}, all or none (trainer_log.jsonl is always written)")
     _validate_methods(cfg)
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "lora_rank", "max_new_tokens", "logging_steps", "save_steps")
+                "gradient_accumulation_steps", "lora_rank", "max_new_tokens", "logging_steps", "save_steps",
+                "buffer_size")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {getattr(cfg, key)}")
@@ -370,8 +373,11 @@ def _validate(cfg: Config) -> None:
                               "tokenizer's own chat template")
     if cfg.do_train and cfg.dataset is None:
         raise ConfigError("key 'dataset' is required with do_train: true")
-    if (cfg.do_eval or cfg.do_predict) and not (cfg.eval_dataset or cfg.val_size > 0 or cfg.dataset):
-        raise ConfigError("do_eval/do_predict need data: set eval_dataset, or val_size with dataset")
+    if (cfg.do_eval or cfg.do_predict) and not (cfg.eval_dataset or cfg.val_size > 1e-6):
+        raise ConfigError("do_eval/do_predict need evaluation data: set eval_dataset, or val_size with dataset")
+    if cfg.val_size > 1e-6 and not cfg.dataset:
+        raise ConfigError("val_size splits the evaluation rows off 'dataset', which is not set; set dataset, "
+                          "or name the evaluation data with eval_dataset")
     if cfg.do_predict and not cfg.predict_with_generate:
         raise ConfigError("do_predict needs predict_with_generate: true (jaxsft predicts by generating)")
     if cfg.export_adapter and cfg.finetuning_type != "lora":

@@ -57,6 +57,7 @@ def jit_eval_step(eval_step: Callable, model, mesh) -> Callable:
 
 def run_evaluation(cfg) -> dict[str, float]:
     """The `do_eval` stage on its own (after training, the training stage has already evaluated)."""
+    from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets
     from jaxsft.run_logging import save_metrics
     from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
@@ -66,11 +67,12 @@ def run_evaluation(cfg) -> dict[str, float]:
     init_distributed(cfg)
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    data = build_datasets(DataArgs.from_config(cfg), tokenizer, train=False, process_index=jax.process_index(),
+                          process_count=jax.process_count())
     if not data.eval:
         raise ConfigError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
     model = load_model(cfg, mesh)
-    check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
+    check_token_ids({"eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
     from jaxsft.data.packing import length_buckets
     buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None

@@ -142,6 +142,7 @@ def write_predictions(path: str | Path, tokenizer, prompts: list[tuple[np.ndarra
 
 def run_prediction(cfg: Config) -> dict[str, Any]:
     """Load, encode the eval prompts, generate, write predictions and `predict_results.json`."""
+    from jaxsft.data.args import DataArgs
     from jaxsft.data.prompts import build_prompts
     from jaxsft.runtime import build_mesh, init_distributed, load_tokenizer
     from jaxsft.sharding import data_parallel_size
@@ -151,7 +152,7 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
     init_distributed(cfg)
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
-    prompts, counts, _ = build_prompts(cfg, tokenizer)
+    prompts, counts, _ = build_prompts(DataArgs.from_config(cfg), tokenizer)
     if not prompts:
         raise InputError("do_predict: no prediction examples left. First reasons: "
                          + "; ".join(counts.reasons or ["(no rows)"]))

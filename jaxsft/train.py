@@ -150,11 +150,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
                               f"tools/convert_checkpoint.py) and start a new run from the exported model")
         saved = Checkpoints(directory, async_save=False).restore_config(step)
         check_config_change(saved, cfg, f"{directory}/checkpoint_{step}")
+    from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets  # here: the step alone (tools/bench.py) needs no grain
 
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(cfg, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    data = build_datasets(DataArgs.from_config(cfg), tokenizer, process_index=jax.process_index(),
+                          process_count=jax.process_count())
     _print_first_example(data, tokenizer)
     rows = rows_per_process(cfg, mesh, cfg.per_device_train_batch_size)
     batches_per_epoch = data.batches_per_epoch(rows)

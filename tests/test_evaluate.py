@@ -10,6 +10,7 @@ from tiny_models import build_tiny_model
 from transformers import AutoTokenizer
 
 from jaxsft.config import build_config
+from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.runtime import build_mesh, load_model, rows_per_process
@@ -40,7 +41,7 @@ def _favour_common_label(model, directory):
     picks it often and accuracy is far from 0 (a misaligned shift would then show)."""
     for f in TOKENIZER.iterdir():
         shutil.copy(f, directory / f.name)
-    data = build_datasets(_cfg(directory, False), AutoTokenizer.from_pretrained(str(directory)))
+    data = build_datasets(DataArgs.from_config(_cfg(directory, False)), AutoTokenizer.from_pretrained(str(directory)))
     labels = np.concatenate([labels[labels != -100] for _, labels in data.eval])
     common = int(np.bincount(labels).argmax())
     hidden = [model(input_ids=torch.tensor([ids.tolist()]), output_hidden_states=True).hidden_states[-1][0]
@@ -59,7 +60,7 @@ def _cfg(directory, packing):
 
 def _jaxsft_eval(directory, packing):
     cfg = _cfg(directory, packing)
-    data = build_datasets(cfg, AutoTokenizer.from_pretrained(str(directory)))
+    data = build_datasets(DataArgs.from_config(cfg), AutoTokenizer.from_pretrained(str(directory)))
     mesh = build_mesh(cfg)
     model = load_model(cfg, mesh)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)

@@ -11,6 +11,7 @@ import transformers
 from lf_reference import lf_stop_ids
 
 from jaxsft.config import build_config
+from jaxsft.data.args import DataArgs
 from jaxsft.data.prompts import build_prompts
 from jaxsft.main import cli
 from jaxsft.runtime import load_tokenizer
@@ -29,7 +30,7 @@ PREDICT = {
 def _hf_greedy(model, cfg) -> tuple[list[str], list[str]]:
     """transformers greedy generate on each prompt as LF's predict would decode it: (predicts, labels)."""
     tokenizer = load_tokenizer(cfg)
-    prompts, _, _ = build_prompts(cfg, tokenizer)
+    prompts, _, _ = build_prompts(DataArgs.from_config(cfg), tokenizer)
     stop = [i for i in lf_stop_ids(tokenizer) if i < model.config.vocab_size]
     predicts = []
     for ids, _ in prompts:

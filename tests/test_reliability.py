@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 from run_logs import log_lines, train_losses
 from transformers import AutoTokenizer
 
+from jaxsft.data.args import DataArgs
 from jaxsft.config import ConfigError, build_config
 from jaxsft.data.formats import InvalidExample
 from jaxsft.data.pipeline import build_datasets
@@ -130,8 +130,8 @@ def _write(path: Path, content) -> None:
 
 
 def _args(dataset, dataset_dir, **kw):
-    return types.SimpleNamespace(**{"dataset": str(dataset), "dataset_dir": str(dataset_dir), "template": "qwen",
-                                    "cutoff_len": 64, "skip_invalid_examples": False, **kw})
+    return DataArgs(**{"dataset": str(dataset), "dataset_dir": str(dataset_dir), "template": "qwen",
+                    "cutoff_len": 64, "skip_invalid_examples": False, **kw})
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])

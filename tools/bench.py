@@ -72,9 +72,10 @@ def make_batches(cfg, args, rows: int, count: int, vocab: int) -> list[dict[str,
         rng = np.random.default_rng(cfg.seed)
         micro = [synthetic_rows(rows, cfg.cutoff_len, vocab, rng) for _ in range(count * accumulation)]
     else:
+        from jaxsft.data.args import DataArgs
         from jaxsft.data.pipeline import build_datasets
 
-        data = build_datasets(cfg, load_tokenizer(cfg), process_index=jax.process_index(),
+        data = build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg), process_index=jax.process_index(),
                               process_count=jax.process_count())
         per_epoch = data.batches_per_epoch(rows)
         if per_epoch == 0:

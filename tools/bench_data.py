@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from jaxsft.config import load_config  # noqa: E402
+from jaxsft.data.args import DataArgs  # noqa: E402
 from jaxsft.data.pipeline import build_datasets  # noqa: E402
 from jaxsft.runtime import load_tokenizer  # noqa: E402
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeat):
             tokenizer = load_tokenizer(cfg)  # build_datasets fixes the tokenizer in place: start fresh
             start = time.perf_counter()
-            data = build_datasets(cfg, tokenizer)
+            data = build_datasets(DataArgs.from_config(cfg), tokenizer)
             times.append(time.perf_counter() - start)
         s = data.stats
         print(json.dumps({

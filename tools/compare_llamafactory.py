@@ -114,12 +114,13 @@ def run_logged(cmd: list[str], log: Path, cwd: str, env: dict) -> float:
 _JAXSFT_PREPROCESS = """
 import json, sys, time
 from jaxsft.config import build_config
+from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.runtime import load_tokenizer
 cfg = build_config({**json.loads(sys.argv[1]), "do_train": False})
 tokenizer = load_tokenizer(cfg)
 t = time.perf_counter()
-data = build_datasets(cfg, tokenizer)
+data = build_datasets(DataArgs.from_config(cfg), tokenizer)
 seconds = time.perf_counter() - t
 print("RESULT " + json.dumps({"examples": len(data.train), "tokens": data.stats["train_tokens"], "seconds": seconds}))
 """

@@ -14,13 +14,14 @@ where labels are unshifted (-100 on padding and prompts), as LLaMA-Factory store
 import argparse
 import json
 import sys
-import types
+import dataclasses
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxsft.data.packing import greedy_knapsack, make_row  # noqa: E402
-from jaxsft.data.pipeline import DEFAULTS, build_datasets  # noqa: E402
+from jaxsft.data.args import DataArgs  # noqa: E402
+from jaxsft.data.pipeline import build_datasets  # noqa: E402
 from jaxsft.data.supervised import IGNORE_INDEX  # noqa: E402
 
 
@@ -33,26 +34,26 @@ def _args(argv: list[str]) -> tuple[object, str, argparse.Namespace]:
     parser.add_argument("--limit", type=int, help="with --out: at most this many lines")
     parser.add_argument("--model_name_or_path", help="tokenizer directory (flat-flag mode)")
     parser.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
-    for key, default in DEFAULTS.items():
+    defaults = {f.name: f.default for f in dataclasses.fields(DataArgs)}
+    for key, default in defaults.items():
         parser.add_argument(f"--{key}", default=None, help=f"(default {default!r})")
-    parser.add_argument("--dataset")
     known, overrides = parser.parse_known_args(argv)
     if known.config:
         from jaxsft.config import load_config
 
         cfg = load_config(known.config, overrides)
         tok = known.tokenizer or getattr(cfg, "tokenizer_name_or_path", None) or cfg.model_name_or_path
-        return cfg, tok, known
-    values = {k: v for k, v in vars(known).items() if v is not None and k in {*DEFAULTS, "dataset"}}
+        return DataArgs.from_config(cfg), tok, known
+    values = {k: v for k, v in vars(known).items() if v is not None and k in defaults}
     for key, value in values.items():  # flat flags arrive as text
-        default = DEFAULTS.get(key)
+        default = defaults.get(key)
         if isinstance(default, bool):
             values[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, int) or key in ("max_samples", "preprocessing_num_workers"):
             values[key] = int(value)
         elif key == "val_size":
             values[key] = float(value)
-    return types.SimpleNamespace(**values), known.tokenizer or known.model_name_or_path, known
+    return DataArgs(**values), known.tokenizer or known.model_name_or_path, known
 
 
 def _masked(ids, labels) -> str:

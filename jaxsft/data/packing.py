@@ -11,7 +11,7 @@ union-find that skips emptied lengths). Differences from LF, on purpose:
   `cutoff_len`, which wastes one position per row).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -123,6 +123,27 @@ def fit_width(batch: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str
 
 def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     return make_row([], [], seq_len, pad_id)
+
+
+def eval_batches(examples: Sequence[Example], seq_len: int, pad_id: int, packing: bool, rows_per_process: int,
+                 process_index: int = 0, process_count: int = 1, buckets: Sequence[int] | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once (packed when training is), in order; short batches padded with empty rows (all
+    targets IGNORE_INDEX), the same number of batches on every process. Each global batch is padded to the
+    smallest of `buckets` holding its longest row (None: `seq_len`)."""
+    if not examples:
+        return
+    lengths = [len(ids) for ids, _ in examples]
+    plan = greedy_knapsack(lengths, seq_len)[0] if packing else [[i] for i in range(len(lengths))]
+    mine = plan[process_index::process_count]
+    per_process = -(-len(plan) // process_count)
+    widths = batch_widths([sum(lengths[i] for i in m) for m in plan], rows_per_process * process_count,
+                          list(buckets) if buckets else [seq_len])
+    for b in range(-(-per_process // rows_per_process)):
+        members = mine[b * rows_per_process:(b + 1) * rows_per_process]
+        rows = [make_row(examples, m, widths[b], pad_id) for m in members]
+        rows += [empty_row(widths[b], pad_id)] * (rows_per_process - len(rows))
+        yield stack_rows(rows)
 
 
 def plan_epoch(

@@ -5,177 +5,28 @@ saved to / loaded from `tokenized_path` in LLaMA-Factory's tokenized layout). Ba
 `MapDataset` over (epoch, row): each epoch shuffles the examples with (seed, epoch), packs them (greedy
 knapsack over the whole epoch), shuffles the rows, gives row `j * process_count + process_index` to this
 process, and batches `rows_per_process` rows; the iterator's `get_state()` / `set_state()` resume exactly.
-With `streaming: true`, see `jaxsft.data.streaming`.
+With `streaming: true`, see `jaxsft.data.streaming`. Rows are encoded by `jaxsft.data.encode`.
 """
 
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import numpy as np
 
 from jaxsft.data import sources
-from jaxsft.data.formats import InvalidExample, to_conversation
-from jaxsft.data.packing import (Example, batch_widths, efficiency, empty_row, greedy_knapsack, make_row, plan_epoch,
-                                 stack_rows)
-from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
-from jaxsft.data.templates import get_template
+from jaxsft.data.args import DataArgs
+from jaxsft.data.encode import Counts, encode_rows, learned, make_template
+from jaxsft.data.packing import (Example, batch_widths, efficiency, eval_batches, greedy_knapsack, make_row,
+                                 plan_epoch, stack_rows)
+from jaxsft.data.streaming import StreamingSFTData
 from jaxsft.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
-MAX_REASONS = 5
-DEFAULTS = dict(
-    eval_dataset=None, dataset_dir="data", template=None, cutoff_len=2048, max_samples=None, val_size=0.0,
-    train_on_prompt=False, mask_history=False, packing=False, neat_packing=False, streaming=False,
-    mix_strategy="concat", interleave_probs=None, seed=42, tokenized_path=None, skip_invalid_examples=False,
-    default_system=None, enable_thinking=True, preprocessing_num_workers=None, preserve_thinking=False,
-    tool_format=None, disable_shuffling=False,
-)
-
-
-def _arg(args: Any, name: str) -> Any:
-    return getattr(args, name, DEFAULTS.get(name))
-
-
-@dataclass
-class Counts:
-    """What preprocessing did to one split."""
-
-    rows: int = 0  # rows read
-    examples: int = 0  # examples kept
-    dropped: int = 0
-    reasons: list[str] = field(default_factory=list)  # the first few, with file / row / field
-    tokens: int = 0
-    label_tokens: int = 0  # learned targets (labels after the first token that are not IGNORE_INDEX)
-    truncated: int = 0  # kept examples that cutoff_len cut
-    truncated_tokens: int = 0  # the tokens cut from them
-
-    def drop(self, reason: str) -> None:
-        self.dropped += 1
-        if len(self.reasons) < MAX_REASONS:
-            self.reasons.append(reason)
-
-    def add(self, other: "Counts") -> None:
-        """Fold in the counts of another part of the same split (a worker's chunk), in order."""
-        self.rows, self.examples = self.rows + other.rows, self.examples + other.examples
-        self.tokens, self.label_tokens = self.tokens + other.tokens, self.label_tokens + other.label_tokens
-        self.dropped += other.dropped
-        self.truncated += other.truncated
-        self.truncated_tokens += other.truncated_tokens
-        self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
-
-
-def learned(labels: np.ndarray) -> int:
-    return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
-
-
-# Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
-MIN_ROWS_PER_WORKER = 2000
-
-
-def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
-                args: Any) -> tuple[list[Example], Counts]:
-    """Convert and tokenize the referenced rows; drop (and count) invalid ones and ones with nothing to learn.
-
-    With `preprocessing_num_workers` > 1 and enough rows, chunks are encoded in spawned worker processes
-    (spawn, not fork: the parent may already run JAX threads); results and counts keep the row order.
-    """
-    workers = min(int(_arg(args, "preprocessing_num_workers") or 1), len(refs) // max(MIN_ROWS_PER_WORKER, 1))
-    if workers <= 1:
-        return _encode_serial(rows_of, attrs, refs, template, tokenizer, args)
-    import concurrent.futures
-    import multiprocessing
-
-    settings = {name: _arg(args, name) for name in DEFAULTS}
-    chunk = -(-len(refs) // (workers * 4))
-    chunks = [list(refs[i:i + chunk]) for i in range(0, len(refs), chunk)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_init_worker,
-                                                initargs=(rows_of, attrs, template, tokenizer, settings)) as pool:
-        parts = list(pool.map(_encode_chunk, chunks))
-    examples, counts = [], Counts()
-    for part_examples, part_counts in parts:
-        examples.extend(part_examples)
-        counts.add(part_counts)
-    return examples, counts
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(rows_of, attrs, template, tokenizer, settings) -> None:
-    _WORKER.update(rows_of=rows_of, attrs=attrs, template=template, tokenizer=tokenizer,
-                   args=SimpleNamespace(**settings))
-
-
-def _encode_chunk(refs: list) -> tuple[list[Example], Counts]:
-    w = _WORKER
-    return _encode_serial(w["rows_of"], w["attrs"], refs, w["template"], w["tokenizer"], w["args"])
-
-
-def encode_each(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], args: Any, counts: Counts,
-                encode: Callable[[Any], tuple]) -> Iterator[tuple[str, int, tuple]]:
-    """(file, row number, encode(conversation)) for every referenced row that converts and encodes. A
-    malformed row raises InvalidExample (file, row, field), or with `skip_invalid_examples` is dropped and
-    counted, as are the rows LLaMA-Factory drops. Shared by training examples and predict prompts."""
-    for ref in refs:
-        attr, rows = attrs[ref.source], rows_of[ref.source]
-        row_no = rows.indices[ref.row] if isinstance(rows, sources._Select) else ref.row
-        counts.rows += 1
-        try:
-            encoded = encode(to_conversation(rows[ref.row], attr, attr.path, row_no))
-        except InvalidExample as e:
-            if e.kind == "malformed" and not _arg(args, "skip_invalid_examples"):
-                raise
-            counts.drop(str(e))
-            continue
-        except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
-            if not _arg(args, "skip_invalid_examples"):
-                raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
-            counts.drop(f"{attr.path}, row {row_no}: {e}")
-            continue
-        yield attr.path, row_no, encoded
-
-
-def _encode_serial(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
-                   args: Any) -> tuple[list[Example], Counts]:
-    counts = Counts()
-    examples: list[Example] = []
-    cutoff, on_prompt, history = _arg(args, "cutoff_len"), _arg(args, "train_on_prompt"), _arg(args, "mask_history")
-    preserve = bool(_arg(args, "preserve_thinking"))
-
-    sizes: dict = {}
-
-    def encode(conversation):
-        return encode_supervised(conversation, tokenizer, template, cutoff, on_prompt, history, preserve, sizes)
-
-    for path, row_no, (ids, labels) in encode_each(rows_of, attrs, refs, args, counts, encode):
-        example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
-        n_learned = learned(example[1])
-        if n_learned == 0:
-            counts.drop(f"{path}, row {row_no}: no label tokens left after truncation to cutoff_len={cutoff}")
-            continue
-        examples.append(example)
-        counts.examples += 1
-        if sizes["full"] > len(ids):
-            counts.truncated, counts.truncated_tokens = counts.truncated + 1, counts.truncated_tokens + sizes["full"] \
-                - len(ids)
-        counts.tokens += len(ids)
-        counts.label_tokens += n_learned
-    return examples, counts
-
-
-def _load(names, args: Any) -> tuple[list[Sequence], list, list[sources.RowRef]]:
-    attrs = sources.resolve(names, _arg(args, "dataset_dir"))
-    rows_of = [sources.load_rows(a, _arg(args, "max_samples"), _arg(args, "seed")) for a in attrs]
-    probs = sources.parse_probs(_arg(args, "interleave_probs"), len(attrs), _arg(args, "mix_strategy"))
-    refs = sources.mix([len(r) for r in rows_of], _arg(args, "mix_strategy"), probs, _arg(args, "seed"))
-    return rows_of, attrs, refs
 
 
 @dataclass
@@ -191,6 +42,7 @@ class SFTData:
     process_index: int = 0
     process_count: int = 1
     shuffle: bool = True  # false: `disable_shuffling`, examples and rows keep the dataset order
+    streaming = False
 
     def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
         """Rows this process reads per epoch (whole batches only; the same on every process)."""
@@ -220,23 +72,9 @@ class SFTData:
 
     def eval_batches(self, rows_per_process: int, buckets: Sequence[int] | None = None
                      ) -> Iterator[dict[str, np.ndarray]]:
-        """Every eval example once (packed when training is), in order; short batches padded with empty rows
-        (all targets IGNORE_INDEX), the same number of batches on every process. Each global batch is padded
-        to the smallest of `buckets` holding its longest row (None: `seq_len`)."""
-        if not self.eval:
-            return
-        lengths = [len(ids) for ids, _ in self.eval]
-        plan = greedy_knapsack(lengths, self.seq_len)[0] if self.packing else [[i] for i in range(len(lengths))]
-        mine = plan[self.process_index::self.process_count]
-        per_process = -(-len(plan) // self.process_count)
-        n_batches = -(-per_process // rows_per_process)
-        widths = batch_widths([sum(lengths[i] for i in m) for m in plan], rows_per_process * self.process_count,
-                              list(buckets) if buckets else [self.seq_len])
-        for b in range(n_batches):
-            members = mine[b * rows_per_process:(b + 1) * rows_per_process]
-            rows = [make_row(self.eval, m, widths[b], self.pad_id) for m in members]
-            rows += [empty_row(widths[b], self.pad_id)] * (rows_per_process - len(rows))
-            yield stack_rows(rows)
+        """Every eval example once (packed when training is), in order (`packing.eval_batches`)."""
+        return eval_batches(self.eval or [], self.seq_len, self.pad_id, self.packing, rows_per_process,
+                            self.process_index, self.process_count, buckets)
 
     def __post_init__(self) -> None:
         self.lengths = [len(ids) for ids, _ in self.train]
@@ -288,66 +126,76 @@ def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: in
             f"{name}_packing_efficiency": efficiency(lengths, rows, seq_len)}
 
 
-def build_datasets(args: Any, tokenizer, *, process_index: int = 0, process_count: int = 1):
-    """Everything training and evaluation read, from LLaMA-Factory-named data arguments (see DEFAULTS).
+def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_index: int = 0,
+                   process_count: int = 1) -> "SFTData | StreamingSFTData":
+    """Everything training and evaluation read. The training split is built only with `train`; the eval
+    split is `eval_dataset`, or the `val_size` rows of `dataset` (the same rows whether or not training
+    runs), as LLaMA-Factory reads them.
 
     The tokenizer is fixed in place as LF does (a template's EOS / pad / stop words). Returns an `SFTData`,
     or a `streaming.StreamingSFTData` when `args.streaming`.
     """
-    if _arg(args, "mask_history") and _arg(args, "train_on_prompt"):
+    if not isinstance(args, DataArgs):
+        raise TypeError(f"build_datasets takes DataArgs (DataArgs.from_config(cfg)), not {type(args).__name__}")
+    if args.mask_history and args.train_on_prompt:
         raise ConfigError("mask_history and train_on_prompt cannot both be true (as in LLaMA-Factory).")
-    if _arg(args, "eval_dataset") and _arg(args, "val_size") > 1e-6:
+    if args.eval_dataset and args.val_size > 1e-6:
         raise ConfigError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
-    template = get_template(
-        _arg(args, "template") or "empty", tokenizer, default_system=_arg(args, "default_system"),
-        enable_thinking=_arg(args, "enable_thinking"), train_on_prompt=_arg(args, "train_on_prompt"),
-        tool_format=_arg(args, "tool_format"),
-    )
-    seq_len = int(_arg(args, "cutoff_len"))
-    packing = bool(_arg(args, "packing") or _arg(args, "neat_packing"))
+    if train and not args.dataset and not (args.tokenized_path and _has_tokenized(args.tokenized_path)):
+        raise ConfigError("training needs data: set dataset (dataset_info.json names or file paths).")
+    template = make_template(args, tokenizer)
+    seq_len, packing, shuffle = args.cutoff_len, args.packing, not args.disable_shuffling
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    shuffle = not _arg(args, "disable_shuffling")
-    if _arg(args, "streaming"):
-        from jaxsft.data.streaming import StreamingSFTData
-
-        return StreamingSFTData.build(args, tokenizer, template, process_index=process_index,
+    if args.streaming:
+        return StreamingSFTData.build(args, tokenizer, template, train=train, process_index=process_index,
                                       process_count=process_count)
-    tokenized_path = _arg(args, "tokenized_path")
-    if tokenized_path and Path(tokenized_path).is_dir() and any(Path(tokenized_path).iterdir()):
+    tokenized_path = args.tokenized_path
+    if tokenized_path and _has_tokenized(tokenized_path):
         logger.warning("Loading the tokenized dataset from %s; other data arguments are ignored.", tokenized_path)
-        train, evals = load_tokenized(tokenized_path)
+        train_examples, evals = load_tokenized(tokenized_path)
+        train_examples = train_examples if train else []
         stats = {"source": f"tokenized_path {tokenized_path}"}
-        stats.update(_split_stats("train", train, _counts_of(train), seq_len, packing))
+        if train:
+            stats.update(_split_stats("train", train_examples, _counts_of(train_examples), seq_len, packing))
         if evals is not None:
             stats.update(_split_stats("eval", evals, _counts_of(evals), seq_len, packing))
-        return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
+        return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count,
+                       shuffle)
 
-    rows_of, attrs, refs = _load(_arg(args, "dataset"), args)
-    train_pos, eval_pos = sources.split(len(refs), float(_arg(args, "val_size") or 0), _arg(args, "seed"))
-    train, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer, args)
-    stats = _split_stats("train", train, counts, seq_len, packing)
-    evals = None
-    if eval_pos:
-        evals, eval_counts = encode_rows(rows_of, attrs, [refs[i] for i in eval_pos], template, tokenizer, args)
-    elif _arg(args, "eval_dataset"):
-        e_rows, e_attrs, e_refs = _load(_arg(args, "eval_dataset"), args)
+    train_examples: list[Example] = []
+    evals, eval_counts, stats = None, Counts(), {}
+    if args.dataset and (train or args.val_size > 1e-6):
+        rows_of, attrs, refs = sources.load_mixed(args.dataset, args)
+        train_pos, eval_pos = sources.split(len(refs), args.val_size, args.seed)
+        if train:
+            train_examples, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer,
+                                                 args)
+            stats.update(_split_stats("train", train_examples, counts, seq_len, packing))
+            _report_dropped("train", counts)
+            _report_truncated("train", counts, seq_len)
+            if not train_examples:
+                read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
+                why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: "
+                       + "; ".join(counts.reasons) if counts.rows else "no rows to train on")
+                raise InputError(f"No training examples left after preprocessing {read}: {why}. Fix those rows, "
+                                 f"or the dataset's formatting/columns in dataset_info.json; a run with no data "
+                                 f"would train nothing.")
+        if eval_pos:
+            evals, eval_counts = encode_rows(rows_of, attrs, [refs[i] for i in eval_pos], template, tokenizer, args)
+    if args.eval_dataset:
+        e_rows, e_attrs, e_refs = sources.load_mixed(args.eval_dataset, args)
         evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
-    _report_dropped("train", counts)
-    _report_truncated("train", counts, seq_len)
-    if evals is not None:
         _report_dropped("eval", eval_counts)
         _report_truncated("eval", eval_counts, seq_len)
-    if not train:
-        read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
-        why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: " + "; ".join(counts.reasons)
-               if counts.rows else "no rows to train on")
-        raise InputError(f"No training examples left after preprocessing {read}: {why}. Fix those rows, or the "
-                         f"dataset's formatting/columns in dataset_info.json; a run with no data would train nothing.")
-    if tokenized_path:
-        save_tokenized(tokenized_path, train, evals)
-    return SFTData(train, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
+    if tokenized_path and train:
+        save_tokenized(tokenized_path, train_examples, evals)
+    return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
+
+
+def _has_tokenized(path: str) -> bool:
+    return Path(path).is_dir() and any(Path(path).iterdir())
 
 
 def _report_dropped(split: str, counts: Counts) -> None:
@@ -401,7 +249,7 @@ def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
     if not isinstance(saved, datasets.DatasetDict):
         saved = datasets.DatasetDict({"train": saved})
     if "position_ids" in saved["train"].column_names:
-        raise ValueError(f"{path} holds rows packed by LLaMA-Factory; jaxsft packs itself. Re-tokenize with "
+        raise InputError(f"{path} holds rows packed by LLaMA-Factory; jaxsft packs itself. Re-tokenize with "
                          "packing: false in LLaMA-Factory, or point tokenized_path at a new folder.")
 
     def examples(split) -> list[Example]:

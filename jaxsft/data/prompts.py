@@ -14,9 +14,11 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.formats import Conversation, Message
-from jaxsft.data.pipeline import Counts, _arg, _load, encode_each
+from jaxsft.data.args import DataArgs
+from jaxsft.data.encode import Counts, encode_each, make_template, rows_at
 from jaxsft.data.supervised import infer_seqlen
-from jaxsft.data.templates import Encoder, Template, get_template
+from jaxsft.errors import ConfigError
+from jaxsft.data.templates import Encoder, Template
 
 logger = logging.getLogger(__name__)
 Prompt = tuple[np.ndarray, np.ndarray]  # (prompt ids, label ids)
@@ -66,16 +68,15 @@ def encode_prompt(conversation: Conversation, tokenizer, template: Encoder, cuto
 
 
 def encode_prompt_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template,
-                       tokenizer, args: Any) -> tuple[list[Prompt], Counts]:
+                       tokenizer, args: DataArgs) -> tuple[list[Prompt], Counts]:
     """`encode_prompt` over the referenced rows; invalid rows are dropped (and counted) as training drops them."""
     counts = Counts()
     prompts: list[Prompt] = []
-    cutoff, preserve = _arg(args, "cutoff_len"), bool(_arg(args, "preserve_thinking"))
 
     def encode(conversation):
-        return encode_prompt(conversation, tokenizer, template, cutoff, preserve)
+        return encode_prompt(conversation, tokenizer, template, args.cutoff_len, args.preserve_thinking)
 
-    for _path, _row, (ids, labels) in encode_each(rows_of, attrs, refs, args, counts, encode):
+    for _path, _row, (ids, labels) in encode_each(rows_at(rows_of, attrs, refs), args, counts, encode):
         prompts.append((np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
         counts.examples += 1
         counts.tokens += len(ids)
@@ -83,26 +84,22 @@ def encode_prompt_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sour
     return prompts, counts
 
 
-def build_prompts(args: Any, tokenizer) -> tuple[list[Prompt], Counts, Encoder]:
+def build_prompts(args: DataArgs, tokenizer) -> tuple[list[Prompt], Counts, Encoder]:
     """The eval rows (`eval_dataset`, or the `val_size` split of `dataset`) as prompt-only examples.
 
     Fixes the tokenizer in place as `build_datasets` does. Returns (prompts, counts, template).
     """
-    template = get_template(
-        _arg(args, "template") or "empty", tokenizer, default_system=_arg(args, "default_system"),
-        enable_thinking=_arg(args, "enable_thinking"), train_on_prompt=_arg(args, "train_on_prompt"),
-        tool_format=_arg(args, "tool_format"),
-    )
-    if _arg(args, "eval_dataset") and _arg(args, "val_size") > 1e-6:
-        raise ValueError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
-    if _arg(args, "eval_dataset"):
-        rows_of, attrs, refs = _load(_arg(args, "eval_dataset"), args)
-    elif _arg(args, "dataset") and _arg(args, "val_size") > 1e-6:
-        rows_of, attrs, refs = _load(_arg(args, "dataset"), args)
-        _, eval_pos = sources.split(len(refs), float(_arg(args, "val_size")), _arg(args, "seed"))
+    template = make_template(args, tokenizer)
+    if args.eval_dataset and args.val_size > 1e-6:
+        raise ConfigError("Set either val_size or eval_dataset, not both (as in LLaMA-Factory).")
+    if args.eval_dataset:
+        rows_of, attrs, refs = sources.load_mixed(args.eval_dataset, args)
+    elif args.dataset and args.val_size > 1e-6:
+        rows_of, attrs, refs = sources.load_mixed(args.dataset, args)
+        _, eval_pos = sources.split(len(refs), args.val_size, args.seed)
         refs = [refs[i] for i in eval_pos]
     else:
-        raise ValueError("Prediction needs evaluation data: set eval_dataset, or val_size with dataset.")
+        raise ConfigError("Prediction needs evaluation data: set eval_dataset, or val_size with dataset.")
     prompts, counts = encode_prompt_rows(rows_of, attrs, refs, template, tokenizer, args)
     if counts.dropped:
         logger.warning("Dropped %d of %d prediction rows. First reasons: %s", counts.dropped, counts.rows,

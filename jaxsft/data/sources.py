@@ -9,6 +9,8 @@ Mixing and splitting reuse Hugging Face `datasets` on index tables, so `interlea
 exactly the rows LLaMA-Factory picks for the same seed.
 """
 
+from __future__ import annotations
+
 import difflib
 import json
 import logging
@@ -94,14 +96,15 @@ def _read_registry(dataset_dir: str) -> dict[str, Any] | None:
 
 
 def _inside(base: Path, relative: str, what: str) -> Path:
-    if os.path.isabs(relative):
+    """`base / relative` for a path the registry names. The path text is checked (relative, no '..'),
+    not where a symlink in dataset_dir points: linking big files into the data folder is fine."""
+    if os.path.isabs(relative) or Path(relative).is_absolute():
         raise InputError(f"{what}: absolute path {relative!r} in {REGISTRY}; registry paths are relative to "
                          f"dataset_dir ({base}). Put an absolute path in your own config instead.")
-    path = (base / relative).resolve()
-    if path != base.resolve() and base.resolve() not in path.parents:
+    if ".." in Path(relative.replace("\\", "/")).parts:
         raise InputError(f"{what}: path {relative!r} escapes dataset_dir ({base}); '..' is not allowed in "
                          f"{REGISTRY}. Put an absolute path in your own config instead.")
-    return path
+    return (base / relative).absolute()
 
 
 def _detect(attr: DatasetAttr, head: list[dict[str, Any]]) -> None:
@@ -389,6 +392,20 @@ def iter_rows(attr: DatasetAttr) -> Iterator[dict[str, Any]]:
         raise
     except Exception as e:  # streaming readers fail on the first row, not when opened
         raise _unreadable(attr, attr.load_from if attr.load_from != "file" else _file_type(attr)[0], e) from e
+
+
+def row_number(rows: Sequence, i: int) -> int:
+    """The row number in its file of row `i` of `load_rows`'s result (num_samples / max_samples select)."""
+    return rows.indices[i] if isinstance(rows, _Select) else i
+
+
+def load_mixed(names: str | Sequence[str] | None, args) -> tuple[list[Sequence], list[DatasetAttr], list[RowRef]]:
+    """(rows of each dataset, the datasets, the merged row order) for `dataset` or `eval_dataset` names,
+    read with the data arguments' dataset_dir, max_samples, seed, mix_strategy and interleave_probs."""
+    attrs = resolve(names, args.dataset_dir)
+    rows_of = [load_rows(a, args.max_samples, args.seed) for a in attrs]
+    probs = parse_probs(args.interleave_probs, len(attrs), args.mix_strategy)
+    return rows_of, attrs, mix([len(r) for r in rows_of], args.mix_strategy, probs, args.seed)
 
 
 class _Select(Sequence):

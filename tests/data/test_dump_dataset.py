@@ -12,7 +12,7 @@ CFG = str(REPO / "configs" / "quickstart_full.yaml")
 def dump(tmp_path, *extra):
     out = tmp_path / "out.jsonl"
     result = subprocess.run([sys.executable, "tools/dump_dataset.py", "--config", CFG, "--out", str(out), *extra,
-                             "val_size=0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "val_size=0", "do_eval=false"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 

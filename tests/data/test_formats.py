@@ -1,10 +1,10 @@
 """Rows -> Conversation: LF's drop rules, and malformed rows reported by file, row and field."""
 
 import json
-import types
 
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.formats import InvalidExample, to_conversation
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.data.sources import load_rows, resolve
@@ -34,8 +34,8 @@ def test_glaive_tool_calls_become_function_and_observation_turns(data_dir):
 
 def test_malformed_row_error_names_file_row_and_field(tmp_path, new_tokenizer):
     path = _sharegpt(tmp_path, [GOOD, {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}])
-    args = types.SimpleNamespace(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
-                                 skip_invalid_examples=False)
+    args = DataArgs(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
+                    skip_invalid_examples=False)
     with pytest.raises(InvalidExample) as e:
         build_datasets(args, new_tokenizer())
     assert str(e.value) == f"{path}, row 1, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"
@@ -60,8 +60,8 @@ def test_malformed_structures(tmp_path, row, field, reason):
 
 def test_skipped_when_allowed_and_counted_with_reasons(tmp_path, new_tokenizer):
     path = _sharegpt(tmp_path, [GOOD, {"conversations": [{"from": "human"}]}, GOOD])
-    args = types.SimpleNamespace(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
-                                 skip_invalid_examples=True)
+    args = DataArgs(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
+                    skip_invalid_examples=True)
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 2 and data.stats["train_dropped"] == 1
     assert data.stats["train_dropped_reasons"] == [
@@ -83,8 +83,8 @@ def test_skipped_when_allowed_and_counted_with_reasons(tmp_path, new_tokenizer):
 def test_llamafactory_drops_are_always_dropped(tmp_path, new_tokenizer, turns, field, reason):
     bad = {"conversations": [{"from": f, "value": v} for f, v in turns]}
     path = _sharegpt(tmp_path, [bad, GOOD])
-    args = types.SimpleNamespace(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
-                                 skip_invalid_examples=False)  # LF drops these with a warning: so do we
+    args = DataArgs(dataset="chat", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
+                    skip_invalid_examples=False)  # LF drops these with a warning: so do we
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 1
     assert data.stats["train_dropped_reasons"] == [f"{path}, row 0, field '{field}': {reason}"]

@@ -4,12 +4,12 @@ import gzip
 import json
 import random
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.packing import IGNORE_INDEX, greedy_knapsack, make_row, plan_epoch
 from jaxsft.data.pipeline import build_datasets
 
@@ -77,8 +77,8 @@ def alpaca_2048(data_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer"))
-    args = types.SimpleNamespace(dataset="alpaca_en_demo", dataset_dir=str(data_dir), template="llama3",
-                                 cutoff_len=2048, packing=True)
+    args = DataArgs(dataset="alpaca_en_demo", dataset_dir=str(data_dir), template="llama3",
+                    cutoff_len=2048, packing=True)
     return build_datasets(args, tok)
 
 

@@ -3,13 +3,13 @@
 import gzip
 import hashlib
 import json
-import types
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -23,8 +23,8 @@ def _digest(ids) -> str:
 
 @pytest.mark.parametrize("case", LF_PIPELINE, ids=lambda c: json.dumps(c["config"], sort_keys=True))
 def test_mixing_and_splitting_pick_what_llamafactory_picks(case, data_dir, new_tokenizer):
-    args = types.SimpleNamespace(dataset_dir=str(data_dir), template=case["template"], cutoff_len=case["cutoff_len"],
-                                 seed=case["seed"], **case["config"])
+    args = DataArgs(dataset_dir=str(data_dir), template=case["template"], cutoff_len=case["cutoff_len"],
+                    seed=case["seed"], **case["config"])
     data = build_datasets(args, new_tokenizer())
     assert [[len(ids), _digest(ids)] for ids, _ in data.train] == case["train_dataset"]
     if "eval_dataset" in case:
@@ -37,8 +37,8 @@ def test_mixing_and_splitting_pick_what_llamafactory_picks(case, data_dir, new_t
 def mixed(data_dir):
     from transformers import AutoTokenizer
 
-    args = types.SimpleNamespace(dataset="identity,glaive_toolcall_en_demo", dataset_dir=str(data_dir),
-                                 template="qwen", cutoff_len=512, packing=True, val_size=0.1, max_samples=120)
+    args = DataArgs(dataset="identity,glaive_toolcall_en_demo", dataset_dir=str(data_dir),
+                    template="qwen", cutoff_len=512, packing=True, val_size=0.1, max_samples=120)
     return build_datasets(args, AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer")))
 
 
@@ -107,7 +107,7 @@ def test_eval_batches_hold_every_eval_example_once(mixed):
 
 
 def test_unpacked_rows_hold_one_example_each(data_dir, new_tokenizer):
-    args = types.SimpleNamespace(dataset="identity", dataset_dir=str(data_dir), template="llama3", cutoff_len=128)
+    args = DataArgs(dataset="identity", dataset_dir=str(data_dir), template="llama3", cutoff_len=128)
     data = build_datasets(args, new_tokenizer())
     batches = list(data.train_iterator(8, seed=0))
     assert len(batches) == len(data.train) // 8 == data.batches_per_epoch(8)
@@ -117,11 +117,11 @@ def test_unpacked_rows_hold_one_example_each(data_dir, new_tokenizer):
 
 
 def test_tokenized_path_round_trip(tmp_path, data_dir, new_tokenizer):
-    args = types.SimpleNamespace(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=256,
-                                 val_size=10, tokenized_path=str(tmp_path / "tok"))
+    args = DataArgs(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=256,
+                    val_size=10, tokenized_path=str(tmp_path / "tok"))
     first = build_datasets(args, new_tokenizer())
     assert (tmp_path / "tok" / "dataset_dict.json").exists()
-    args.dataset = "no_such_dataset"  # ignored once the tokenized data exists, as in LLaMA-Factory
+    args = args.replace(dataset="no_such_dataset")  # ignored once the tokenized data exists, as in LLaMA-Factory
     second = build_datasets(args, new_tokenizer())
     for a, b in ((first.train, second.train), (first.eval, second.eval)):
         assert len(a) == len(b)
@@ -135,15 +135,15 @@ def test_examples_with_nothing_to_learn_are_dropped_and_counted(tmp_path, new_to
             {"instruction": "hi", "input": "", "output": "hello"}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     # infer_seqlen gives the answer int(16 * t / (s + t)) = 0 tokens when the prompt is huge
-    args = types.SimpleNamespace(dataset=str(tmp_path / "d.json"), dataset_dir=str(tmp_path), template="qwen",
-                                 cutoff_len=16, train_on_prompt=False)
+    args = DataArgs(dataset=str(tmp_path / "d.json"), dataset_dir=str(tmp_path), template="qwen",
+                    cutoff_len=16, train_on_prompt=False)
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 1 and data.stats["train_dropped"] == 1
     assert "no label tokens left after truncation to cutoff_len=16" in data.stats["train_dropped_reasons"][0]
 
 
 def test_counts_add_sums_parts_and_keeps_the_first_reasons_in_order():
-    from jaxsft.data.pipeline import MAX_REASONS, Counts
+    from jaxsft.data.encode import MAX_REASONS, Counts
 
     first, second = Counts(rows=4, examples=3, tokens=30, label_tokens=12), Counts(rows=6, examples=2, tokens=9,
                                                                                    label_tokens=4)

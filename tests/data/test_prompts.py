@@ -5,10 +5,10 @@ The fixture is LF's own `get_dataset` with `predict_with_generate: true` (tools/
 
 import gzip
 import json
-from types import SimpleNamespace
 
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.prompts import build_prompts
 
 with gzip.open(__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -23,7 +23,7 @@ def test_fixture_is_from_llamafactory():
 
 @pytest.mark.parametrize("fx", LF["fixtures"], ids=lambda fx: "-".join(f"{v}" for v in fx["config"].values()))
 def test_same_prompts_and_labels_as_llamafactory(fx, data_dir, tokenizer):
-    args = SimpleNamespace(**{"dataset_dir": str(data_dir), "dataset": None, **fx["config"]})
+    args = DataArgs(**{"dataset_dir": str(data_dir), "dataset": None, **fx["config"]})
     prompts, counts, _ = build_prompts(args, tokenizer)
     assert (tokenizer.eos_token, tokenizer.pad_token) == (fx["eos_token"], fx["pad_token"])
     assert counts.dropped == 0
@@ -33,4 +33,4 @@ def test_same_prompts_and_labels_as_llamafactory(fx, data_dir, tokenizer):
 
 def test_no_eval_data_is_an_error(data_dir, tokenizer):
     with pytest.raises(ValueError, match="eval_dataset, or val_size"):
-        build_prompts(SimpleNamespace(dataset_dir=str(data_dir), dataset="identity", template="llama3"), tokenizer)
+        build_prompts(DataArgs(dataset_dir=str(data_dir), dataset="identity", template="llama3"), tokenizer)

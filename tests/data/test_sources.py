@@ -1,11 +1,11 @@
 """Finding and reading datasets: the registry, local files of every type, clear errors."""
 
 import json
-import types
 
 import datasets
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.formats import to_conversation
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.data.sources import load_rows, resolve
@@ -109,11 +109,11 @@ def test_openai_style_messages_file(tmp_path):
 
 def test_val_size_count_and_eval_dataset(data_dir, new_tokenizer):
     base = dict(dataset_dir=str(data_dir), template="qwen", cutoff_len=128)
-    data = build_datasets(types.SimpleNamespace(dataset="identity", val_size=11, **base), new_tokenizer())
+    data = build_datasets(DataArgs(dataset="identity", val_size=11, **base), new_tokenizer())
     assert len(data.eval) == 11 and len(data.train) == 80
-    data = build_datasets(types.SimpleNamespace(dataset="identity", eval_dataset="glaive_toolcall_en_demo",
-                                                max_samples=5, **base), new_tokenizer())
+    data = build_datasets(DataArgs(dataset="identity", eval_dataset="glaive_toolcall_en_demo",
+                                   max_samples=5, **base), new_tokenizer())
     assert len(data.train) == 5 and len(data.eval) == 5
     with pytest.raises(ValueError, match="either val_size or eval_dataset"):
-        build_datasets(types.SimpleNamespace(dataset="identity", eval_dataset="identity", val_size=0.1, **base),
-                       new_tokenizer())
+        build_datasets(DataArgs(dataset="identity", eval_dataset="identity", val_size=0.1, **base),
+                                new_tokenizer())

@@ -1,20 +1,21 @@
 """streaming: true reads rows lazily and its iterator resumes exactly."""
 
 import json
-import types
 
 import numpy as np
 import pytest
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
+from jaxsft.errors import ConfigError
 
 
 def test_rows_are_read_lazily(tmp_path, new_tokenizer):
     lines = [json.dumps({"instruction": f"question {i}", "input": "", "output": f"answer {i}"}) for i in range(3000)]
     lines[2500] = "{not json"
     (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
-    args = types.SimpleNamespace(dataset=str(tmp_path / "big.jsonl"), dataset_dir=str(tmp_path), template="qwen",
-                                 cutoff_len=256, packing=True, streaming=True, preprocessing_batch_size=100)
+    args = DataArgs(dataset=str(tmp_path / "big.jsonl"), dataset_dir=str(tmp_path), template="qwen",
+                    cutoff_len=256, packing=True, streaming=True, buffer_size=100)
     data = build_datasets(args, new_tokenizer())
     it = data.train_iterator(2, seed=0)
     assert next(it)["input_ids"].shape == (2, 256)  # the broken line 2501 is not read yet
@@ -22,18 +23,18 @@ def test_rows_are_read_lazily(tmp_path, new_tokenizer):
         for _ in it:
             pass
     with pytest.raises(ValueError, match="invalid JSON"):  # the in-memory path reads it all up front
-        build_datasets(types.SimpleNamespace(**dict(vars(args), streaming=False)), new_tokenizer())
+        build_datasets(args.replace(streaming=False), new_tokenizer())
 
 
 def test_streaming_iterator_resumes_exactly(data_dir, new_tokenizer):
-    args = types.SimpleNamespace(dataset="identity,glaive_toolcall_en_demo", dataset_dir=str(data_dir),
-                                 template="qwen", cutoff_len=512, packing=True, streaming=True, val_size=20,
-                                 mix_strategy="interleave_under", preprocessing_batch_size=50)
+    args = DataArgs(dataset="identity,glaive_toolcall_en_demo", dataset_dir=str(data_dir),
+                    template="qwen", cutoff_len=512, packing=True, streaming=True, val_size=20,
+                    mix_strategy="interleave_under", buffer_size=50, seed=1)
     data = build_datasets(args, new_tokenizer())
     assert len(data.eval) == 20
     full = list(data.train_iterator(3, seed=1, num_epochs=2))
     assert len(full) > 10
-    assert data.batches_per_epoch(3, seed=1) == len(list(data.train_iterator(3, seed=1, num_epochs=1)))
+    assert data.batches_per_epoch(3) == len(list(data.train_iterator(3, seed=1, num_epochs=1)))
     for k in (1, 7, len(full) // 2 + 1, len(full) - 1):
         it = data.train_iterator(3, seed=1, num_epochs=2)
         head = [next(it) for _ in range(k)]
@@ -49,7 +50,7 @@ def test_streaming_iterator_resumes_exactly(data_dir, new_tokenizer):
 
 def test_streaming_rejects_what_llamafactory_rejects(data_dir, new_tokenizer):
     base = dict(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=64, streaming=True)
-    with pytest.raises(ValueError, match="val_size must be a number of rows"):
-        build_datasets(types.SimpleNamespace(val_size=0.1, **base), new_tokenizer())
-    with pytest.raises(ValueError, match="max_samples cannot be used with streaming"):
-        build_datasets(types.SimpleNamespace(max_samples=3, **base), new_tokenizer())
+    with pytest.raises(ConfigError, match="val_size must be a number of rows"):
+        build_datasets(DataArgs(val_size=0.1, **base), new_tokenizer())
+    with pytest.raises(ConfigError, match="max_samples cannot be used with streaming"):
+        build_datasets(DataArgs(max_samples=3, **base), new_tokenizer())

@@ -2,11 +2,11 @@
 a few percent), the run's first trainer_log.jsonl line and train_results.json."""
 
 import json
-import types
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.main import cli
 
@@ -21,8 +21,8 @@ def _rows(path: Path) -> None:
 
 
 def _data(path: Path, cutoff: int):
-    args = types.SimpleNamespace(dataset=str(path), dataset_dir=str(path.parent), template="llama3",
-                                 cutoff_len=cutoff, skip_invalid_examples=False)
+    args = DataArgs(dataset=str(path), dataset_dir=str(path.parent), template="llama3", cutoff_len=cutoff,
+                    skip_invalid_examples=False)
     return build_datasets(args, AutoTokenizer.from_pretrained(str(TINY)))
 
 

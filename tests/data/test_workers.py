@@ -1,31 +1,31 @@
 """preprocessing_num_workers: spawned workers encode exactly what one process does, errors included."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
-from jaxsft.data import pipeline
+from jaxsft.data.args import DataArgs
+from jaxsft.data import encode, pipeline
 from jaxsft.data.formats import InvalidExample
 
 
 def args(dataset_dir, workers, **extra):
-    return SimpleNamespace(**{**pipeline.DEFAULTS, "dataset": "alpaca_en_demo", "dataset_dir": str(dataset_dir),
-                              "template": "llama3", "cutoff_len": 256, "max_samples": 300,
-                              "preprocessing_num_workers": workers, **extra})
+    return DataArgs(**{"dataset": "alpaca_en_demo", "dataset_dir": str(dataset_dir),
+                    "template": "llama3", "cutoff_len": 256, "max_samples": 300,
+                    "preprocessing_num_workers": workers, **extra})
 
 
 @pytest.fixture
 def parent_encodes(monkeypatch):
     """Counts the calls of the serial encoder in this (parent) process: workers run it in theirs."""
-    monkeypatch.setattr(pipeline, "MIN_ROWS_PER_WORKER", 50)
+    monkeypatch.setattr(encode, "MIN_ROWS_PER_WORKER", 50)
     calls = []
-    serial = pipeline._encode_serial
+    serial = encode._encode_serial
 
     def counted(*a, **k):
         calls.append(1)
         return serial(*a, **k)
-    monkeypatch.setattr(pipeline, "_encode_serial", counted)
+    monkeypatch.setattr(encode, "_encode_serial", counted)
     return calls
 
 

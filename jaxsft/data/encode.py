@@ -1,0 +1,167 @@
+"""One row encoder and one error policy, for every way rows are read: in memory, streamed, predict prompts.
+
+A row is `(source, row number, row)`. `encode_each` converts and encodes rows one by one: a malformed row
+stops the run with an `InvalidExample` (file, row, field), or with `skip_invalid_examples` is dropped and
+counted, as are the rows LLaMA-Factory drops. `supervised_examples` turns rows into training examples
+(ids, labels) and drops the ones with nothing left to learn; `encode_rows` does it for a list of rows,
+in spawned worker processes when `preprocessing_num_workers` asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxsft.data import sources
+from jaxsft.data.args import DataArgs
+from jaxsft.data.formats import InvalidExample, to_conversation
+from jaxsft.data.packing import Example
+from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
+from jaxsft.data.templates import get_template
+
+MAX_REASONS = 5
+# Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
+MIN_ROWS_PER_WORKER = 2000
+Row = tuple[sources.DatasetAttr, int, Any]  # (source, row number in its file, the row)
+
+
+@dataclass
+class Counts:
+    """What preprocessing did to one split."""
+
+    rows: int = 0  # rows read
+    examples: int = 0  # examples kept
+    dropped: int = 0
+    reasons: list[str] = field(default_factory=list)  # the first few, with file / row / field
+    tokens: int = 0
+    label_tokens: int = 0  # learned targets (labels after the first token that are not IGNORE_INDEX)
+    truncated: int = 0  # kept examples that cutoff_len cut
+    truncated_tokens: int = 0  # the tokens cut from them
+
+    def drop(self, reason: str) -> None:
+        self.dropped += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+    def add(self, other: "Counts") -> None:
+        """Fold in the counts of another part of the same split (a worker's chunk), in order."""
+        self.rows, self.examples = self.rows + other.rows, self.examples + other.examples
+        self.tokens, self.label_tokens = self.tokens + other.tokens, self.label_tokens + other.label_tokens
+        self.dropped += other.dropped
+        self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
+        self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
+
+
+def make_template(args: DataArgs, tokenizer):
+    """The configured template; fixes the tokenizer in place as LF does (a template's EOS / pad / stop words)."""
+    return get_template(args.template or "empty", tokenizer, default_system=args.default_system,
+                        enable_thinking=args.enable_thinking, train_on_prompt=args.train_on_prompt,
+                        tool_format=args.tool_format)
+
+
+def learned(labels: np.ndarray) -> int:
+    return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
+
+
+def rows_at(rows_of: Sequence[Sequence], attrs: Sequence[sources.DatasetAttr],
+            refs: Iterable[sources.RowRef]) -> Iterator[Row]:
+    """The referenced rows of in-memory datasets, with their row numbers in the files."""
+    for ref in refs:
+        rows = rows_of[ref.source]
+        yield attrs[ref.source], sources.row_number(rows, ref.row), rows[ref.row]
+
+
+def encode_each(rows: Iterable[Row], args: DataArgs, counts: Counts,
+                encode: Callable[[Any], tuple]) -> Iterator[tuple[str, int, tuple]]:
+    """(file, row number, encode(conversation)) for every row that converts and encodes; the error policy."""
+    for attr, row_no, row in rows:
+        counts.rows += 1
+        try:
+            encoded = encode(to_conversation(row, attr, attr.path, row_no))
+        except InvalidExample as e:
+            if e.kind == "malformed" and not args.skip_invalid_examples:
+                raise
+            counts.drop(str(e))
+            continue
+        except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
+            if not args.skip_invalid_examples:
+                raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
+            counts.drop(f"{attr.path}, row {row_no}: {e}")
+            continue
+        yield attr.path, row_no, encoded
+
+
+def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs,
+                        counts: Counts) -> Iterator[Example]:
+    """Training examples (ids, labels as int32) of the rows; rows with no label token left are dropped."""
+    sizes: dict = {}
+
+    def encode(conversation):
+        return encode_supervised(conversation, tokenizer, template, args.cutoff_len, args.train_on_prompt,
+                                 args.mask_history, args.preserve_thinking, sizes)
+
+    for path, row_no, (ids, labels) in encode_each(rows, args, counts, encode):
+        example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
+        n_learned = learned(example[1])
+        if n_learned == 0:
+            counts.drop(f"{path}, row {row_no}: no label tokens left after truncation to "
+                        f"cutoff_len={args.cutoff_len}")
+            continue
+        counts.examples += 1
+        if sizes["full"] > len(ids):  # cutoff_len cut it
+            counts.truncated, counts.truncated_tokens = counts.truncated + 1, counts.truncated_tokens + sizes["full"] \
+                - len(ids)
+        counts.tokens += len(ids)
+        counts.label_tokens += n_learned
+        yield example
+
+
+def encode_list(rows: Iterable[Row], template, tokenizer, args: DataArgs) -> tuple[list[Example], Counts]:
+    counts = Counts()
+    return list(supervised_examples(rows, template, tokenizer, args, counts)), counts
+
+
+def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
+                args: DataArgs) -> tuple[list[Example], Counts]:
+    """Training examples of the referenced rows, in order, with what was dropped.
+
+    With `preprocessing_num_workers` > 1 and enough rows, chunks are encoded in spawned worker processes
+    (spawn, not fork: the parent may already run JAX threads); results and counts keep the row order.
+    """
+    workers = min(int(args.preprocessing_num_workers or 1), len(refs) // max(MIN_ROWS_PER_WORKER, 1))
+    if workers <= 1:
+        return _encode_serial(rows_of, attrs, refs, template, tokenizer, args)
+    import concurrent.futures
+    import multiprocessing
+
+    chunk = -(-len(refs) // (workers * 4))
+    chunks = [list(refs[i:i + chunk]) for i in range(0, len(refs), chunk)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker,
+                                                initargs=(rows_of, attrs, template, tokenizer, args)) as pool:
+        parts = list(pool.map(_encode_chunk, chunks))
+    examples, counts = [], Counts()
+    for part_examples, part_counts in parts:
+        examples.extend(part_examples)
+        counts.add(part_counts)
+    return examples, counts
+
+
+def _encode_serial(rows_of, attrs, refs, template, tokenizer, args: DataArgs) -> tuple[list[Example], Counts]:
+    return encode_list(rows_at(rows_of, attrs, refs), template, tokenizer, args)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(rows_of, attrs, template, tokenizer, args: DataArgs) -> None:
+    _WORKER.update(rows_of=rows_of, attrs=attrs, template=template, tokenizer=tokenizer, args=args)
+
+
+def _encode_chunk(refs: list) -> tuple[list[Example], Counts]:
+    w = _WORKER
+    return _encode_serial(w["rows_of"], w["attrs"], refs, w["template"], w["tokenizer"], w["args"])
