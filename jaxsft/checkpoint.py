@@ -1,13 +1,16 @@
 """Orbax checkpoints of everything a run needs to continue exactly.
 
-A checkpoint `output_dir/checkpoint_<step>/` holds: `state` (step, trainable params, optimizer state
-unless `save_only_model`, RNG), `frozen` (the frozen params, so export works from any checkpoint),
-`data` (the grain iterator state), `config` (the resolved config) and `progress` (the run's running
-totals: tokens, examples, loss sum, runtime, so results after a resume cover the whole run; absent
-from older checkpoints). Orbax writes into a temporary directory (`checkpoint_<step>.orbax-checkpoint-tmp`)
-and renames it on success, so a save killed halfway leaves nothing that `latest_step` would pick up. A
-save that fails for lack of disk space raises `DiskFull` naming the checkpoints that are intact; a
-checkpoint that cannot be read raises `CorruptCheckpoint` naming it.
+A checkpoint `output_dir/checkpoint_<step>/` holds separate items: `trainable` (the trained params),
+`optimizer` (step, optimizer state unless `save_only_model`, RNG), `frozen` (the frozen params, so export
+works from any checkpoint), `partition` (which leaves train: the freeze / LoRA split), `data` (the grain
+iterator state), `config` (the resolved config) and `progress` (the run's running totals: tokens,
+examples, loss sum, runtime, so results after a resume cover the whole run; absent from older
+checkpoints). Reading the params for eval, predict or export needs no optimizer. Checkpoints of the
+earlier layout (one `state` item with step, trainable params, optimizer state and RNG) stay readable.
+Orbax writes into a temporary directory (`checkpoint_<step>.orbax-checkpoint-tmp`) and renames it on
+success, so a save killed halfway leaves nothing that `latest_step` would pick up. A save that fails for
+lack of disk space raises `DiskFull` naming the checkpoints that are intact; a checkpoint that cannot be
+read raises `CorruptCheckpoint` naming it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,42 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxsft.config import FIELDS, Config
+from jaxsft.errors import ConfigError, MissingPath, UserError
+from jaxsft.params import Partition
 
-from jaxsft.errors import MissingPath, UserError
+ITEMS = ("trainable", "optimizer", "frozen", "partition", "data", "config", "progress", "state")
+LEGACY_STATE = "state"  # the earlier layout's single item: step, trainable, opt_state, rng
+OPTIMIZER_KEYS = ("step", "opt_state", "rng")  # the train state but its params (no opt_state: save_only_model)
 
-ITEMS = ("state", "frozen", "data", "config", "progress")
+def partition_record(partition: Partition) -> dict:
+    return {"trainable": sorted(partition.trainable), "sliced": sorted(partition.sliced),
+            "layer_range": list(partition.layer_range)}
+
+
+def partition_from_record(record: dict) -> Partition:
+    return Partition(trainable=frozenset(record["trainable"]), sliced=frozenset(record["sliced"]),
+                     layer_range=tuple(record["layer_range"]))
+
+
+def _saved_trainable(step_dir: Path) -> dict:
+    """{leaf: metadata} of the trained params a checkpoint holds (either layout)."""
+    if (step_dir / LEGACY_STATE).is_dir():
+        return ocp.StandardCheckpointer().metadata(step_dir / LEGACY_STATE).item_metadata.tree["trainable"]
+    return ocp.StandardCheckpointer().metadata(step_dir / "trainable").item_metadata.tree
+
+
+def _check_same_leaves(step_dir: Path, abstract: dict) -> None:
+    """The config must build the same trainable leaves (names and shapes) as the checkpoint trained."""
+    saved = _saved_trainable(step_dir)
+    differ = sorted(k for k in set(saved) | set(abstract)
+                    if k not in saved or k not in abstract or tuple(saved[k].shape) != tuple(abstract[k].shape))
+    if differ:
+        k = differ[0]
+        where = (f"shape {tuple(saved[k].shape)} there, {tuple(abstract[k].shape)} here" if k in saved and k in abstract
+                 else "only in the checkpoint" if k in saved else "only in this config")
+        raise ConfigError(f"{step_dir} trained other params than this config builds ({len(differ)} differ, e.g. "
+                          f"{k!r}: {where}); set the checkpoint's finetuning_type, lora_rank, lora_target, "
+                          f"additional_target or freeze_* keys")
 
 
 class DiskFull(UserError, OSError):
@@ -96,9 +131,12 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, frozen: dict, data_state: dict, config: dict,
-             progress: dict | None = None) -> None:
-        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state),
-                 "config": ocp.args.JsonSave(config)}
+             partition: Partition, progress: dict | None = None) -> None:
+        """`state` is the train state {step, trainable, opt_state, rng}; saved as separate items."""
+        items = {"trainable": ocp.args.StandardSave(state["trainable"]),
+                 "optimizer": ocp.args.StandardSave({k: state[k] for k in OPTIMIZER_KEYS if k in state}),
+                 "partition": ocp.args.JsonSave(partition_record(partition)),
+                 "data": ocp.args.JsonSave(data_state), "config": ocp.args.JsonSave(config)}
         if progress is not None:
             items["progress"] = ocp.args.JsonSave(progress)
         if frozen:  # full fine-tuning has nothing frozen (orbax refuses empty items)
@@ -107,17 +145,62 @@ class Checkpoints:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self._pending = step
 
+    def step_dir(self, step: int) -> Path:
+        return self.directory / f"checkpoint_{step}"
+
+    def is_legacy(self, step: int) -> bool:
+        return (self.step_dir(step) / LEGACY_STATE).is_dir()
+
     def restore(self, step: int, abstract_state: Any, abstract_frozen: Any) -> dict[str, Any]:
-        """Restore onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct leaves)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
-                 "config": ocp.args.JsonRestore()}
+        """The train state, frozen params, data position and config, restored onto the shardings carried by the
+        abstract trees (jax.ShapeDtypeStruct leaves); the optimizer state must match `abstract_state`."""
+        items = {"data": ocp.args.JsonRestore(), "config": ocp.args.JsonRestore()}
         if abstract_frozen:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
-        if (self.directory / f"checkpoint_{step}" / "progress").is_dir():
+        if (self.step_dir(step) / "progress").is_dir():
             items["progress"] = ocp.args.JsonRestore()
+        if self.is_legacy(step):
+            items[LEGACY_STATE] = ocp.args.StandardRestore(abstract_state)
+        else:
+            items["trainable"] = ocp.args.StandardRestore(abstract_state["trainable"])
+            items["optimizer"] = ocp.args.StandardRestore({k: abstract_state[k] for k in OPTIMIZER_KEYS
+                                                           if k in abstract_state})
         with self._reading(step):
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return {name: restored[name] if name in items else {} for name in ITEMS}
+        state = restored[LEGACY_STATE] if self.is_legacy(step) else \
+            {"trainable": restored["trainable"], **restored["optimizer"]}
+        return {"state": state, "frozen": restored["frozen"] if abstract_frozen else {},
+                "data": restored["data"], "config": restored["config"],
+                "progress": restored["progress"] if "progress" in items else {}}
+
+    def restore_params(self, step: int, abstract_trainable: Any, abstract_frozen: Any) -> tuple[dict, dict]:
+        """(trainable, frozen) params only, onto the abstract trees' shardings: no optimizer is needed. A
+        checkpoint of the earlier layout is read on the host and placed."""
+        with self._reading(step):
+            _check_same_leaves(self.step_dir(step), abstract_trainable)
+        items = {}
+        if abstract_frozen:
+            items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+        if self.is_legacy(step):
+            items[LEGACY_STATE] = ocp.args.StandardRestore(_abstract(self.step_dir(step) / LEGACY_STATE))
+        else:
+            items["trainable"] = ocp.args.StandardRestore(abstract_trainable)
+        with self._reading(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if self.is_legacy(step):
+            trainable = jax.device_put(restored[LEGACY_STATE]["trainable"],
+                                       jax.tree_util.tree_map(lambda a: a.sharding, abstract_trainable))
+        else:
+            trainable = restored["trainable"]
+        return trainable, restored["frozen"] if abstract_frozen else {}
+
+    def restore_partition(self, step: int) -> Partition | None:
+        """The saved freeze / LoRA split; None for a checkpoint of the earlier layout."""
+        if self.is_legacy(step) or not (self.step_dir(step) / "partition").is_dir():
+            return None
+        with self._reading(step):
+            record = self.manager.restore(step, args=ocp.args.Composite(partition=ocp.args.JsonRestore()))
+        return partition_from_record(record["partition"])
 
     def restore_config(self, step: int) -> dict:
         with self._reading(step):
@@ -147,7 +230,12 @@ def abstract_like(tree: Any) -> Any:
 def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     """`output_dir` (latest inside), or a `checkpoint_<step>` dir -> (manager dir, step)."""
     path = Path(path).absolute()
+    if not path.is_dir():
+        raise MissingPath(f"checkpoint {path} does not exist: name a checkpoint_<step> directory or an output_dir "
+                          f"holding them")
     if path.name.startswith("checkpoint_") and path.name.split("_", 1)[1].isdigit():
+        if not (path / "commit_success.txt").exists() and not (path / "_CHECKPOINT_METADATA").exists():
+            raise MissingPath(f"{path} is not a complete jaxsft checkpoint (no orbax metadata in it)")
         return path.parent, int(path.name.split("_", 1)[1])
     step = Checkpoints(path, async_save=False).latest_step()
     if step is None:
@@ -168,8 +256,10 @@ def _abstract(item_dir: Path):
 
 def holds_optimizer_state(directory: str | Path, step: int) -> bool:
     """False for a checkpoint written with `save_only_model: true` (params, step and data position only)."""
+    step_dir = Path(directory) / f"checkpoint_{step}"
+    item = step_dir / (LEGACY_STATE if (step_dir / LEGACY_STATE).is_dir() else "optimizer")
     with Checkpoints(directory, async_save=False)._reading(step):
-        tree = ocp.StandardCheckpointer().metadata(Path(directory) / f"checkpoint_{step}" / "state").item_metadata.tree
+        tree = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
     return "opt_state" in tree
 
 
@@ -179,24 +269,26 @@ def model_only(state: dict) -> dict:
 
 
 def read_trained_params(path: str | Path) -> tuple[dict, Config]:
-    """(param tree with trainable and frozen parts merged back, the run's config)."""
+    """(param tree with trainable and frozen parts merged back, the run's config), on the host; no optimizer."""
     directory, step = find_checkpoint(path)
     checkpoints = Checkpoints(directory, async_save=False)
     step_dir = directory / f"checkpoint_{step}"
     try:
-        restored = checkpoints.restore(step, _abstract(step_dir / "state"), _abstract(step_dir / "frozen"))
+        trainable_item = step_dir / (LEGACY_STATE if checkpoints.is_legacy(step) else "trainable")
+        abstract = _abstract(trainable_item)
+        abstract = abstract["trainable"] if checkpoints.is_legacy(step) else abstract
+        trainable, frozen = checkpoints.restore_params(step, abstract, _abstract(step_dir / "frozen"))
+        partition = checkpoints.restore_partition(step)
+        values = checkpoints.restore_config(step)
     finally:
         checkpoints.close()
-    from jaxsft.model.hf import load_hf_config
-    from jaxsft.params import Partition, freeze_partition, merge
+    from jaxsft.params import freeze_partition, merge
 
-    values = {k: v for k, v in restored["config"].items() if k in FIELDS}
-    cfg = Config(**values)
-    trainable, frozen = restored["state"]["trainable"], restored["frozen"]
-    if cfg.finetuning_type == "freeze":
-        num_layers = load_hf_config(cfg.model_name_or_path).num_layers
-        partition = freeze_partition({**frozen, **trainable}, cfg, num_layers)
-    else:  # full and LoRA: trainable and frozen hold whole leaves
+    cfg = Config(**{k: v for k, v in values.items() if k in FIELDS})
+    if partition is None and cfg.finetuning_type == "freeze":  # the earlier layout kept no partition
+        from jaxsft.model.hf import load_hf_config
+        partition = freeze_partition({**frozen, **trainable}, cfg, load_hf_config(cfg.model_name_or_path).num_layers)
+    elif partition is None:  # full and LoRA: trainable and frozen hold whole leaves
         partition = Partition(trainable=frozenset(trainable))
     return merge(trainable, frozen, partition), cfg
 

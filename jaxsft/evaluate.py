@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxsft.errors import ConfigError, InputError
+from jaxsft.errors import InputError
 from jaxsft.runtime import host_array
 from jaxsft.sharding import global_batch
 
@@ -55,23 +55,28 @@ def jit_eval_step(eval_step: Callable, model, mesh) -> Callable:
     return jax.jit(eval_step, in_shardings=(t_shard, f_shard, None))
 
 
-def run_evaluation(cfg) -> dict[str, float]:
-    """The `do_eval` stage on its own (after training, the training stage has already evaluated)."""
+def run_evaluation(cfg, trained=None) -> dict[str, float]:
+    """The `do_eval` stage: the eval split only (no training data is read), scored with the model trained in
+    this run (`trained`), else `model_name_or_path` (+ `adapter_name_or_path`) or the jaxsft checkpoint
+    `resume_from_checkpoint` names."""
+    from jaxsft.resume import resume_target
     from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets
     from jaxsft.run_logging import save_metrics
-    from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model,
+    from jaxsft.runtime import (build_mesh, check_token_ids, init_distributed, is_main_process, load_model_for,
                                 load_tokenizer, rows_per_process)
     from jaxsft.step import make_eval_step
 
     init_distributed(cfg)
-    mesh = build_mesh(cfg)
+    checkpoint = None if trained is not None else resume_target(cfg)
+    mesh = trained.mesh if trained is not None else build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(DataArgs.from_config(cfg), tokenizer, train=False, process_index=jax.process_index(),
                           process_count=jax.process_count())
     if not data.eval:
-        raise ConfigError("do_eval: no evaluation examples (set eval_dataset, or val_size with dataset)")
-    model = load_model(cfg, mesh)
+        raise InputError("do_eval: no evaluation examples left (every row of the evaluation data was dropped; "
+                         "see the warning above)")
+    model = load_model_for(cfg, mesh, trained, checkpoint)
     check_token_ids({"eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
     step = jit_eval_step(make_eval_step(model.runner), model, mesh)
     from jaxsft.data.packing import length_buckets

@@ -254,19 +254,19 @@ def run_export(cfg: Config) -> Path:
     return export_from_config(params, cfg, model_cfg, scale)
 
 
-def run_export_stage(cfg: Config) -> Path | None:
-    """The `export_dir` stage: after training in this run, the trained params of the last checkpoint in
-    `output_dir`; otherwise LLaMA-Factory's export (base + adapter). Process 0 writes."""
+def run_export_stage(cfg: Config, trained=None) -> Path | None:
+    """The `export_dir` stage: the params trained in this run (`trained`, handed over in memory), else
+    LLaMA-Factory's export (base + `adapter_name_or_path`). Process 0 writes."""
     import jax
 
+    if trained is None:
+        return run_export(cfg) if jax.process_index() == 0 else None
+    from jaxsft.runtime import host_array
+
+    model = trained.model
+    params = jax.tree_util.tree_map(host_array, model.params())  # every process joins the gather
     if jax.process_index() != 0:
         return None
-    if not cfg.do_train:
-        return run_export(cfg)
-    from jaxsft.checkpoint import read_trained_params, trained_lora_scale
-
-    params, run_cfg = read_trained_params(cfg.output_dir)
-    scale = trained_lora_scale(run_cfg) if run_cfg.finetuning_type == "lora" else None
-    out = export_from_config(params, cfg, load_hf_config(cfg.model_name_or_path), scale)
+    out = export_from_config(params, cfg, model.config, model.runner.lora_scale)
     print(f"exported {'PEFT adapter' if cfg.export_adapter else 'merged model'} to {out}", flush=True)
     return out

@@ -24,15 +24,16 @@ from jaxsft.config import Config, ignored_settings, load_config, met_settings
 from jaxsft.errors import UserError
 
 
-def _stages() -> dict[str, Callable[[Config], None]]:
-    """Stage name -> runner. Imported lazily so `--dry_run` never pays for JAX start-up."""
+def _stages() -> dict[str, Callable]:
+    """Stage name -> runner `(cfg, trained) -> result`. Imported lazily so `--dry_run` never pays for JAX
+    start-up. `trained` is what the train stage of this run handed on (the model on its mesh), or None."""
     from jaxsft.evaluate import run_evaluation
     from jaxsft.export import run_export_stage
     from jaxsft.predict import run_prediction
-    from jaxsft.train import run_training
+    from jaxsft.train import train
 
     return {
-        "train": run_training,
+        "train": lambda cfg, _trained: train(cfg)[1],
         "eval": run_evaluation,
         "predict": run_prediction,
         "export": run_export_stage,
@@ -124,10 +125,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def run(cfg: Config, stages: dict[str, Callable[[Config], None]] | None = None) -> None:
+def run(cfg: Config, stages: dict[str, Callable] | None = None) -> None:
+    """The planned stages in order; the trained model goes from train to the stages after it in memory."""
     stages = stages or _stages()
+    trained = None
     for name in planned_stages(cfg):
-        stages[name](cfg)
+        result = stages[name](cfg, trained)
+        if name == "train":
+            if result is None:  # stopped by a signal: its checkpoint is saved, the later stages wait for a resume
+                return
+            trained = result
 
 
 def _user_error(e: UserError) -> int:

@@ -4,7 +4,8 @@ write LLaMA-Factory's `generated_predictions.jsonl` and score it (ROUGE-1/2/L, B
 Prompts are encoded as LF 0.9.5's predict encodes them (`jaxsft.data.prompts`), generated greedily
 (`do_sample: false`) or sampled, stopping on the tokenizer's EOS and the template's stop words (LF's
 `eos_token_id = [eos] + additional special tokens`). After `do_train` in the same run, the params are
-the latest checkpoint in `output_dir`; otherwise `model_name_or_path` (+ `adapter_name_or_path`).
+the trained ones, handed over in memory; otherwise `model_name_or_path` (+ `adapter_name_or_path`), or
+the jaxsft checkpoint `resume_from_checkpoint` names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from jaxsft.errors import InputError
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
 from jaxsft.run_logging import save_metrics
-from jaxsft.runtime import DTYPES, Model, check_token_ids, is_main_process, load_model, resolve_attention_impl
+from jaxsft.runtime import (DTYPES, Model, Trained, check_token_ids, is_main_process, load_model_for,
+                            resolve_attention_impl)
 
 logger = logging.getLogger("jaxsft")
 
@@ -46,38 +48,12 @@ def sampling_of(cfg: Config) -> Sampling:
     return Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
 
-def restore_trained(cfg: Config, model: Model, mesh, directory: str | Path, step: int) -> Model:
-    """`model` with the trainable and frozen params of checkpoint `step` in `directory`."""
-    from jaxsft.checkpoint import Checkpoints, holds_optimizer_state, model_only
-    from jaxsft.optim import build_optimizer
-    from jaxsft.step import init_state
-    from jaxsft.train import state_shardings
-
-    optimizer, _ = build_optimizer(cfg, max(cfg.max_steps, 1))
-    t_shard, f_shard = model.shardings(mesh)
-    shapes = jax.eval_shape(lambda t: init_state(t, optimizer, cfg.seed), model.trainable)
-    shardings = state_shardings(shapes, optimizer, t_shard, mesh)
-    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            shapes, shardings)
-    abstract_frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                             model.frozen, f_shard)
-    if not holds_optimizer_state(directory, step):  # save_only_model
-        abstract_state = model_only(abstract_state)
-    restored = Checkpoints(directory, async_save=False).restore(step, abstract_state, abstract_frozen)
-    model.trainable, model.frozen = restored["state"]["trainable"], restored["frozen"]
-    return model
-
-
 def load_for_generation(cfg: Config, mesh, checkpoint: str | Path | None = None) -> Model:
-    """The model to generate with: a jaxsft checkpoint (an `output_dir` or one `checkpoint_<step>` dir), or
-    `model_name_or_path` (+ `adapter_name_or_path`)."""
-    model = load_model(cfg, mesh)
-    if checkpoint is not None:
-        from jaxsft.checkpoint import find_checkpoint
-        directory, step = find_checkpoint(checkpoint)
-        logger.info("generating with %s/checkpoint_%d", directory, step)
-        model = restore_trained(cfg, model, mesh, directory, step)
-    return model
+    """The model to generate with: `model_name_or_path` (+ `adapter_name_or_path`), with the params of a jaxsft
+    checkpoint (an `output_dir`, latest inside, or one `checkpoint_<step>` dir) when one is named."""
+    from jaxsft.checkpoint import find_checkpoint
+
+    return load_model_for(cfg, mesh, None, None if checkpoint is None else find_checkpoint(checkpoint))
 
 
 def generation_params(model: Model) -> dict:
@@ -87,18 +63,6 @@ def generation_params(model: Model) -> dict:
         from jaxsft.lora import merge_adapters
         params = merge_adapters(params, model.runner.lora_scale)
     return params
-
-
-def _trained_checkpoint(cfg: Config) -> Path | None:
-    """After `do_train` in this run: the output_dir whose latest checkpoint holds the trained params."""
-    if not cfg.do_train:
-        return None
-    from jaxsft.checkpoint import Checkpoints
-    if Path(cfg.output_dir).is_dir() and Checkpoints(cfg.output_dir, async_save=False).latest_step() is not None:
-        return Path(cfg.output_dir)
-    logger.warning("do_predict after do_train found no checkpoint in %s (save_strategy: %s); predicting with the "
-                   "untrained model_name_or_path", cfg.output_dir, cfg.save_strategy)
-    return None
 
 
 def predict(model: Model, tokenizer, prompts: list[tuple[np.ndarray, np.ndarray]], cfg: Config,
@@ -140,8 +104,11 @@ def write_predictions(path: str | Path, tokenizer, prompts: list[tuple[np.ndarra
     return records
 
 
-def run_prediction(cfg: Config) -> dict[str, Any]:
-    """Load, encode the eval prompts, generate, write predictions and `predict_results.json`."""
+def run_prediction(cfg: Config, trained: Trained | None = None) -> dict[str, Any]:
+    """Encode the eval prompts, generate, write predictions and `predict_results.json`. The model is the one
+    trained in this run (`trained`), else `model_name_or_path` (+ `adapter_name_or_path`) or the jaxsft
+    checkpoint `resume_from_checkpoint` names."""
+    from jaxsft.resume import resume_target
     from jaxsft.data.args import DataArgs
     from jaxsft.data.prompts import build_prompts
     from jaxsft.runtime import build_mesh, init_distributed, load_tokenizer
@@ -150,13 +117,14 @@ def run_prediction(cfg: Config) -> dict[str, Any]:
     if not (cfg.eval_dataset or (cfg.dataset and cfg.val_size > 1e-6)):
         raise ConfigError("do_predict predicts the evaluation data: set eval_dataset, or val_size with dataset")
     init_distributed(cfg)
-    mesh = build_mesh(cfg)
+    checkpoint = None if trained is not None else resume_target(cfg)
+    mesh = trained.mesh if trained is not None else build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
     prompts, counts, _ = build_prompts(DataArgs.from_config(cfg), tokenizer)
     if not prompts:
         raise InputError("do_predict: no prediction examples left. First reasons: "
                          + "; ".join(counts.reasons or ["(no rows)"]))
-    model = load_for_generation(cfg, mesh, _trained_checkpoint(cfg))
+    model = load_model_for(cfg, mesh, trained, checkpoint)
     check_token_ids({"predict": prompts}, model.config.vocab_size, cfg.model_name_or_path)
     # Every process generates every prompt (replicated inputs); only process 0 writes.
     batch_size = cfg.per_device_eval_batch_size * data_parallel_size(mesh)

@@ -191,6 +191,13 @@ class Model:
         return merge(self.trainable, self.frozen, self.partition)
 
 
+@dataclasses.dataclass
+class Trained:
+    """The model a train stage trained, on its mesh: handed in memory to eval, predict and export."""
+    model: Model
+    mesh: Any
+
+
 def _partition(flat: Flat, cfg: Config, model_cfg: ModelConfig) -> Partition:
     if cfg.finetuning_type == "full":
         return full_partition(flat)
@@ -281,6 +288,32 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None, abstract: bool 
         model.frozen = jax.device_put(frozen, f_shard)
     logger.info(partition.describe(flat))
     return model
+
+
+def restore_checkpoint_params(model: Model, mesh, directory, step: int) -> Model:
+    """`model` with the trainable and frozen params of jaxsft checkpoint `step` in `directory` (no optimizer)."""
+    from jaxsft.checkpoint import Checkpoints
+
+    t_shard, f_shard = model.shardings(mesh)
+    abstract = lambda tree, shard: {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard[k])  # noqa: E731
+                                    for k, v in tree.items()}
+    checkpoints = Checkpoints(directory, async_save=False)
+    try:
+        model.trainable, model.frozen = checkpoints.restore_params(step, abstract(model.trainable, t_shard),
+                                                                   abstract(model.frozen, f_shard))
+    finally:
+        checkpoints.close()
+    logger.info("params of %s/checkpoint_%d", directory, step)
+    return model
+
+
+def load_model_for(cfg: Config, mesh, trained: Trained | None, checkpoint) -> Model:
+    """The model eval and predict run: the one trained in this run, else `model_name_or_path`
+    (+ `adapter_name_or_path`) with the params of `checkpoint` ((directory, step) or None)."""
+    if trained is not None:
+        return trained.model
+    model = load_model(cfg, mesh)
+    return model if checkpoint is None else restore_checkpoint_params(model, mesh, *checkpoint)
 
 
 def check_token_ids(splits: dict, vocab_size: int, model_path: str) -> None:

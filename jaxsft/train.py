@@ -30,9 +30,11 @@ from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.resume import check_config_change, prepare_output_dir, resume_target
 from jaxsft.run_logging import RunLogger, clear_results
-from jaxsft.runtime import (build_mesh, check_token_ids, compilation_cache_summary, init_distributed, is_main_process,
-                            load_model, load_tokenizer, process_age, rows_per_process)
+from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
+                            is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.params import merge
+from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
+                            is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.sharding import global_batch, replicated
 from jaxsft.trackers import Trackers
 from jaxsft.step import init_state, make_eval_step, make_train_step
@@ -135,6 +137,12 @@ def _print_first_example(data, tokenizer) -> None:
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
+    """The train stage's results (train_results.json)."""
+    return train(cfg)[0]
+
+
+def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
+    """Train; returns (results, the trained model on its mesh), or (results, None) when a signal stopped it."""
     init_distributed(cfg)
     out = Path(cfg.output_dir)
     resume = resume_target(cfg)
@@ -175,8 +183,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
     buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
-    iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=epochs, buckets=buckets,
-                                   group_by_length=cfg.group_by_length)
+    # A stream goes on from epoch to epoch until the planned steps are done (its epochs differ in length).
+    iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=None if data.streaming else epochs,
+                                   buckets=buckets, group_by_length=cfg.group_by_length)
     history = None
     if resume is not None:
         if is_main_process():  # later checkpoints must go before orbax lists the steps (it would refuse to save)
@@ -243,7 +252,12 @@ def run_training(cfg: Config) -> dict[str, Any]:
     step = start_step
     with _StopRequest() as stop:
         while step < total_steps:
-            micro = [next(iterator) for _ in range(accumulation)]
+            try:
+                micro = [next(iterator) for _ in range(accumulation)]
+            except StopIteration:  # only a stream whose every row was dropped in an epoch gets here
+                logger.warning("the training data ended after step %d of the planned %d; finishing there",
+                               step, total_steps)
+                break
             width = max(m["input_ids"].shape[-1] for m in micro)  # micro-batches of one step share a length
             local = {k: np.stack([fit_width(m, width, data.pad_id)[k] for m in micro]) for k in micro[0]}
             tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
@@ -295,14 +309,14 @@ def run_training(cfg: Config) -> dict[str, Any]:
                                                 data.eval_batches(eval_rows, buckets), mesh))
             if save_now and cfg.save_strategy != "no":
                 checkpoints.save(step, model_only(state) if cfg.save_only_model else state, frozen,
-                                 iterator.get_state(), config_record, running_totals())
+                                 iterator.get_state(), config_record, model.partition, running_totals())
             if stopping:
                 checkpoints.close()
                 run_log.close()
                 saved = f"checkpoint saved in {out}. Resume with: resume_from_checkpoint=true" \
                     if cfg.save_strategy != "no" else "no checkpoint saved (save_strategy: no)"
                 print(f"stopped by signal {stop.signal} after step {step}; {saved}", flush=True)
-                return {"stopped_at_step": step}
+                return {"stopped_at_step": step}, None
     train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
     checkpoints.close()
     results = {
@@ -328,7 +342,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
         run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen,
                                               data.eval_batches(eval_rows, buckets), mesh))
     run_log.close()
-    return results
+    model.trainable, model.frozen = state["trainable"], frozen
+    return results, Trained(model, mesh)
 
 
 def _check_finite(fetched: list[dict], first_step: int, skip: bool) -> None:

@@ -34,8 +34,8 @@ def _trained_state(out: Path, step: int) -> dict[str, np.ndarray]:
     """The trainable params of checkpoint_<step> as saved (restored as numpy, no model needed)."""
     import orbax.checkpoint as ocp
 
-    restored = ocp.PyTreeCheckpointer().restore(out / f"checkpoint_{step}" / "state")
-    return {k: np.asarray(v) for k, v in restored["trainable"].items()}
+    restored = ocp.PyTreeCheckpointer().restore(out / f"checkpoint_{step}" / "trainable")
+    return {k: np.asarray(v) for k, v in restored.items()}
 
 
 def _committed(out: Path) -> list[int]:

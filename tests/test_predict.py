@@ -78,34 +78,22 @@ def test_cli_predict_writes_lf_files_and_matches_transformers_greedy(tmp_path, b
     assert set(keys) <= set(json.loads((out / "all_results.json").read_text()))
 
 
-def test_predict_after_train_uses_the_trained_params(tmp_path, base_greedy):
-    out = tmp_path / "train_predict"
+def test_predict_and_export_after_train_use_the_trained_params_in_memory(tmp_path, base_greedy):
+    """No checkpoint is saved (save_strategy: no): predict and export still get the trained params, handed
+    over in memory; transformers on the exported model generates what predict wrote."""
+    out, export = tmp_path / "train_predict", tmp_path / "export"
     train = {"do_train": True, "max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
-             "packing": True, "logging_steps": 1, "save_steps": 2, "remat_policy": "none"}
+             "packing": True, "logging_steps": 1, "save_strategy": "'no'", "remat_policy": "none",
+             "export_dir": export}
     assert cli(_args({**PREDICT, **train, "output_dir": out})) == 0
     records, _ = _read(out)
     assert (out / "trainer_log.jsonl").read_text().strip()  # predict did not truncate training's log
+    assert not list(out.glob("checkpoint_*"))  # nothing to re-read: the params came in memory
 
-    # transformers on the checkpoint's weights (restored and converted independently of predict.py)
-    import orbax.checkpoint as ocp
-
-    from jaxsft.checkpoint import Checkpoints
-    from jaxsft.model.hf import load_hf_config, params_to_hf_state_dict
-    from jaxsft.params import unflatten
-    manager = Checkpoints(out, async_save=False).manager
-    restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    trained = unflatten(restored["state"]["trainable"])  # full fine-tuning: everything is trainable
-    state = params_to_hf_state_dict(jax_tree_to_numpy(trained), load_hf_config(TINY))
-    model = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
-    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
     predicts, _ = _hf_greedy(model, build_config({**PREDICT, "output_dir": str(out)}))
     assert [r["predict"] for r in records] == predicts
     assert predicts != base_greedy[0]  # training changed the answers
-
-
-def jax_tree_to_numpy(tree):
-    import jax
-    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 def test_predict_without_eval_data_is_a_one_line_error(tmp_path, capsys):

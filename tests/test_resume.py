@@ -102,7 +102,8 @@ def test_resume_names_the_settings_that_changed(straight, tmp_path, capsys):
 
 def _data_files(step_dir):
     """The OCDBT data files of the params and optimizer state (in `d/` folders; where depends on the mesh)."""
-    files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    files = [f for item in ("trainable", "optimizer") for f in (step_dir / item).rglob("*")
+             if f.is_file() and f.parent.name == "d"]
     assert files
     return files
 
@@ -122,7 +123,7 @@ def _garble_state(step_dir):
 CORRUPTIONS = {
     "truncated_state_file": _truncate_state,
     "bad_zstd_bytes": _garble_state,
-    "missing_metadata": lambda d: (d / "state" / "_METADATA").unlink(),
+    "missing_metadata": lambda d: (d / "trainable" / "_METADATA").unlink(),
     "missing_data_item": lambda d: shutil.rmtree(d / "data"),
     "missing_config_item": lambda d: shutil.rmtree(d / "config"),
 }
