@@ -302,11 +302,11 @@ def _load_modules_to_save(out: dict, saved: dict[str, np.ndarray], model_cfg: Mo
     """Put PEFT `modules_to_save` tensors (HF names) in place of the base weights."""
     if model_cfg.tie_word_embeddings and ("lm_head.weight" in saved or "model.embed_tokens.weight" in saved):
         if not config.get("ensure_weight_tying", False):
-            raise ValueError(f"{weights}: the model ties lm_head to embed_tokens but this adapter saves an untied "
+            raise InputError(f"{weights}: the model ties lm_head to embed_tokens but this adapter saves an untied "
                              "copy (ensure_weight_tying is false); merge it with PEFT, then load the merged model")
         embed, head = saved.pop("model.embed_tokens.weight", None), saved.pop("lm_head.weight", None)
         if embed is not None and head is not None and not np.array_equal(embed, head):
-            raise ValueError(f"{weights}: tied embed_tokens and lm_head copies differ")
+            raise InputError(f"{weights}: tied embed_tokens and lm_head copies differ")
         saved["model.embed_tokens.weight"] = embed if embed is not None else head
     for name, value in saved.items():
         module, _, suffix = name.rpartition(".")
@@ -316,13 +316,13 @@ def _load_modules_to_save(out: dict, saved: dict[str, np.ndarray], model_cfg: Mo
         leaf = {"bias": "bias"}.get(suffix) or next((k for k in ("kernel", "scale", "embedding")
                                                      if node is not None and k in node), None)
         if node is None or leaf is None or leaf not in node:
-            raise ValueError(f"{weights}: tensor {name!r} is neither a LoRA weight nor a weight of this "
+            raise InputError(f"{weights}: tensor {name!r} is neither a LoRA weight nor a weight of this "
                              f"{model_cfg.family} model")
         value = value.T if leaf == "kernel" else value
         current = node[leaf]
         want = current.shape[1:] if layered else current.shape
         if value.shape != want:
-            raise ValueError(f"{weights}: {name!r} has shape {value.shape}, expected {want}")
+            raise InputError(f"{weights}: {name!r} has shape {value.shape}, expected {want}")
         if layered:
             updated = np.array(current)
             updated[int(layered[1])] = value
@@ -373,7 +373,7 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
                 node = node.setdefault(key, {})
             node[leaf] = cast(flat[path])
         if not subtree:
-            raise ValueError(f"modules_to_save {names} match no module of the params")
+            raise ConfigError(f"modules_to_save {names} match no module of the params")
         for name, value in params_to_hf_state_dict(subtree, model_cfg).items():
             if name.startswith(model_cfg.hf_prefix):  # PEFT names modules as the loaded torch model does
                 name = model_cfg.peft_prefix + name[len(model_cfg.hf_prefix):]

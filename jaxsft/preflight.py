@@ -242,15 +242,16 @@ def check_output_dir(cfg: Config) -> None:
         held = ", ".join(f"checkpoint_{s}" for s in steps)
         raise ConfigError(f"output_dir {out} already holds checkpoints ({held}); "
                           f"set resume_from_checkpoint: true to continue, or overwrite_output_dir: true to start over")
-    if resuming and cfg.do_train:
+    if resuming and (cfg.do_train or cfg.do_eval or cfg.do_predict):  # eval / predict read that checkpoint too
         target = out if resume is True or str(resume).lower() == "true" else Path(str(resume))
+        instead = ("train without resume_from_checkpoint to start from step 0" if cfg.do_train else
+                   "remove resume_from_checkpoint to use model_name_or_path (+ adapter_name_or_path) as it is")
         if CHECKPOINT_DIR.match(target.name):
             if not target.is_dir():
                 raise MissingPath(f"resume_from_checkpoint: {target} does not exist; checkpoints there: "
                                   f"{_committed_steps(target.parent) or 'none'}")
         elif not _committed_steps(target):
-            raise MissingPath(f"resume_from_checkpoint: no complete checkpoint in {target}; train without "
-                              f"resume_from_checkpoint to start from step 0")
+            raise MissingPath(f"resume_from_checkpoint: no complete checkpoint in {target}; {instead}")
 
 
 def check_devices(cfg: Config) -> None:

@@ -22,7 +22,7 @@ from jaxsft.config import build_config
 from jaxsft.export import export_from_config, export_hf, export_peft_adapter, run_export
 from jaxsft.model import hf, transformer
 from jaxsft.optim import build_optimizer
-from jaxsft.params import flatten, merge, split
+from jaxsft.params import flatten, full_partition, merge, split
 from jaxsft.step import ModelRunner, init_state, make_train_step
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
@@ -204,7 +204,7 @@ def test_convert_checkpoint(tmp_path, capsys):
     trainable, frozen = split(flat, part)
     optimizer, _ = build_optimizer(run, 10)
     checkpoints = Checkpoints(tmp_path / "run", async_save=False)
-    checkpoints.save(7, init_state(trainable, optimizer, 0), frozen, {}, run.to_dict())
+    checkpoints.save(7, init_state(trainable, optimizer, 0), frozen, {}, run.to_dict(), part)
     checkpoints.close()
 
     ids = batch(4)[0]
@@ -223,7 +223,8 @@ def test_convert_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().err == f"convert_checkpoint: no complete checkpoint found in {tmp_path / 'empty'}\n"
     full = Checkpoints(tmp_path / "full", async_save=False)
     full_run = build_config({"model_name_or_path": str(path), "finetuning_type": "full"})
-    full.save(1, init_state(flatten(params), build_optimizer(full_run, 10)[0], 0), {}, {}, full_run.to_dict())
+    full.save(1, init_state(flatten(params), build_optimizer(full_run, 10)[0], 0), {}, {}, full_run.to_dict(),
+              full_partition(flatten(params)))
     full.close()
     assert convert_checkpoint.main(["--checkpoint", str(tmp_path / "full"), "--adapter",
                                     "--export_dir", str(tmp_path / "f")]) == 2

@@ -8,7 +8,6 @@ together with `infer_seqlen` to `cutoff_len`, as LF does. Which rows are predict
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 

@@ -195,3 +195,15 @@ def test_bucketed_eval_batches_hold_the_same_examples(mixed):
         fewer = sum(b["input_ids"].size for b in bucketed) < sum(b["input_ids"].size for b in padded)
         assert fewer or data.packing  # packed rows are (mostly) full already
         assert sum(int((b["targets"] != -100).sum()) for b in bucketed) == mixed.stats["eval_label_tokens"]
+
+
+def test_tokenized_path_packed_by_llamafactory_is_a_user_error(tmp_path, new_tokenizer):
+    import datasets
+
+    from jaxsft.errors import InputError
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"input_ids": [[1, 2]], "attention_mask": [[1, 1]], "labels": [[1, 2]], "position_ids": [[0, 1]]})}
+    ).save_to_disk(str(tmp_path / "tok"))
+    with pytest.raises(InputError, match=r"tok holds rows packed by LLaMA-Factory; jaxsft packs itself"):
+        build_datasets(DataArgs(tokenized_path=str(tmp_path / "tok"), template="qwen"), new_tokenizer())

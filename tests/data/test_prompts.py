@@ -10,6 +10,7 @@ import pytest
 
 from jaxsft.data.args import DataArgs
 from jaxsft.data.prompts import build_prompts
+from jaxsft.errors import ConfigError
 
 with gzip.open(__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "data"
                / "lf_prompts.json.gz", "rt") as _f:
@@ -32,5 +33,5 @@ def test_same_prompts_and_labels_as_llamafactory(fx, data_dir, tokenizer):
 
 
 def test_no_eval_data_is_an_error(data_dir, tokenizer):
-    with pytest.raises(ValueError, match="eval_dataset, or val_size"):
+    with pytest.raises(ConfigError, match="eval_dataset, or val_size"):
         build_prompts(DataArgs(dataset_dir=str(data_dir), dataset="identity", template="llama3"), tokenizer)

@@ -52,6 +52,27 @@ def test_registry_paths_cannot_escape_dataset_dir(tmp_path):
     assert attr.formatting == "alpaca" and len(load_rows(attr)) == 2
 
 
+def test_symlinked_data_files_inside_dataset_dir_train(tmp_path, new_tokenizer):
+    """A registry file that is a symlink to elsewhere (a file, or a folder of files) is read, as LLaMA-Factory
+    reads it; only the registry's own path text is checked ('..' and absolute paths stay refused, above)."""
+    elsewhere = tmp_path / "big_disk"
+    (elsewhere / "shards").mkdir(parents=True)
+    (elsewhere / "rows.json").write_text(json.dumps(ROWS))
+    (elsewhere / "shards" / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    inner = tmp_path / "data"
+    inner.mkdir()
+    (inner / "linked.json").symlink_to(elsewhere / "rows.json")
+    (inner / "linked_dir").symlink_to(elsewhere / "shards", target_is_directory=True)
+    (inner / "dataset_info.json").write_text(json.dumps({
+        "linked": {"file_name": "linked.json"}, "folder": {"file_name": "linked_dir"},
+        "through": {"file_name": "linked_dir/../../secret.json"}}))
+    data = build_datasets(DataArgs(dataset="linked,folder", dataset_dir=str(inner), template="qwen",
+                                   cutoff_len=64), new_tokenizer())
+    assert data.stats["train_examples"] == 4 and data.stats["train_dropped"] == 0
+    with pytest.raises(ValueError, match=r"dataset 'through': path 'linked_dir/../../secret.json' escapes "):
+        resolve("through", str(inner))
+
+
 def _write_all_types(tmp_path):
     ds = datasets.Dataset.from_list([dict(r, system=r.get("system")) for r in ROWS])
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))

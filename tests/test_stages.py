@@ -1,0 +1,162 @@
+"""Eval- and predict-only runs as LLaMA-Factory's evaluation YAMLs write them (only `eval_dataset`), for the
+base model, a PEFT adapter and a jaxsft checkpoint (`resume_from_checkpoint`), through the CLI; the trained
+model handed from train to eval/predict in memory; checkpoints of the earlier layout stay readable."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxsft.main import cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny-llama")
+LEGACY = REPO / "tests" / "fixtures" / "checkpoints" / "legacy_lora" / "checkpoint_2"
+EVAL_ONLY = {
+    "model_name_or_path": TINY, "eval_dataset": "identity", "dataset_dir": str(REPO / "examples" / "data"),
+    "template": "llama3", "cutoff_len": 128, "max_samples": 6, "do_eval": True, "do_predict": True,
+    "predict_with_generate": True, "do_sample": False, "max_new_tokens": 4, "per_device_eval_batch_size": 2,
+    "finetuning_type": "full", "report_to": "none", "disable_tqdm": True,
+}
+LORA = {"finetuning_type": "lora", "lora_rank": 2}
+
+
+def _cli(values: dict) -> int:
+    return cli([f"{k}={v}" for k, v in values.items()])
+
+
+def _results(out: Path) -> tuple[dict, list[dict]]:
+    """eval_results.json without timings, and generated_predictions.jsonl."""
+    evals = json.loads((out / "eval_results.json").read_text())
+    evals = {k: v for k, v in evals.items() if "runtime" not in k and "per_second" not in k}
+    predictions = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    return evals, predictions
+
+
+def _eval_only_both_ways(tmp_path: Path, name: str, **extra) -> tuple[dict, list[dict]]:
+    """The eval/predict-only run with only eval_dataset, and the same with a training dataset named: equal."""
+    alone, with_train = tmp_path / f"{name}_alone", tmp_path / f"{name}_with_dataset"
+    assert _cli({**EVAL_ONLY, **extra, "output_dir": alone}) == 0
+    assert _cli({**EVAL_ONLY, **extra, "dataset": "identity", "output_dir": with_train}) == 0
+    got = _results(alone)
+    assert got == _results(with_train)
+    assert got[0]["eval_examples"] == 6 and len(got[1]) == 6
+    return got
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """LoRA trained for 2 steps; eval and predict in the same run get the trained model in memory."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    train = {**EVAL_ONLY, **LORA, "do_train": True, "dataset": "identity", "max_steps": 2, "learning_rate": 0.05,
+             "per_device_train_batch_size": 2, "save_steps": 2, "logging_steps": 1, "remat_policy": "none"}
+    assert _cli({**train, "output_dir": out}) == 0
+    return out
+
+
+def test_eval_and_predict_only_base_adapter_and_checkpoint(tmp_path, trained):
+    base = _eval_only_both_ways(tmp_path, "base")
+
+    adapter_dir = tmp_path / "adapter"
+    peft_model = __import__("peft").get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+        __import__("peft").LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    adapter = _eval_only_both_ways(tmp_path, "adapter", adapter_name_or_path=adapter_dir, **LORA)
+    assert adapter[0]["eval_loss"] != base[0]["eval_loss"]  # the adapter is used
+
+    checkpoint = _eval_only_both_ways(tmp_path, "checkpoint", resume_from_checkpoint=trained / "checkpoint_2", **LORA)
+    in_memory = _results(trained)  # the training run's own eval and predict, with the params in memory
+    assert checkpoint[1] == in_memory[1]
+    np.testing.assert_allclose(checkpoint[0]["eval_loss"], in_memory[0]["eval_loss"], rtol=1e-6)
+    assert checkpoint[0]["eval_loss"] != base[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{out}/checkpoint_7", "error: resume_from_checkpoint: {out}/checkpoint_7 does not exist; checkpoints there: "
+                           "none\n"),
+    ("true", "error: resume_from_checkpoint: no complete checkpoint in {out}; remove resume_from_checkpoint to use "
+             "model_name_or_path (+ adapter_name_or_path) as it is\n"),
+    ("{out}/elsewhere", "error: resume_from_checkpoint: no complete checkpoint in {out}/elsewhere; remove "
+                        "resume_from_checkpoint to use model_name_or_path (+ adapter_name_or_path) as it is\n"),
+])
+@pytest.mark.parametrize("stage", ["do_eval", "do_predict"])
+def test_eval_and_predict_refuse_a_missing_checkpoint(tmp_path, capsys, value, message, stage):
+    out = tmp_path / "out"
+    values = {**EVAL_ONLY, "do_eval": stage == "do_eval", "do_predict": stage == "do_predict"}
+    assert _cli({**values, "resume_from_checkpoint": value.format(out=out), "output_dir": out}) == 2
+    assert capsys.readouterr().err.splitlines()[-1] + "\n" == message.format(out=out)
+
+
+def test_a_checkpoint_of_other_params_is_a_one_line_error(tmp_path, capsys, trained):
+    out = tmp_path / "out"
+    assert _cli({**EVAL_ONLY, "finetuning_type": "lora", "lora_rank": 4, "do_predict": False, "output_dir": out,
+                 "resume_from_checkpoint": trained / "checkpoint_2"}) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: {trained}/checkpoint_2 trained other params than this config builds (")
+    assert "shape (" in err and "set the checkpoint's finetuning_type, lora_rank" in err
+
+
+def test_checkpoints_of_the_earlier_layout_stay_readable(tmp_path):
+    """A checkpoint written before params, optimizer and partition were separate items (one `state` item):
+    its params are read without an optimizer, for export (read_trained_params) and for eval/predict."""
+    import orbax.checkpoint as ocp
+
+    from jaxsft.checkpoint import read_trained_params
+    from jaxsft.params import flatten
+
+    saved = ocp.PyTreeCheckpointer().restore(LEGACY / "state")["trainable"]  # orbax alone, as written
+    params, run_cfg = read_trained_params(LEGACY)
+    flat = flatten(params)
+    assert run_cfg.finetuning_type == "lora" and run_cfg.lora_rank == 2
+    assert set(saved) <= set(flat) and any("lora_b" in k for k in saved)
+    for key, value in saved.items():
+        np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value), err_msg=key)
+
+    out = tmp_path / "legacy_eval"
+    assert _cli({**EVAL_ONLY, **LORA, "do_predict": False, "output_dir": out, "resume_from_checkpoint": LEGACY}) == 0
+    base = tmp_path / "base_eval"
+    assert _cli({**EVAL_ONLY, **LORA, "do_predict": False, "output_dir": base}) == 0
+    # the checkpoint's trained adapters are used: fresh adapters (B = 0) give the base model's loss
+    legacy_loss = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    assert legacy_loss != json.loads((base / "eval_results.json").read_text())["eval_loss"]
+
+
+def _bad_adapter(tmp_path: Path, extra: dict) -> Path:
+    """A PEFT adapter of the tiny model with `extra` tensors (PEFT names) added to its weights."""
+    import peft
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "bad_adapter"
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(out)
+    weights = out / "adapter_model.safetensors"
+    save_file({**load_file(weights), **extra}, str(weights), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"base_model.model.model.bogus.weight": np.zeros(4, np.float32)},
+     "{w}: tensor 'model.bogus.weight' is neither a LoRA weight nor a weight of this llama model"),
+    ({"base_model.model.model.norm.weight": np.zeros(3, np.float32)},
+     "{w}: 'model.norm.weight' has shape (3,), expected (64,)"),
+])
+def test_bad_adapter_tensors_are_one_line_errors(tmp_path, capsys, extra, message):
+    adapter = _bad_adapter(tmp_path, extra)
+    assert _cli({**EVAL_ONLY, **LORA, "do_predict": False, "adapter_name_or_path": adapter,
+                 "output_dir": tmp_path / "out"}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: " + message.format(w=adapter / "adapter_model.safetensors")
+
+
+def test_streaming_with_a_fractional_val_size_is_a_one_line_error(tmp_path, capsys):
+    values = {k: v for k, v in EVAL_ONLY.items() if k not in ("eval_dataset", "max_samples")}
+    assert _cli({**values, "dataset": "identity", "val_size": 0.1, "streaming": True, "do_predict": False,
+                 "output_dir": tmp_path / "out"}) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: val_size: 0.1 is a fraction; with streaming, val_size must be a number of rows (>= 1).")
