@@ -73,11 +73,12 @@ def inspect(argv: Sequence[str]) -> int:
     if cfg.model_name_or_path is None or cfg.template is None:
         from jaxsft.errors import ConfigError
         raise ConfigError("inspect needs model_name_or_path (for the tokenizer) and template")
+    from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets
     from jaxsft.runtime import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(cfg, tokenizer)
+    data = build_datasets(DataArgs.from_config(cfg), tokenizer, train=bool(cfg.dataset))
     for split, examples in (("train", data.train), ("eval", data.eval)):
         for k, (ids, labels) in enumerate((examples or [])[:2]):
             learned = [int(t) for t in labels if t != -100]
