@@ -19,7 +19,7 @@ EVAL_ONLY = {
     "model_name_or_path": TINY, "eval_dataset": "identity", "dataset_dir": str(REPO / "examples" / "data"),
     "template": "llama3", "cutoff_len": 128, "max_samples": 6, "do_eval": True, "do_predict": True,
     "predict_with_generate": True, "do_sample": False, "max_new_tokens": 4, "per_device_eval_batch_size": 2,
-    "finetuning_type": "full", "report_to": "none", "disable_tqdm": True,
+    "finetuning_type": "full", "report_to": "none", "disable_tqdm": True, "mesh.fsdp": 2, "mesh.tensor": 4,
 }
 LORA = {"finetuning_type": "lora", "lora_rank": 2}
 
@@ -52,7 +52,7 @@ def trained(tmp_path_factory) -> Path:
     """LoRA trained for 2 steps; eval and predict in the same run get the trained model in memory."""
     out = tmp_path_factory.mktemp("trained") / "out"
     train = {**EVAL_ONLY, **LORA, "do_train": True, "dataset": "identity", "max_steps": 2, "learning_rate": 0.05,
-             "per_device_train_batch_size": 2, "save_steps": 2, "logging_steps": 1, "remat_policy": "none"}
+             "per_device_train_batch_size": 1, "save_steps": 2, "logging_steps": 1, "remat_policy": "none"}
     assert _cli({**train, "output_dir": out}) == 0
     return out
 

@@ -64,7 +64,7 @@ class SFTData:
                              f"per process x {self.process_count} processes; lower the batch size.")
         return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
 
-    def train_iterator(self, rows_per_process: int, seed: int = 42, num_epochs: int = 1,
+    def train_iterator(self, rows_per_process: int, seed: int, num_epochs: int = 1,
                        buckets: Sequence[int] | None = None, group_by_length: bool = False) -> grain.DatasetIterator:
         """Batches of `rows_per_process` rows for `num_epochs` epochs; checkpoint with get_state()/set_state()."""
         ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length)
