@@ -338,7 +338,7 @@ def test_cli_prints_one_line_and_exits_2_before_loading_anything(tmp_path, capsy
 def test_cli_keeps_the_traceback_of_a_real_bug(tmp_path, monkeypatch):
     import jaxsft.main
 
-    def buggy_stage(cfg):
+    def buggy_stage(cfg, trained=None):
         return {}["no such key"]
 
     monkeypatch.setattr(jaxsft.main, "_stages", lambda: {"train": buggy_stage})
