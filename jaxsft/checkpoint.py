@@ -166,6 +166,7 @@ class Checkpoints:
             items["optimizer"] = ocp.args.StandardRestore({k: abstract_state[k] for k in OPTIMIZER_KEYS
                                                            if k in abstract_state})
         with self._reading(step):
+            _saved_trainable(self.step_dir(step))  # eval / predict read this metadata: it must be there
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = restored[LEGACY_STATE] if self.is_legacy(step) else \
             {"trainable": restored["trainable"], **restored["optimizer"]}
