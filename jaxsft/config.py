@@ -66,7 +66,10 @@ class Config:
     mix_strategy: str = _field("concat", "How several datasets are mixed.",
                                ("concat", "interleave_under", "interleave_over"))
     interleave_probs: Optional[str] = _field(None, "Comma-separated sampling probabilities for interleaving.")
-    overwrite_cache: bool = _field(False, "No effect: jaxsft tokenizes in memory (see tokenized_path).")
+    overwrite_cache: bool = _field(False, "Tokenize again and overwrite the entry in data_cache_dir.")
+    data_cache_dir: Optional[str] = _field("~/.cache/jaxsft/data", "Tokenized-data cache: a rerun with unchanged "
+                                           "data files, tokenizer, template and data keys loads its examples "
+                                           "instead of tokenizing; null disables it.")
     preprocessing_num_workers: Optional[int] = _field(None, "Worker processes that tokenize (used from 2000 rows per "
                                                                   "worker on).")
     max_samples: Optional[int] = _field(None, "Keep at most this many examples per dataset.")
@@ -240,7 +243,6 @@ _TYPES = typing.get_type_hints(Config)
 
 # LLaMA-Factory keys that tune PyTorch/HF machinery jaxsft replaces; accepted, reported as no-ops.
 NO_EFFECT_KEYS = {
-    "overwrite_cache": "jaxsft tokenizes in memory; use tokenized_path to cache",
     "ddp_timeout": "XLA collectives have no such timeout",
     "dataloader_num_workers": "the grain pipeline runs in-process",
     "export_device": "export runs on the host",

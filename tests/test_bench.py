@@ -63,3 +63,15 @@ def test_bench_ab_interleaves_variants_and_prints_one_line_each():
     assert [r["variant"] for r in rows] == ["base", "finetuning_type=lora,remat_policy=none"]
     assert all(r["steps"] == 4 and 0 < r["step_time_min_s"] <= r["step_time_median_s"] for r in rows)
     assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
+
+
+def test_bench_data_reports_examples_per_second_and_the_cost_of_each_stage(capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_data
+
+    bench_data.main(["--config", "configs/quickstart_full.yaml", "--cutoffs", "256", "--repeat", "1", "--split"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["examples"] > 50 and record["examples_per_s"] > 0 and record["workers"] == 1
+    split = record["split_s"]
+    assert list(split) == ["read", "convert", "tokenize", "mask", "pack", "save_tokenized_path", "save_cache"]
+    assert all(v >= 0 for v in split.values()) and split["tokenize"] > 0

@@ -99,8 +99,7 @@ def test_llamafactory_keys_met_another_way_are_accepted_and_described(tmp_path):
     assert cfg.mesh == {"data": -1, "fsdp": 1, "tensor": 1}  # ZeRO-0: plain data parallelism
     notes = [line.strip() for line in describe(cfg).splitlines() if line.strip().startswith("note:")]
     assert [n.split("'")[1] for n in notes] == ["trust_remote_code", "deepspeed", "save_only_model",
-                                                "overwrite_cache", "ddp_timeout", "dataloader_num_workers",
-                                                "export_device"]
+                                                "ddp_timeout", "dataloader_num_workers", "export_device"]
     assert "note: 'deepspeed': ZeRO-0 -> mesh {data: -1}" in describe(cfg)
 
 

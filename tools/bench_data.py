@@ -1,10 +1,15 @@
-"""Preprocessing throughput and packing efficiency of the real data pipeline, one JSON line per cutoff.
+"""Preprocessing throughput, where its time goes, and packing efficiency of the real data pipeline.
 
-    python tools/bench_data.py --config cfg.yaml [--cutoffs 1024,2048,4096] [--repeat 3] [key=value ...]
+    python tools/bench_data.py --config cfg.yaml [--cutoffs 1024,2048,4096] [--repeat 3] [--workers 1,2]
+        [--split] [key=value ...]
 
-For each cutoff_len: `build_datasets` (read, convert, tokenize, plan packing) timed `--repeat` times (the
-best is reported as examples/s), and the packed rows and packing efficiency (non-pad tokens / row
-capacity) of the training split. Packing is switched on whatever the config says.
+For each cutoff_len and each `preprocessing_num_workers` in `--workers`: `build_datasets` (read, convert,
+tokenize, plan packing; the tokenized-data cache off) timed `--repeat` times (the best is reported as
+examples/s), and the packed rows and packing efficiency (non-pad tokens / row capacity) of the training
+split. Packing is switched on whatever the config says. `--split` also times the stages one by one on one
+worker: read (files -> rows), convert (rows -> conversations), tokenize (render and encode every text, in
+batched tokenizer calls), mask (truncate, assemble ids and labels), pack (the epoch's knapsack plan) and
+save (LLaMA-Factory's `tokenized_path` layout, and the tokenized-data cache entry).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,29 +31,102 @@ from jaxsft.data.pipeline import build_datasets  # noqa: E402
 from jaxsft.runtime import load_tokenizer  # noqa: E402
 
 
+def stage_split(cfg) -> dict[str, float]:
+    """Seconds per stage of making the training examples, on one worker."""
+    import numpy as np
+
+    from jaxsft.data import cache, sources
+    from jaxsft.data.batch_tokenize import prefetch
+    from jaxsft.data.encode import CHUNK, learned, make_template
+    from jaxsft.data.formats import to_conversation
+    from jaxsft.data.packing import plan_epoch
+    from jaxsft.data.pipeline import save_tokenized
+    from jaxsft.data.supervised import encode_supervised
+
+    args = DataArgs.from_config(cfg).replace(data_cache_dir=None)
+    tokenizer = load_tokenizer(cfg)
+    template = make_template(args, tokenizer)
+    seconds: dict[str, float] = {}
+
+    def encode(conversation, tok):
+        return encode_supervised(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
+                                 args.mask_history, args.preserve_thinking)
+
+    t = time.perf_counter()
+    rows_of, attrs, refs = sources.load_mixed(args.dataset, args)
+    seconds["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    conversations = []
+    for ref in refs:
+        attr, rows = attrs[ref.source], rows_of[ref.source]
+        try:
+            conversations.append(to_conversation(rows[ref.row], attr, attr.path, ref.row))
+        except Exception:  # noqa: BLE001 - dropped rows cost nothing further
+            pass
+    seconds["convert"] = time.perf_counter() - t
+    tokenize = mask = 0.0
+    examples = []
+    for start in range(0, len(conversations), CHUNK):
+        block = conversations[start:start + CHUNK]
+        t = time.perf_counter()
+        fast = prefetch(tokenizer, block, encode)
+        tokenize += time.perf_counter() - t
+        t = time.perf_counter()
+        for conversation in block:
+            try:
+                ids, labels = encode(conversation, fast)
+            except ValueError:
+                continue
+            example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
+            if learned(example[1]):
+                examples.append(example)
+        mask += time.perf_counter() - t
+    seconds["tokenize"], seconds["mask"] = tokenize, mask
+    t = time.perf_counter()
+    plan_epoch([len(ids) for ids, _ in examples], args.cutoff_len, args.seed, 0, True)
+    seconds["pack"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        save_tokenized(str(Path(tmp) / "tokenized"), examples, None)
+        seconds["save_tokenized_path"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cache.save(str(Path(tmp) / "cache"), "bench", examples, None, {})
+        seconds["save_cache"] = time.perf_counter() - t
+    return {k: round(v, 3) for k, v in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--cutoffs", default="1024,2048,4096")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", default="1", help="comma list of preprocessing_num_workers to time")
+    parser.add_argument("--split", action="store_true", help="also time each stage on one worker")
     args, overrides = parser.parse_known_args(argv)
     for cutoff in [int(c) for c in args.cutoffs.split(",")]:
-        cfg = load_config(args.config, ["do_train=false", "packing=true", f"cutoff_len={cutoff}", *overrides])
-        times = []
-        for _ in range(args.repeat):
-            tokenizer = load_tokenizer(cfg)  # build_datasets fixes the tokenizer in place: start fresh
-            start = time.perf_counter()
-            data = build_datasets(DataArgs.from_config(cfg), tokenizer)
-            times.append(time.perf_counter() - start)
-        s = data.stats
-        print(json.dumps({
-            "cutoff_len": cutoff, "dataset": cfg.dataset, "max_samples": cfg.max_samples,
-            "examples": s["train_examples"], "dropped": s["train_dropped"], "tokens": s["train_tokens"],
-            "label_tokens": s["train_label_tokens"], "packed_rows": s["train_packed_rows"],
-            "packing_efficiency": round(s["train_packing_efficiency"], 4),
-            "unpacked_rows_efficiency": round(s["train_tokens"] / (s["train_examples"] * cutoff), 4),
-            "build_s_best": round(min(times), 3), "examples_per_s": round(s["train_rows_read"] / min(times), 1),
-        }), flush=True)
+        for workers in [int(w) for w in args.workers.split(",")]:
+            cfg = load_config(args.config, ["do_train=false", "packing=true", f"cutoff_len={cutoff}",
+                                            f"preprocessing_num_workers={workers}", "data_cache_dir=null",
+                                            *overrides])
+            times = []
+            for _ in range(args.repeat):
+                tokenizer = load_tokenizer(cfg)  # build_datasets fixes the tokenizer in place: start fresh
+                start = time.perf_counter()
+                data = build_datasets(DataArgs.from_config(cfg), tokenizer)
+                times.append(time.perf_counter() - start)
+            s = data.stats
+            record = {
+                "cutoff_len": cutoff, "workers": workers, "dataset": cfg.dataset, "max_samples": cfg.max_samples,
+                "examples": s["train_examples"], "dropped": s["train_dropped"], "tokens": s["train_tokens"],
+                "label_tokens": s["train_label_tokens"], "packed_rows": s["train_packed_rows"],
+                "packing_efficiency": round(s["train_packing_efficiency"], 4),
+                "unpacked_rows_efficiency": round(s["train_tokens"] / (s["train_examples"] * cutoff), 4),
+                "build_s_best": round(min(times), 3),
+                "examples_per_s": round(s["train_rows_read"] / min(times), 1),
+            }
+            if args.split and workers == 1:
+                record["split_s"] = stage_split(cfg)
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

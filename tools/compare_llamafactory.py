@@ -117,7 +117,7 @@ from jaxsft.config import build_config
 from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.runtime import load_tokenizer
-cfg = build_config({**json.loads(sys.argv[1]), "do_train": False})
+cfg = build_config({**json.loads(sys.argv[1]), "do_train": False, "data_cache_dir": None})  # time tokenizing
 tokenizer = load_tokenizer(cfg)
 t = time.perf_counter()
 data = build_datasets(DataArgs.from_config(cfg), tokenizer)

@@ -35,6 +35,8 @@ class DataArgs:
     tool_format: str | None = None
     preprocessing_num_workers: int | None = None
     disable_shuffling: bool = False
+    data_cache_dir: str | None = None  # tokenized-data cache (jaxsft.data.cache); None: off
+    overwrite_cache: bool = False  # tokenize again and overwrite the cache entry
 
     @classmethod
     def from_config(cls, cfg) -> "DataArgs":

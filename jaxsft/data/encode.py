@@ -9,6 +9,7 @@ in spawned worker processes when `preprocessing_num_workers` asks for them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.args import DataArgs
+from jaxsft.data.batch_tokenize import prefetch
 from jaxsft.data.formats import InvalidExample, to_conversation
 from jaxsft.data.packing import Example
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
@@ -75,36 +77,78 @@ def rows_at(rows_of: Sequence[Sequence], attrs: Sequence[sources.DatasetAttr],
         yield attrs[ref.source], sources.row_number(rows, ref.row), rows[ref.row]
 
 
-def encode_each(rows: Iterable[Row], args: DataArgs, counts: Counts,
-                encode: Callable[[Any], tuple]) -> Iterator[tuple[str, int, tuple]]:
-    """(file, row number, encode(conversation)) for every row that converts and encodes; the error policy."""
-    for attr, row_no, row in rows:
-        counts.rows += 1
-        try:
-            encoded = encode(to_conversation(row, attr, attr.path, row_no))
-        except InvalidExample as e:
-            if e.kind == "malformed" and not args.skip_invalid_examples:
-                raise
-            counts.drop(str(e))
-            continue
-        except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
-            if not args.skip_invalid_examples:
-                raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
-            counts.drop(f"{attr.path}, row {row_no}: {e}")
-            continue
-        yield attr.path, row_no, encoded
+def encode_each(rows: Iterable[Row], args: DataArgs, counts: Counts, encode: Callable[[Any, Any], tuple],
+                tokenizer, chunk: int = 1) -> Iterator[tuple[str, int, tuple]]:
+    """(file, row number, encode(conversation, tokenizer)) for every row that converts and encodes; the error
+    policy. With `chunk` > 1, rows are taken that many at a time and the texts of a chunk are tokenized with
+    one batched call (`jaxsft.data.batch_tokenize`; same ids). Chunks read ahead: a consumer that stops
+    early (streaming) must use chunk 1."""
+    if chunk <= 1:
+        for attr, row_no, row in rows:
+            counts.rows += 1
+            encoded = _guarded(attr, row_no, args, counts, lambda: encode(to_conversation(row, attr, attr.path,
+                                                                                             row_no), tokenizer))
+            if encoded is not _DROPPED:
+                yield attr.path, row_no, encoded
+        return
+    it = iter(rows)
+    while block := list(itertools.islice(it, chunk)):
+        conversations = [_converted(attr, row_no, row) for attr, row_no, row in block]
+        fast = prefetch(tokenizer, [c for c in conversations if not isinstance(c, Exception)], encode)
+        for (attr, row_no, _row), conversation in zip(block, conversations):
+            counts.rows += 1
+            encoded = _guarded(attr, row_no, args, counts, lambda: encode(_raise_or(conversation), fast))
+            if encoded is not _DROPPED:
+                yield attr.path, row_no, encoded
+
+
+_DROPPED = object()
+
+
+def _converted(attr, row_no: int, row) -> Any:
+    """The row's conversation, or the exception converting it raised (raised again, in row order, later)."""
+    try:
+        return to_conversation(row, attr, attr.path, row_no)
+    except Exception as e:  # noqa: BLE001 - kept, and raised where the row's turn comes
+        return e
+
+
+def _raise_or(value):
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
+def _guarded(attr, row_no: int, args: DataArgs, counts: Counts, make: Callable[[], tuple]) -> Any:
+    """make(), or _DROPPED for a row the error policy drops (counted); a malformed row raises."""
+    try:
+        return make()
+    except InvalidExample as e:
+        if e.kind == "malformed" and not args.skip_invalid_examples:
+            raise
+        counts.drop(str(e))
+    except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
+        if not args.skip_invalid_examples:
+            raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
+        counts.drop(f"{attr.path}, row {row_no}: {e}")
+    return _DROPPED
+
+
+# Rows rendered and tokenized together on the in-memory path.
+CHUNK = 1024
 
 
 def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs,
-                        counts: Counts) -> Iterator[Example]:
-    """Training examples (ids, labels as int32) of the rows; rows with no label token left are dropped."""
+                        counts: Counts, chunk: int = 1) -> Iterator[Example]:
+    """Training examples (ids, labels as int32) of the rows; rows with no label token left are dropped.
+    `chunk`: see `encode_each`."""
     sizes: dict = {}
 
-    def encode(conversation):
-        return encode_supervised(conversation, tokenizer, template, args.cutoff_len, args.train_on_prompt,
+    def encode(conversation, tok):
+        return encode_supervised(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
                                  args.mask_history, args.preserve_thinking, sizes)
 
-    for path, row_no, (ids, labels) in encode_each(rows, args, counts, encode):
+    for path, row_no, (ids, labels) in encode_each(rows, args, counts, encode, tokenizer, chunk):
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
         n_learned = learned(example[1])
         if n_learned == 0:
@@ -122,7 +166,7 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
 
 def encode_list(rows: Iterable[Row], template, tokenizer, args: DataArgs) -> tuple[list[Example], Counts]:
     counts = Counts()
-    return list(supervised_examples(rows, template, tokenizer, args, counts)), counts
+    return list(supervised_examples(rows, template, tokenizer, args, counts, CHUNK)), counts
 
 
 def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,

@@ -18,7 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxsft.data import sources
+from jaxsft.data import cache, sources
 from jaxsft.data.args import DataArgs
 from jaxsft.data.encode import Counts, encode_rows, learned, make_template
 from jaxsft.data.packing import (Example, batch_widths, efficiency, eval_batches, greedy_knapsack, make_row,
@@ -162,6 +162,26 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
         return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count,
                        shuffle)
 
+    key = None
+    if args.data_cache_dir:
+        names = ",".join(n for n in (args.dataset if (train or args.val_size > 1e-6) else None, args.eval_dataset)
+                         if n)
+        key = cache.cache_key(args, sources.resolve(names, args.dataset_dir), tokenizer, train) if names else None
+        hit = cache.load(args.data_cache_dir, key) if key and not args.overwrite_cache else None
+        if hit is not None:
+            train_examples, evals, stats = hit
+            logger.info("Tokenized data loaded from the tokenized-data cache (%s): data files, tokenizer, template "
+                        "and data keys are unchanged; set overwrite_cache: true to tokenize again.",
+                        Path(args.data_cache_dir).expanduser() / key)
+            for split in ("train", "eval"):  # what preprocessing dropped is said on every run
+                if stats.get(f"{split}_dropped"):
+                    _report_dropped(split, Counts(rows=stats[f"{split}_rows_read"], dropped=stats[f"{split}_dropped"],
+                                                  reasons=list(stats[f"{split}_dropped_reasons"])))
+            if tokenized_path and train:
+                save_tokenized(tokenized_path, train_examples, evals)
+            return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count,
+                           shuffle)
+
     train_examples: list[Example] = []
     evals, eval_counts, stats = None, Counts(), {}
     if args.dataset and (train or args.val_size > 1e-6):
@@ -189,6 +209,8 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
         _report_dropped("eval", eval_counts)
         _report_truncated("eval", eval_counts, seq_len)
+    if key:
+        cache.save(args.data_cache_dir, key, train_examples, evals, stats)
     if tokenized_path and train:
         save_tokenized(tokenized_path, train_examples, evals)
     return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)

@@ -14,7 +14,7 @@ import numpy as np
 from jaxsft.data import sources
 from jaxsft.data.formats import Conversation, Message
 from jaxsft.data.args import DataArgs
-from jaxsft.data.encode import Counts, encode_each, make_template, rows_at
+from jaxsft.data.encode import CHUNK, Counts, encode_each, make_template, rows_at
 from jaxsft.data.supervised import infer_seqlen
 from jaxsft.errors import ConfigError
 from jaxsft.data.templates import Encoder, Template
@@ -72,10 +72,11 @@ def encode_prompt_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sour
     counts = Counts()
     prompts: list[Prompt] = []
 
-    def encode(conversation):
-        return encode_prompt(conversation, tokenizer, template, args.cutoff_len, args.preserve_thinking)
+    def encode(conversation, tok):
+        return encode_prompt(conversation, tok, template, args.cutoff_len, args.preserve_thinking)
 
-    for _path, _row, (ids, labels) in encode_each(rows_at(rows_of, attrs, refs), args, counts, encode):
+    for _path, _row, (ids, labels) in encode_each(rows_at(rows_of, attrs, refs), args, counts, encode, tokenizer,
+                                                  CHUNK):
         prompts.append((np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
         counts.examples += 1
         counts.tokens += len(ids)
