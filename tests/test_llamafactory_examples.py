@@ -111,10 +111,10 @@ def test_llama3_lora_predict_example_generates(tmp_path):
     out = tmp_path / "saves" / "predict"
     cfg = machine_specific("nlg_eval-llama3_lora_predict.yaml", tmp_path, model_name_or_path=str(model),
                            adapter_name_or_path=str(adapter_dir), dataset_dir=str(DATA_DIR),
-                           output_dir=str(out), max_samples=2, cutoff_len=128)
+                           output_dir=str(out), max_samples=1, cutoff_len=128)
     jaxsft("train", cfg)  # LLaMA-Factory runs this example with `llamafactory-cli train`
     predictions = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4  # identity + alpaca_en_demo, 2 each
+    assert len(predictions) == 2  # identity + alpaca_en_demo, 1 each
     assert all(set(p) >= {"prompt", "predict", "label"} for p in predictions)
     results = json.loads((out / "predict_results.json").read_text())
     for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"):
