@@ -30,6 +30,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "head_dim": None,
     "lora_rank": None,
+    "expert": None,  # MoE experts: replicated (no expert mesh axis yet)
 }
 
 

@@ -121,7 +121,31 @@ TINY_MODELS = {
              rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
                                   short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[1.2, 2.0, 3.5, 6.0])),
     ),
+    # Mixtures of experts (top-2 of 4, every layer sparse): Qwen3-MoE with and without renormalized top-k
+    # weights, Qwen2-MoE's sigmoid-gated shared expert (and q/k/v biases), Mixtral's w1/w2/w3 experts.
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16),
+    ),
+    "qwen3_moe_unnormed": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False, head_dim=16),
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    ),
 }
+
+MOE_MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_unnormed")
 
 # Models whose rope depends on the sequence length (dynamic NTK, longrope): transformers keys it on the
 # longest row of a batch (and dynamic keeps what it grew to), jaxsft on each example's own length.

@@ -78,6 +78,20 @@ class ModelConfig:
     # and the module prefix PEFT sees on the loaded torch model.
     hf_prefix: str = "model."
     peft_prefix: str = "model."
+    # Mixture of experts (every layer sparse when num_experts > 0): a softmax router picks
+    # num_experts_per_tok experts of width moe_intermediate_size per token (weights renormalized to sum
+    # to 1 when norm_topk_prob); Qwen2-MoE adds a shared expert gated by sigmoid(shared_expert_gate).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    # config.json's load-balancing loss coefficient, and whether transformers would add it in training.
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
+    # Checkpoint names of the sparse block and of each expert's gate/up/down projections.
+    moe_block: str = "mlp"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
         from jaxsft.model.families import SUPPORTED_ACTIVATIONS, SUPPORTED_ROPE_TYPES
@@ -94,12 +108,19 @@ class ModelConfig:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                             f"({self.num_experts})")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
             unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
             if unknown:
                 raise ValueError(f"layer_types {unknown} are not supported; supported: {SLIDING}, {FULL}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def num_groups(self) -> int:

@@ -55,6 +55,14 @@ class Family:
     text_model_type: str | None = None  # ... and the family of that tower
     hf_prefix: str = "model."  # tensor name prefix of the decoder in the checkpoint files
     peft_prefix: str = "model."  # module prefix of the decoder in the loaded torch model (PEFT names)
+    # Mixture of experts: "" (dense), "qwen" (num_experts, moe_intermediate_size, norm_topk_prob,
+    # decoder_sparse_step / mlp_only_layers), "mixtral" (num_local_experts of intermediate_size, top-k
+    # weights always renormalized).
+    moe: str = ""
+    shared_expert: bool = False  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate)
+    moe_block: str = "mlp"  # HF module name of the sparse block (Mixtral's on-disk `block_sparse_moe`)
+    # HF names of each expert's gate, up and down projections (Mixtral's w1, w3, w2).
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
 
 _GEMMA = dict(activation_key="hidden_activation", activations=("gelu_pytorch_tanh", "gelu"), norm_plus_one=True,
@@ -74,6 +82,10 @@ FAMILIES: dict[str, Family] = {
     # Gemma3ForConditionalGeneration: the text tower is trained, the vision tower is carried through export.
     "gemma3": Family(text_config="text_config", text_model_type="gemma3_text", hf_prefix="language_model.model.",
                      peft_prefix="model.language_model."),
+    "qwen2_moe": Family(qkv_bias=True, windows="qwen", default_rope_theta=1e6, moe="qwen", shared_expert=True),
+    "qwen3_moe": Family(qk_norm=True, windows="qwen", default_rope_theta=1e6, moe="qwen"),
+    "mixtral": Family(windows="all", default_rope_theta=1e6, moe="mixtral", moe_block="block_sparse_moe",
+                      expert_names=("w1", "w3", "w2")),
     "phi3": Family(fused_qkv=True, fused_gate_up=True, windows="all", linear_modules=FUSED_LINEAR),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -150,6 +162,45 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         hf_prefix=outer.hf_prefix,
         peft_prefix=outer.peft_prefix,
         **rope,
+        **_moe_from_hf(text, fam, model_type),
+    )
+
+
+def _num_experts(hf: dict) -> int:
+    """`num_experts` (Qwen checkpoints) or `num_local_experts` (Mixtral; transformers 5 saves Qwen3-MoE so)."""
+    for key in ("num_experts", "num_local_experts"):
+        if hf.get(key) is not None:
+            return int(hf[key])
+    raise ValueError(f"{hf.get('model_type')}: config.json has neither num_experts nor num_local_experts")
+
+
+def _moe_from_hf(hf: dict, fam: Family, model_type: str) -> dict[str, Any]:
+    """The experts' ModelConfig fields (none for dense families)."""
+    if not fam.moe:
+        return {}
+    if fam.moe == "qwen":
+        experts, size, norm_topk = _num_experts(hf), hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            # Mixed dense and sparse layers would need two layer bodies under the scan.
+            raise ValueError(f"{model_type}: decoder_sparse_step={hf.get('decoder_sparse_step', 1)} / mlp_only_layers="
+                             f"{hf.get('mlp_only_layers')} (dense MLP layers among the sparse ones) is not supported; "
+                             f"only every layer sparse (decoder_sparse_step 1, no mlp_only_layers)")
+    else:  # mixtral
+        experts, size, norm_topk = _num_experts(hf), hf["intermediate_size"], True
+        if hf.get("router_jitter_noise"):
+            raise ValueError(f"{model_type}: router_jitter_noise={hf['router_jitter_noise']} is not supported (only 0)")
+    if not experts:
+        raise ValueError(f"{model_type}: num_experts=0 (a dense model under an MoE model_type) is not supported")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(size),
+        norm_topk_prob=norm_topk,
+        shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]) if fam.shared_expert else 0,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        output_router_logits=bool(hf.get("output_router_logits", False)),
+        moe_block=fam.moe_block,
+        expert_names=fam.expert_names,
     )
 
 

@@ -81,17 +81,27 @@ def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
 
 
-def _hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.") -> tuple[str, bool]:
-    """HF tensor name of one (per-layer) leaf, and whether it is stored transposed ([out, in]). `prefix` is
-    where the decoder sits in the checkpoint (`model.`, or `language_model.model.` in a multimodal one,
-    whose lm_head is then `language_model.lm_head`)."""
+def _hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.", expert: int | None = None,
+             cfg: ModelConfig | None = None) -> tuple[str, bool]:
+    """HF tensor name of one (per-layer, per-expert) leaf, and whether it is stored transposed ([out, in]).
+    `prefix` is where the decoder sits in the checkpoint (`model.`, or `language_model.model.` in a
+    multimodal one, whose lm_head is then `language_model.lm_head`). MoE experts are stored one tensor per
+    expert (`mlp.experts.N.gate_proj`; Mixtral's `block_sparse_moe.experts.N.w1`), as transformers saves them."""
     *modules, leaf = path
     suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
     if modules == ["lm_head"]:
         return prefix.removesuffix("model.") + "lm_head.weight", True
     if modules[0] == "layers":
         modules = ["layers", str(layer), *modules[1:]]
+    if cfg is not None and cfg.is_moe and modules[0] == "layers" and modules[2] == "mlp":
+        modules[2] = cfg.moe_block
+        if modules[3] == "experts":
+            modules[4:5] = [str(expert), cfg.expert_names[("gate_proj", "up_proj", "down_proj").index(modules[4])]]
     return prefix + ".".join([*modules, suffix]), leaf == "kernel"
+
+
+def _experts(path: tuple[str, ...], cfg: ModelConfig) -> list[int | None]:
+    return list(range(cfg.num_experts)) if "experts" in path else [None]
 
 
 def _canonical_name(name: str, cfg: ModelConfig) -> str:
@@ -113,14 +123,15 @@ def is_other_tower(name: str, cfg: ModelConfig) -> bool:
     return not name.startswith(cfg.hf_prefix.removesuffix("model."))
 
 
-def _hf_index(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-    """HF name -> (tree path, layer index or None, transposed)."""
+def _hf_index(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """HF name -> (tree path, index into the leaf (layer, then expert, where stacked), transposed)."""
     index = {}
     for path in _leaf_paths(cfg):
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for i in layers:
-            name, transposed = _hf_name(path, i, cfg.hf_prefix)
-            index[name] = (path, i, transposed)
+            for e in _experts(path, cfg):
+                name, transposed = _hf_name(path, i, cfg.hf_prefix, e, cfg)
+                index[name] = (path, tuple(j for j in (i, e) if j is not None), transposed)
     return index
 
 
@@ -188,11 +199,11 @@ def load_hf_params(name_or_path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.
                     )
                 if name in seen:
                     raise InputError(f"{file}: tensor {name!r} was already read from {seen[name]}")
-                leaf_path, layer, transposed = index[name]
+                leaf_path, at, transposed = index[name]
                 target = params
                 for key in leaf_path:
                     target = target[key]
-                slot = target if layer is None else target[layer]
+                slot = target[at] if at else target
                 value = np.asarray(f.get_tensor(stored))
                 if transposed:
                     value = value.T
@@ -236,7 +247,9 @@ def params_to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndar
         value = np.asarray(leaf)
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for i in layers:
-            name, transposed = _hf_name(path, i, cfg.hf_prefix)
-            tensor = value if i is None else value[i]
-            state[name] = np.ascontiguousarray(tensor.T if transposed else tensor)
+            for e in _experts(path, cfg):
+                name, transposed = _hf_name(path, i, cfg.hf_prefix, e, cfg)
+                at = tuple(j for j in (i, e) if j is not None)
+                tensor = value[at] if at else value
+                state[name] = np.ascontiguousarray(tensor.T if transposed else tensor)
     return state

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxsft.model.attention import attention
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.layers import ACTIVATIONS, apply_rope, dense, rms_norm, rope_cos_sin
+from jaxsft.model.moe import moe_mlp
 
 REMAT_POLICIES = {
     "none": None,
@@ -33,7 +34,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float 
     """Random params in the contract's layout (for benchmarks and tests): N(0, std) kernels, unit norms."""
     L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     Q, KV, Dh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    keys = iter(jax.random.split(rng, 16))
+    keys = iter(jax.random.split(rng, 32))
 
     def normal(*shape):
         return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
@@ -59,7 +60,16 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float 
     if cfg.qk_norm:
         attn["q_norm"] = {"scale": norm(L, Dh)}
         attn["k_norm"] = {"scale": norm(L, Dh)}
-    if cfg.fused_gate_up:
+    if cfg.is_moe:
+        E, Fe, Fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        mlp = {"gate": {"kernel": normal(L, D, E)},
+               "experts": {"gate_proj": {"kernel": normal(L, E, D, Fe)}, "up_proj": {"kernel": normal(L, E, D, Fe)},
+                           "down_proj": {"kernel": normal(L, E, Fe, D)}}}
+        if Fs:
+            mlp["shared_expert"] = {"gate_proj": {"kernel": normal(L, D, Fs)}, "up_proj": {"kernel": normal(L, D, Fs)},
+                                    "down_proj": {"kernel": normal(L, Fs, D)}}
+            mlp["shared_expert_gate"] = {"kernel": normal(L, D, 1)}
+    elif cfg.fused_gate_up:
         mlp = {"gate_up_proj": {"kernel": normal(L, D, 2 * F)}, "down_proj": {"kernel": normal(L, F, D)}}
     else:
         mlp = {
@@ -98,9 +108,10 @@ def decoder_layer(
     sliding_window: int | None = None,
     mesh=None,
     interpret_kernels: bool = False,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One block (pre-norm; Gemma's sandwich norms when cfg says). Returns (x_BTD, (k, v)) where k, v are
-    what later tokens attend to. `sliding_window` is this layer's window (None: full attention).
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
+    """One block (pre-norm; Gemma's sandwich norms when cfg says). Returns (x_BTD, (k, v), router stats)
+    where k, v are what later tokens attend to and the stats are `moe_mlp`'s (empty for dense layers).
+    `sliding_window` is this layer's window (None: full attention).
     `mesh` and `interpret_kernels` go to `attention` (fused kernels run per shard of the mesh).
 
     Without a cache, tokens attend to each other. With `kv_cache` = {k_BSKD, v_BSKD, seg_BS, pos_BS,
@@ -110,7 +121,7 @@ def decoder_layer(
     B, T, _ = x_BTD.shape
     H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn = layer["self_attn"]
-    keys = iter(jax.random.split(dropout_rng, 7) if dropout_rng is not None else [None] * 7)
+    keys = iter(jax.random.split(dropout_rng, 10) if dropout_rng is not None else [None] * 10)
 
     def lin(x, p):  # one dense of this layer, with its own LoRA-dropout key
         return dense(x, p, lora_scale, lora_dropout, next(keys))
@@ -166,14 +177,18 @@ def decoder_layer(
     else:
         x_BTD = x_BTD + o_BTD
         h_BTD = norm(x_BTD, layer["post_attention_layernorm"])
-    if cfg.fused_gate_up:  # Phi-3: [gate | up] along the output axis
-        gate_BTF, up_BTF = jnp.split(lin(h_BTD, mlp["gate_up_proj"]), 2, axis=-1)
+    stats = {}
+    if cfg.is_moe:
+        m_BTD, stats = moe_mlp(h_BTD, mlp, cfg, seg_BT != 0, act, lin)
     else:
-        gate_BTF, up_BTF = lin(h_BTD, mlp["gate_proj"]), lin(h_BTD, mlp["up_proj"])
-    m_BTD = lin(act(gate_BTF) * up_BTF, mlp["down_proj"])
+        if cfg.fused_gate_up:  # Phi-3: [gate | up] along the output axis
+            gate_BTF, up_BTF = jnp.split(lin(h_BTD, mlp["gate_up_proj"]), 2, axis=-1)
+        else:
+            gate_BTF, up_BTF = lin(h_BTD, mlp["gate_proj"]), lin(h_BTD, mlp["up_proj"])
+        m_BTD = lin(act(gate_BTF) * up_BTF, mlp["down_proj"])
     if cfg.sandwich_norms:
         m_BTD = norm(m_BTD, layer["post_feedforward_layernorm"])
-    return x_BTD + m_BTD, (k_BSKD, v_BSKD)
+    return x_BTD + m_BTD, (k_BSKD, v_BSKD), stats
 
 
 def run_layers(
@@ -191,8 +206,10 @@ def run_layers(
     cache: dict | None = None,
     mesh=None,
     interpret_kernels: bool = False,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    router_stats: bool = False,
+) -> tuple:
     """The layer stack under one scan: embedded x_BTD in, last layer's output out (not final-normed).
+    Returns (x_BTD, kv); with `router_stats`, (x_BTD, kv, per-layer router stats [L, E] of `moe_mlp`).
 
     With `cache` = {k, v [L, B, S, K, D], seg, pos [B, S], index} (decoding), returns the updated k, v.
     Layers of different kinds (window, rope base) go through `lax.switch` on a per-layer kind index."""
@@ -214,11 +231,11 @@ def run_layers(
         kv_cache = None if cache is None else {"k": k_BSKD, "v": v_BSKD, "seg": cache["seg"],
                                                "pos": cache["pos"], "index": cache["index"]}
         if len(kinds) == 1:
-            x_BTD, kv = layer_fn(kinds[0], x_BTD, layer, key, kv_cache)
+            x_BTD, kv, stats = layer_fn(kinds[0], x_BTD, layer, key, kv_cache)
         else:
             branches = [lambda *a, k=k: layer_fn(k, *a) for k in kinds]
-            x_BTD, kv = jax.lax.switch(kind, branches, x_BTD, layer, key, kv_cache)
-        return x_BTD, (kv if cache is not None else None)
+            x_BTD, kv, stats = jax.lax.switch(kind, branches, x_BTD, layer, key, kv_cache)
+        return x_BTD, ((kv if cache is not None else None), stats)
 
     if remat_policy != "none":
         # prevent_cse=False is safe (and faster) under scan.
@@ -227,7 +244,8 @@ def run_layers(
     keys_L = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
     kind_L = jnp.asarray(cfg.layer_kind_index, jnp.int32) if len(kinds) > 1 else None
     k_L, v_L = (cache["k"], cache["v"]) if cache is not None else (None, None)
-    return jax.lax.scan(body, x_BTD, (params["layers"], keys_L, kind_L, k_L, v_L))
+    x_BTD, (kv, stats) = jax.lax.scan(body, x_BTD, (params["layers"], keys_L, kind_L, k_L, v_L))
+    return (x_BTD, kv, stats) if router_stats else (x_BTD, kv)
 
 
 def embed(params: dict, input_ids_BT: jax.Array, compute_dtype, cfg: ModelConfig | None = None) -> jax.Array:
@@ -249,14 +267,17 @@ def hidden_states(
     segment_ids_BT: jax.Array,
     *,
     compute_dtype=jnp.float32,
+    router_stats: bool = False,
     **kwargs,
-) -> jax.Array:
-    """Final-normed hidden states [B, T, D] in compute_dtype. kwargs (attention_impl, remat_policy,
-    lora_scale, lora_dropout, dropout_rng, mesh, interpret_kernels) go to `run_layers`; LoRA dropout runs
-    only given `dropout_rng`; fused attention kernels run per shard of `mesh`."""
+):
+    """Final-normed hidden states [B, T, D] in compute_dtype (with `router_stats`, also the MoE router
+    stats [L, E]). kwargs (attention_impl, remat_policy, lora_scale, lora_dropout, dropout_rng, mesh,
+    interpret_kernels) go to `run_layers`; LoRA dropout runs only given `dropout_rng`; fused attention
+    kernels run per shard of `mesh`."""
     x_BTD = embed(params, input_ids_BT, compute_dtype, cfg)
-    x_BTD, _ = run_layers(params, cfg, x_BTD, segment_ids_BT, positions_BT, **kwargs)
-    return final_norm(params, cfg, x_BTD)
+    x_BTD, _, stats = run_layers(params, cfg, x_BTD, segment_ids_BT, positions_BT, router_stats=True, **kwargs)
+    h_BTD = final_norm(params, cfg, x_BTD)
+    return (h_BTD, stats) if router_stats else h_BTD
 
 
 def lm_logits(params: dict, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
@@ -277,11 +298,15 @@ def forward(
     input_ids_BT: jax.Array,
     positions_BT: jax.Array,
     segment_ids_BT: jax.Array,
+    router_stats: bool = False,
     **kwargs,
-) -> jax.Array:
-    """Logits [B, T, V] (float32). kwargs go to `hidden_states`."""
-    h_BTD = hidden_states(params, cfg, input_ids_BT, positions_BT, segment_ids_BT, **kwargs)
-    return lm_logits(params, cfg, h_BTD)
+):
+    """Logits [B, T, V] (float32); with `router_stats`, (logits, MoE router stats). kwargs go to
+    `hidden_states`."""
+    h_BTD, stats = hidden_states(params, cfg, input_ids_BT, positions_BT, segment_ids_BT, router_stats=True,
+                                 **kwargs)
+    logits_BTV = lm_logits(params, cfg, h_BTD)
+    return (logits_BTV, stats) if router_stats else logits_BTV
 
 
 # Logical axes of each leaf, by its path in the tree. Norm scales and biases' feature axes follow
@@ -303,7 +328,13 @@ def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     stacked = path[0] == "layers"
     prefix = ("layers",) if stacked else ()
     module, leaf = path[-2], path[-1]
-    if path == ("embed_tokens", "embedding"):
+    if "experts" in path[:-2]:  # [L, E, in, out]: experts on their own axis
+        prefix = prefix + ("expert",)
+    if path[-2:] == ("gate", "kernel"):  # the MoE router [D, E]
+        axes = prefix + ("embed", None)
+    elif path[-2:] == ("shared_expert_gate", "kernel"):
+        axes = prefix + ("embed", None)
+    elif path == ("embed_tokens", "embedding"):
         axes = ("vocab", "embed")
     elif path == ("lm_head", "kernel"):
         axes = ("embed", "vocab")

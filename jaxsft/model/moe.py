@@ -1,0 +1,83 @@
+"""The sparse MLP of mixture-of-experts layers (Qwen2/3-MoE, Mixtral), routed as transformers routes it.
+
+Router softmax (fp32), top-k, optional renormalization of the k weights (`norm_topk_prob`). Every real
+token reaches its k experts: there is no capacity and nothing is dropped. The (token, expert) pairs are
+sorted by expert and each expert's FFN runs as one grouped matmul (`jax.lax.ragged_dot`) over its rows,
+so compute is k of E experts per token, never all of them and never padded to a capacity. Padding
+tokens (segment id 0) are routed nowhere: they sort past the last group, where ragged_dot writes zeros,
+and count in neither the load statistics nor the load-balancing loss.
+
+Param layout per layer (stacked on [L] like every layer leaf, experts on a second axis):
+`gate/kernel [D, E]` (the router), `experts/{gate_proj,up_proj}/kernel [E, D, F]`,
+`experts/down_proj/kernel [E, F, D]`, and for Qwen2-MoE `shared_expert/{gate,up,down}_proj` and
+`shared_expert_gate/kernel [D, 1]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxsft.model.config import ModelConfig
+
+EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def route(x_ND: jax.Array, router_DE: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router probabilities [N, E] (fp32), top-k weights [N, k] (in x's dtype) and expert indices [N, k]."""
+    logits_NE = x_ND @ router_DE.astype(x_ND.dtype)
+    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    top_w_NK, top_i_NK = jax.lax.top_k(probs_NE, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        top_w_NK = top_w_NK / top_w_NK.sum(axis=-1, keepdims=True)
+    return probs_NE, top_w_NK.astype(x_ND.dtype), top_i_NK
+
+
+def moe_mlp(h_BTD: jax.Array, mlp: dict, cfg: ModelConfig, valid_BT: jax.Array, act: Callable,
+            lin: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sparse block's output [B, T, D] and this layer's router statistics over real tokens:
+    `expert_tokens [E]` (top-k assignments per expert) and `expert_prob [E]` (summed router probability),
+    the two sums transformers' `load_balancing_loss_func` is made of. `lin` runs the shared expert's
+    dense layers (with their LoRA)."""
+    B, T, D = h_BTD.shape
+    E, K = cfg.num_experts, cfg.num_experts_per_tok
+    x_ND = h_BTD.reshape(B * T, D)
+    valid_N = valid_BT.reshape(B * T)
+    probs_NE, top_w_NK, top_i_NK = route(x_ND, mlp["gate"]["kernel"], cfg)
+
+    # (token, slot) pairs sorted by expert; padding's pairs get group E, past the last real group.
+    expert_M = jnp.where(valid_N[:, None], top_i_NK, E).reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)
+    token_M = order_M // K
+    group_sizes_E = jnp.bincount(expert_M, length=E + 1)[:E].astype(jnp.int32)
+    xs_MD = x_ND[token_M]
+    experts = mlp["experts"]
+
+    def grouped(x, name):
+        return jax.lax.ragged_dot(x, experts[name]["kernel"].astype(x.dtype), group_sizes_E)
+
+    y_MD = grouped(act(grouped(xs_MD, "gate_proj")) * grouped(xs_MD, "up_proj"), "down_proj")
+    y_MD = y_MD * top_w_NK.reshape(-1)[order_M][:, None]
+    out_ND = jnp.zeros_like(x_ND).at[token_M].add(y_MD)
+
+    if "shared_expert" in mlp:  # Qwen2-MoE
+        shared = mlp["shared_expert"]
+        s_ND = lin(act(lin(x_ND, shared["gate_proj"])) * lin(x_ND, shared["up_proj"]), shared["down_proj"])
+        gate_N1 = jax.nn.sigmoid(x_ND @ mlp["shared_expert_gate"]["kernel"].astype(x_ND.dtype))
+        out_ND = out_ND + gate_N1 * s_ND
+
+    real_N = valid_N.astype(jnp.float32)
+    stats = {
+        "expert_tokens": group_sizes_E.astype(jnp.float32),
+        "expert_prob": (probs_NE * real_N[:, None]).sum(axis=0),
+    }
+    return out_ND.reshape(B, T, D), stats
+
+
+def load_balancing_loss(expert_tokens_E: jax.Array, expert_prob_E: jax.Array, rows: jax.Array) -> jax.Array:
+    """transformers' `load_balancing_loss_func` from its sums over layers and real tokens: `rows` is
+    layers x real tokens; E * sum_e (top-k assignments to e / rows) * (router probability of e / rows)."""
+    rows = jnp.maximum(rows, 1.0)
+    return expert_tokens_E.shape[-1] * jnp.sum((expert_tokens_E / rows) * (expert_prob_E / rows))
