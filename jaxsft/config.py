@@ -95,6 +95,10 @@ class Config:
     freeze_trainable_layers: int = _field(2, "freeze: train the last N layers (first N when negative).")
     freeze_trainable_modules: str = _field("all", "freeze: comma list of module names trained in those layers.")
     freeze_extra_modules: Optional[str] = _field(None, "freeze: extra non-layer modules trained (e.g. embed_tokens).")
+    moe_aux_loss_coef: Optional[float] = _field(None, "Mixture of experts: weight of the router's load-balancing "
+                                                "loss (transformers' aux_loss) in the objective. Unset: config.json's "
+                                                "router_aux_loss_coef if its output_router_logits is true, else 0.")
+    train_router: bool = _field(False, "Mixture of experts: train the router (`gate`) too; frozen by default.")
     lora_rank: int = _field(8, "LoRA rank.")
     lora_alpha: Optional[int] = _field(None, "LoRA alpha (default 2 x rank).")
     lora_dropout: float = _field(0.0, "Dropout on the LoRA input.")

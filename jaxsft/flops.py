@@ -15,10 +15,15 @@ PEAK_BF16_FLOPS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token (embedding lookup excluded, lm_head included)."""
+    """Weights that take part in a matmul per token (embedding lookup excluded, lm_head included). In a
+    mixture of experts only the k experts a token is routed to count (plus the router and any shared
+    expert), so MFU compares with a dense model of the same active parameters."""
     d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     attn = d * dh * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * dh * d
     mlp = 3 * d * f
+    if cfg.is_moe:
+        mlp = (cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size + d * cfg.num_experts
+               + (3 * d * cfg.shared_expert_intermediate_size + d if cfg.shared_expert_intermediate_size else 0))
     return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 

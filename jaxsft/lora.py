@@ -31,16 +31,21 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HF_ORDER = ALL_LINEAR_MODULES  # the family table's module names, in HF order (for messages and `all`)
+MOE_NOT_ADAPTED = ("experts", "gate", "shared_expert_gate")
 _PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(?:lora_([AB])\.weight|lora_magnitude_(vector))")
 
 
 def _linear_modules(params: dict) -> dict[str, tuple[str, ...]]:
     """Module name -> tree path of every per-layer linear layer (a dict with a `kernel`), in HF's order.
-    lm_head is not among them: it sits outside the layer stack, as PEFT's `all-linear` leaves it out."""
+    lm_head is not among them: it sits outside the layer stack, as PEFT's `all-linear` leaves it out.
+    Nor are an MoE's router (`gate`), shared-expert gate and routed experts (LoRA on experts is not
+    supported yet); a shared expert's projections are."""
     found: dict[str, tuple[str, ...]] = {}
 
     def walk(node: dict, path: tuple[str, ...]):
         for key, value in node.items():
+            if key in MOE_NOT_ADAPTED:
+                continue
             if isinstance(value, dict):
                 if "kernel" in value:
                     found[key] = path + (key,)

@@ -198,13 +198,31 @@ class Trained:
     mesh: Any
 
 
+ROUTER = "layers/mlp/gate/kernel"  # the MoE router's leaf
+
+
 def _partition(flat: Flat, cfg: Config, model_cfg: ModelConfig) -> Partition:
     if cfg.finetuning_type == "full":
-        return full_partition(flat)
-    if cfg.finetuning_type == "freeze":
-        return freeze_partition(flat, cfg, model_cfg.num_layers)
-    from jaxsft.lora import lora_partition
-    return lora_partition(flat, cfg.additional_target)
+        part = full_partition(flat)
+    elif cfg.finetuning_type == "freeze":
+        part = freeze_partition(flat, cfg, model_cfg.num_layers)
+    else:
+        from jaxsft.lora import lora_partition
+        part = lora_partition(flat, cfg.additional_target)
+    if model_cfg.is_moe and not cfg.train_router:  # the router stays as it is unless train_router
+        part = dataclasses.replace(part, trainable=part.trainable - {ROUTER}, sliced=part.sliced - {ROUTER})
+    return part
+
+
+def aux_loss_coef(cfg: Config, model_cfg: ModelConfig) -> float:
+    """The weight of an MoE's load-balancing loss, as LLaMA-Factory sets it: `moe_aux_loss_coef` when given,
+    else config.json's router_aux_loss_coef when its output_router_logits is true (transformers then adds
+    it), else 0. Dense models: 0."""
+    if not model_cfg.is_moe:
+        return 0.0
+    if cfg.moe_aux_loss_coef is not None:
+        return float(cfg.moe_aux_loss_coef)
+    return model_cfg.router_aux_loss_coef if model_cfg.output_router_logits else 0.0
 
 
 def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) -> tuple[dict, float]:
@@ -275,7 +293,8 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None, abstract: bool 
     runner = ModelRunner(model_cfg, partition, attention_impl=attention_impl, mesh=mesh,
                          loss_chunk=cfg.loss_chunk_size, remat_policy=cfg.remat_policy,
                          compute_dtype=DTYPES[cfg.compute_dtype],
-                         lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0)
+                         lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0,
+                         aux_loss_coef=aux_loss_coef(cfg, model_cfg))
     model = Model(model_cfg, runner, partition, trainable, frozen, axes)
     t_shard, f_shard = model.shardings(mesh)
     if abstract:

@@ -17,6 +17,7 @@ import optax
 
 from jaxsft.loss import chunked_loss_sums, chunked_token_losses, loss_sums, token_losses
 from jaxsft.model.config import ModelConfig
+from jaxsft.model.moe import load_balancing_loss
 from jaxsft.model.transformer import hidden_states, lm_logits
 from jaxsft.params import Flat, Partition, merge
 
@@ -36,9 +37,11 @@ class ModelRunner:
 
     # Positions per chunk of the loss (chunked_loss_sums); 0 computes whole rows' logits at once.
     loss_chunk: int = 512
+    aux_loss_coef: float = 0.0  # MoE: weight of the router load-balancing loss in the objective
 
     def _hidden(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
-                dropout_rng: jax.Array | None = None) -> tuple[dict, jax.Array]:
+                dropout_rng: jax.Array | None = None) -> tuple[dict, jax.Array, dict]:
+        """Merged params, final hidden states and the MoE router stats (empty for dense models)."""
         params = merge(trainable, frozen, self.partition)
         kwargs = {"lora_scale": self.lora_scale} if self.lora_scale is not None else {}
         if dropout_rng is not None and self.lora_dropout > 0:
@@ -46,27 +49,30 @@ class ModelRunner:
         h_BTD = hidden_states(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
                               attention_impl=self.attention_impl, remat_policy=self.remat_policy,
                               compute_dtype=self.compute_dtype, mesh=self.mesh,
-                              interpret_kernels=self.interpret_kernels, **kwargs)
-        return params, h_BTD
+                              interpret_kernels=self.interpret_kernels, router_stats=True, **kwargs)
+        return params, *h_BTD
 
     def logits(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
                dropout_rng: jax.Array | None = None) -> jax.Array:
         """Whole rows' logits [B, T, V] in fp32 (the train and eval steps never build these)."""
-        params, h_BTD = self._hidden(trainable, frozen, batch, dropout_rng)
+        params, h_BTD, _ = self._hidden(trainable, frozen, batch, dropout_rng)
         return lm_logits(params, self.model, h_BTD)
 
     def loss_sums(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array],
-                  dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Summed loss, label tokens and correct predictions of `batch["targets"]`, chunked."""
-        params, h_BTD = self._hidden(trainable, frozen, batch, dropout_rng)
+                  dropout_rng: jax.Array | None = None, router_stats: bool = False):
+        """Summed loss, label tokens and correct predictions of `batch["targets"]`, chunked; with
+        `router_stats`, (those sums, the MoE router stats per layer)."""
+        params, h_BTD, stats = self._hidden(trainable, frozen, batch, dropout_rng)
         if self.loss_chunk <= 0:
-            return loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"])
-        return chunked_loss_sums(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
-                                 self.loss_chunk)
+            sums = loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"])
+        else:
+            sums = chunked_loss_sums(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
+                                     self.loss_chunk)
+        return (sums, stats) if router_stats else sums
 
     def token_losses(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]):
         """Per-token loss, label mask and correctness [B, T], chunked."""
-        params, h_BTD = self._hidden(trainable, frozen, batch)
+        params, h_BTD, _ = self._hidden(trainable, frozen, batch)
         if self.loss_chunk <= 0:
             return token_losses(lm_logits(params, self.model, h_BTD), batch["targets"])
         return chunked_token_losses(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
@@ -86,11 +92,38 @@ def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def _real_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    return (batch["segment_ids"] != 0).sum().astype(jnp.float32)
+
+
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: Callable,
                     skip_nonfinite: bool = False) -> Callable:
-    def micro_loss(trainable, frozen, micro, dropout_rng):
-        sums = runner.loss_sums(trainable, frozen, micro, dropout_rng)
-        return sums["loss_sum"], sums
+    """The MoE load-balancing loss (transformers' `load_balancing_loss_func` over the real tokens of the
+    whole global batch, all layers) is a separate term: `aux_loss_coef x aux` joins the objective, and
+    `aux_loss` and `expert_load` (share of top-k assignments per expert) are reported beside `loss`.
+    Its value is exact over the global batch; its gradient, E x sum_e f_e x dP_e with f_e a frequency
+    that gets no gradient, takes each micro-batch's own frequencies f_e (all of them with one
+    micro-batch, where it is transformers' gradient exactly) and is weighted by real tokens, so
+    packing and accumulation do not reweight it."""
+    cfg = runner.model
+    moe = cfg.is_moe
+    stat_keys = ("loss_sum", "label_tokens", "correct") + (("router_rows",) if moe else ())
+
+    def micro_loss(trainable, frozen, micro, dropout_rng, totals):
+        if not moe:
+            sums = runner.loss_sums(trainable, frozen, micro, dropout_rng)
+            return sums["loss_sum"], sums
+        sums, stats = runner.loss_sums(trainable, frozen, micro, dropout_rng, router_stats=True)
+        tokens_E, prob_E = stats["expert_tokens"].sum(0), stats["expert_prob"].sum(0)
+        rows = cfg.num_layers * _real_tokens(micro)
+        sums = {**sums, "expert_tokens": tokens_E, "expert_prob": jax.lax.stop_gradient(prob_E), "router_rows": rows}
+        objective = sums["loss_sum"]
+        if runner.aux_loss_coef:
+            label_total, rows_total = totals
+            freq_E = jax.lax.stop_gradient(tokens_E / jnp.maximum(rows, 1.0))
+            aux = cfg.num_experts * jnp.sum(freq_E * prob_E / rows_total)
+            objective = objective + runner.aux_loss_coef * label_total * aux  # the step divides by label_total
+        return objective, sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -99,11 +132,15 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
 
         def accumulate(carry, micro_and_key):
             micro, dropout_rng = micro_and_key
-            grads, sums = grad_fn(trainable, frozen, micro, dropout_rng)
+            grads, sums = grad_fn(trainable, frozen, micro, dropout_rng, totals)
             return _tree_add(carry, (grads, sums)), None
 
         zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "label_tokens", "correct")}
+        totals = ((batch["targets"] != -100).sum().astype(jnp.float32).clip(1.0),
+                  (cfg.num_layers * _real_tokens(batch)).clip(1.0))
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in stat_keys}
+        if moe:
+            zero_sums.update({k: jnp.zeros((cfg.num_experts,), jnp.float32) for k in ("expert_tokens", "expert_prob")})
         dropout_keys = None  # one key per micro-batch, only when there is dropout to draw
         if runner.lora_dropout > 0:
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2)
@@ -130,6 +167,9 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
             "label_tokens": sums["label_tokens"],
             "finite": finite,
         }
+        if moe:
+            metrics["aux_loss"] = load_balancing_loss(sums["expert_tokens"], sums["expert_prob"], sums["router_rows"])
+            metrics["expert_load"] = sums["expert_tokens"] / jnp.maximum(sums["router_rows"] * cfg.num_experts_per_tok, 1.0)
         return new_state, metrics
 
     return train_step

@@ -366,6 +366,17 @@ def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops_per_token
     mfu = tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else None
     return {"loss": round(loss, 4), "accuracy": round(accuracy, 4), "lr": float(fetched[-1]["lr"]),
             "grad_norm": round(float(np.mean([float(m["grad_norm"]) for m in fetched])), 4),
-            "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu is not None else None}
+            "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu is not None else None,
+            **_moe_summary(fetched)}
+
+
+def _moe_summary(fetched: list[dict]) -> dict[str, Any]:
+    """MoE runs: the router's load-balancing loss and each expert's share of the top-k assignments,
+    averaged over the logged steps."""
+    if "aux_loss" not in fetched[0]:
+        return {}
+    load_E = np.mean([np.asarray(m["expert_load"], np.float64) for m in fetched], axis=0)
+    return {"aux_loss": round(float(np.mean([float(m["aux_loss"]) for m in fetched])), 6),
+            "expert_load": [round(float(x), 4) for x in load_E]}
 
 
