@@ -253,3 +253,16 @@ def test_cli_run_logs_aux_loss_and_expert_load(tmp_path):
     for r in train:
         assert r["aux_loss"] > 0 and len(r["expert_load"]) == 4
         assert sum(r["expert_load"]) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [{"decoder_sparse_step": 2}, {"mlp_only_layers": [0]}])
+def test_dense_layers_among_sparse_ones_are_refused_by_name(bad):
+    from jaxsft.model.config import ModelConfig
+
+    hf_cfg = {"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 8,
+              "num_hidden_layers": 2, "num_attention_heads": 1, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 4, **bad}
+    with pytest.raises(ValueError, match="qwen3_moe: decoder_sparse_step.*not supported"):
+        ModelConfig.from_hf(hf_cfg)
+    ok = ModelConfig.from_hf({**hf_cfg, "decoder_sparse_step": 1, "mlp_only_layers": []})
+    assert ok.num_experts == 4

@@ -82,11 +82,11 @@ FAMILIES: dict[str, Family] = {
     # Gemma3ForConditionalGeneration: the text tower is trained, the vision tower is carried through export.
     "gemma3": Family(text_config="text_config", text_model_type="gemma3_text", hf_prefix="language_model.model.",
                      peft_prefix="model.language_model."),
-    "qwen2_moe": Family(qkv_bias=True, windows="qwen", default_rope_theta=1e6, moe="qwen", shared_expert=True),
-    "qwen3_moe": Family(qk_norm=True, windows="qwen", default_rope_theta=1e6, moe="qwen"),
+    "phi3": Family(fused_qkv=True, fused_gate_up=True, windows="all", linear_modules=FUSED_LINEAR),
+    "qwen2_moe": Family(qkv_bias=True, windows="qwen", moe="qwen", shared_expert=True),
+    "qwen3_moe": Family(qk_norm=True, windows="qwen", moe="qwen"),
     "mixtral": Family(windows="all", default_rope_theta=1e6, moe="mixtral", moe_block="block_sparse_moe",
                       expert_names=("w1", "w3", "w2")),
-    "phi3": Family(fused_qkv=True, fused_gate_up=True, windows="all", linear_modules=FUSED_LINEAR),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

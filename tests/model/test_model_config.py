@@ -67,7 +67,7 @@ def test_legacy_rope_scaling_layout():
 
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="model_type 'gpt2'.*llama, mistral, qwen2, qwen3, gemma, gemma2, "
-                                         "gemma3_text, gemma3, phi3"):
+                                         "gemma3_text, gemma3, phi3, qwen2_moe, qwen3_moe, mixtral"):
         ModelConfig.from_hf({"model_type": "gpt2", **SMALL})
     with pytest.raises(ValueError, match="rope scaling type 'mrope'.*llama3, yarn, dynamic, longrope"):
         ModelConfig.from_hf(dict(model_type="llama", **SMALL, rope_scaling={"rope_type": "mrope", "factor": 2.0}))
