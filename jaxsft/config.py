@@ -510,6 +510,8 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
             continue
         try:
             _check_key(key)
+            if value is False and "no" in FIELDS[key].metadata.get("choices", ()):
+                value = "no"  # YAML 1.1 reads an unquoted `save_strategy: no` as false
             kwargs[key] = _coerce(key, value, _TYPES[key])
         except ConfigError as e:
             if origins and key in origins:

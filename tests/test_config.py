@@ -251,3 +251,15 @@ def test_a_bad_override_names_the_command_line_not_the_file(tmp_path, capsys):
     assert cli([write(tmp_path, "lora_rank: eight\n")]) == 2  # in the file: the file is named
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}/")
 
+
+
+def test_unquoted_no_strategy_reads_as_no(tmp_path):
+    """YAML 1.1 reads `save_strategy: no` as false; LLaMA-Factory users write it unquoted."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("save_strategy: no\neval_strategy: no\n")
+    cfg = load_config(str(path), ["save_strategy=no"])
+    assert (cfg.save_strategy, cfg.eval_strategy) == ("no", "no")
+    cfg = load_config(str(path))
+    assert (cfg.save_strategy, cfg.eval_strategy) == ("no", "no")
+    with pytest.raises(ConfigError, match="do_train"):
+        load_config(str(path), ["do_train=maybe"])
