@@ -266,6 +266,12 @@ class RunLogger:
         fig.savefig(path, format="png", dpi=100)
         return path
 
+    def end_progress(self) -> None:
+        """Close the progress bar once training is done, so the results printed after it read cleanly
+        (an open bar redraws itself around every later line)."""
+        if self.enabled and not self._bar.disable:
+            self._bar.close()
+
     def close(self) -> None:
         """Write the loss plots (when plot_loss) and close the bar, the log and TensorBoard."""
         if not self.enabled:

@@ -319,6 +319,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                 return {"stopped_at_step": step}, None
     train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
     checkpoints.close()
+    run_log.end_progress()
     results = {
         "train_runtime": round(train_runtime, 4),
         "train_samples_per_second": round(examples_seen / train_runtime, 3),
