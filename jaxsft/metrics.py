@@ -12,6 +12,8 @@ Everything here is pure (numpy in, numbers out); the eval loop decides what an "
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +87,8 @@ def similarity_scores(prediction: str, label: str) -> dict[str, float]:
     import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_chinese import Rouge
+
+    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading chatter is DEBUG noise for our users
 
     hypothesis = list(jieba.cut(prediction))
     reference = list(jieba.cut(label))
