@@ -87,6 +87,31 @@ def describe(cfg: Config, stages: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _split_flag_overrides(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Separate `--key value` / `--key=value` / `--flag` overrides (as LLaMA-Factory's CLI takes them) from
+    the parser's own options, before argparse sees them: left to argparse, the value of an unknown flag
+    would be taken for the config file."""
+    takes_value = {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+    own, extra, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if name in takes_value or not token.startswith("--"):
+            own.append(token)
+            if takes_value.get(name) and "=" not in token and i + 1 < len(argv):
+                own.append(argv[i + 1])
+                i += 1
+        elif "=" in token:
+            extra.append(token[2:])
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            extra.append(f"{token[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            extra.append(f"{token[2:]}=true")
+        i += 1
+    return own, extra
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jaxsft.main",
@@ -98,21 +123,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="compile the run's steps for a TPU slice (e.g. v5p-8, v5e:2x2) or GPU host (h100-8) on "
                              "this host, print per-chip memory and FLOPs, then stop (same as compile_for=TARGET)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML")
-    args, unknown = parser.parse_known_args(argv)
-    # `--key value` / `--key=value` overrides as LLaMA-Factory's CLI takes them.
-    extra, i = [], 0
-    while i < len(unknown):
-        token = unknown[i]
-        if not token.startswith("--"):
-            extra.append(token)
-        elif "=" in token:
-            extra.append(token[2:])
-        elif i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
-            extra.append(f"{token[2:]}={unknown[i + 1]}")
-            i += 1
-        else:
-            extra.append(f"{token[2:]}=true")
-        i += 1
+    own, extra = _split_flag_overrides(argv, parser)
+    args = parser.parse_intermixed_args(own)
     if args.config_file and "=" in args.config_file:  # first positional was an override, not a file
         args.overrides.insert(0, args.config_file)
         args.config_file = None

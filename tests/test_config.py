@@ -173,6 +173,13 @@ def test_cli_accepts_llamafactory_style_flags():
     args = parse_args(["cfg.yaml", "lora_rank=4", "--learning_rate", "3e-4", "--bf16"])
     assert args.config == "cfg.yaml"
     assert args.overrides == ["lora_rank=4", "learning_rate=3e-4", "bf16=true"]
+    # With --config, the value of a flag override is not taken for the config file.
+    args = parse_args(["--config", "cfg.yaml", "--learning_rate", "3e-4", "--dry_run", "--lora_rank=4", "--bf16"])
+    assert (args.config, args.dry_run) == ("cfg.yaml", True)
+    assert args.overrides == ["learning_rate=3e-4", "lora_rank=4", "bf16=true"]
+    args = parse_args(["--learning_rate", "3e-4", "--config=cfg.yaml", "--compile_for", "v5p-8"])
+    assert args.config == "cfg.yaml"
+    assert args.overrides == ["learning_rate=3e-4", "compile_for=v5p-8"]
 
 
 def test_cli_error_exits_nonzero_with_message(tmp_path, capsys):
