@@ -33,8 +33,6 @@ from jaxsft.run_logging import RunLogger, clear_results
 from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
                             is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.params import merge
-from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
-                            is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.sharding import global_batch, replicated
 from jaxsft.trackers import Trackers
 from jaxsft.step import init_state, make_eval_step, make_train_step

@@ -242,7 +242,8 @@ def test_disk_full_while_saving_is_an_error_and_earlier_checkpoints_stay_intact(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     last = errors[0]
-    assert "jaxsft/" not in result.stderr  # no traceback of ours (orbax logs its writer threads' own)
+    # No traceback frame of ours (orbax logs its writer threads' own); cache paths may name jaxsft/.
+    assert not re.search(r'File ".*/jaxsft/', result.stderr), result.stderr[-3000:]
     assert re.fullmatch(
         re.escape(f"error: no space left on device while saving checkpoint_2 in {out} (") + r"[\d.]+"
         + re.escape(" MiB free); intact checkpoints: checkpoint_1. Free some space (or lower save_total_limit), "
