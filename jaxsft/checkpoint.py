@@ -83,9 +83,21 @@ class CorruptCheckpoint(UserError, ValueError):
     """A checkpoint that exists but cannot be read (truncated, damaged or incomplete files)."""
 
 
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Delete what a killed save left (`checkpoint_<step>.orbax-checkpoint-tmp`) before orbax looks. Orbax's
+    own cleanup runs in a background thread per manager; with two managers on one folder (resume lookup,
+    then saving) they raced over the same files and orbax logged a traceback. Process 0 only: one deleter."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             step_prefix="checkpoint",
