@@ -54,44 +54,44 @@ DATA_CASES = [
     #  [, a dataset_info.json entry when the file is named through the registry])
     ("missing_key_in_turn", "a.json", [_sharegpt(("human", "hi"), ("gpt", "yo")) | {
         "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}],
-     "{path}, row 0, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"),
+     "{path}, row 1, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"),
     ("instruction_not_a_string", "a.json", [OK, {"instruction": 5, "output": "x"}],
-     "{path}, row 1, field 'instruction': expected a string, got int 5"),
+     "{path}, row 2, field 'instruction': expected a string, got int 5"),
     ("content_not_a_string", "a.json", [_sharegpt(("human", ["hi"]), ("gpt", "yo"))],
-     "{path}, row 0, field 'conversations[0].value': expected a string, got list ['hi']"),
+     "{path}, row 1, field 'conversations[0].value': expected a string, got list ['hi']"),
     ("conversations_not_a_list", "a.json", [_sharegpt(("human", "q"), ("gpt", "a")), {"conversations": "hi"}],
-     "{path}, row 1, field 'conversations': expected a list of turns, got 'hi'"),
+     "{path}, row 2, field 'conversations': expected a list of turns, got 'hi'"),
     ("row_not_an_object", "a.json", [OK, "just text"],
-     "{path}, row 1, field '<row>': expected a JSON object, got 'just text'"),
+     "{path}, row 2, field '<row>': expected a JSON object, got 'just text'"),
     ("history_not_pairs", "a.json", [{"instruction": "q", "output": "a", "history": [["only one"]]}],
-     "{path}, row 0, field 'history[0]': expected a [prompt, response] pair, got ['only one']"),
+     "{path}, row 1, field 'history[0]': expected a [prompt, response] pair, got ['only one']"),
     ("function_call_not_json", "a.json",
      [_sharegpt(("human", "q"), ("function_call", "{not json"), ("observation", "r"), ("gpt", "a"))],
-     "{path}, row 0, field 'conversations[1].value': a function call is not valid JSON (Expecting property name "
+     "{path}, row 1, field 'conversations[1].value': a function call is not valid JSON (Expecting property name "
      "enclosed in double quotes: line 1 column 2 (char 1)): '{{not json'"),
     ("tools_not_json", "a.json", [_sharegpt(("human", "q"), ("gpt", "a"), tools="[{name: f}")],
-     "{path}, row 0, field 'tools': tools is not valid JSON (Expecting property name enclosed in double quotes: "
+     "{path}, row 1, field 'tools': tools is not valid JSON (Expecting property name enclosed in double quotes: "
      "line 1 column 3 (char 2)): '[{{name: f}}'"),
     ("openai_tool_calls_malformed", "a.json", [{"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]}],
-     "{path}, row 0, field 'messages[1].tool_calls': expected a list of {{'function': ...}} objects, got "
+     "{path}, row 1, field 'messages[1].tool_calls': expected a list of {{'function': ...}} objects, got "
      "[{{'name': 'f'}}]", {"formatting": "openai", "columns": {"messages": "messages"},
                            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                     "assistant_tag": "assistant", "observation_tag": "tool",
                                     "function_tag": "function_call", "system_tag": "system"}}),
     ("empty_response_everywhere", "a.json", [{"instruction": "q"}, {"instruction": "r", "output": None}],
      "No training examples left after preprocessing {path} (2 rows): 2 of 2 rows were dropped, first reasons: "
-     "{path}, row 0, field 'output': no response (got None); {path}, row 1, field 'output': no response (got None)"
+     "{path}, row 1, field 'output': no response (got None); {path}, row 2, field 'output': no response (got None)"
      ". Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no data would train "
      "nothing."),
     ("unknown_role", "a.json", [_sharegpt(("human", "q"), ("bot", "a"))],
      "No training examples left after preprocessing {path} (1 rows): 1 of 1 rows were dropped, first reasons: "
-     "{path}, row 0, field 'conversations[1].from': unknown role 'bot' (this dataset's roles: 'human', 'gpt', "
+     "{path}, row 1, field 'conversations[1].from': unknown role 'bot' (this dataset's roles: 'human', 'gpt', "
      "'observation', 'function_call', 'system'; set them in tags of dataset_info.json). Fix those rows, or the "
      "dataset's formatting/columns in dataset_info.json; a run with no data would train nothing."),
     ("turns_do_not_alternate", "a.jsonl", json.dumps(_sharegpt(("human", "q"), ("human", "again"))) + "\n",
      "No training examples left after preprocessing {path} (1 rows): 1 of 1 rows were dropped, first reasons: "
-     "{path}, row 0, field 'conversations[1].from': role 'human' out of order (expected one of ['gpt', "
+     "{path}, row 1, field 'conversations[1].from': role 'human' out of order (expected one of ['gpt', "
      "'function_call']). Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no "
      "data would train nothing."),
     ("non_utf8_json", "a.json", b'[\n{"instruction": "caf\xe9", "output": "x"}\n]',
@@ -109,7 +109,7 @@ DATA_CASES = [
      "is corrupted or this is not a parquet file."),
     ("parquet_without_response_column", "a.parquet", _parquet_missing_output,
      "No training examples left after preprocessing {path} (2 rows): 2 of 2 rows were dropped, first reasons: "
-     "{path}, row 0, field 'output': no response (got None); {path}, row 1, field 'output': no response (got None)"
+     "{path}, row 1, field 'output': no response (got None); {path}, row 2, field 'output': no response (got None)"
      ". Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no data would train "
      "nothing."),
     ("empty_file", "a.json", [],
@@ -154,12 +154,12 @@ def test_skip_invalid_examples_counts_and_reports_the_first_reasons(tmp_path, ca
     rows = [OK, {"instruction": 3, "output": "x"}, OK, {"instruction": "q"}, "text", OK]
     path.write_text(json.dumps(rows))
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    with pytest.raises(InvalidExample, match=r"row 1, field 'instruction'"):
+    with pytest.raises(InvalidExample, match=r"row 2, field 'instruction'"):
         build_datasets(_args(path, tmp_path), tokenizer)
     data = build_datasets(_args(path, tmp_path, skip_invalid_examples=True), tokenizer)
-    reasons = [f"{path}, row 1, field 'instruction': expected a string, got int 3",
-               f"{path}, row 3, field 'output': no response (got None)",
-               f"{path}, row 4, field '<row>': expected a JSON object, got 'text'"]
+    reasons = [f"{path}, row 2, field 'instruction': expected a string, got int 3",
+               f"{path}, row 4, field 'output': no response (got None)",
+               f"{path}, row 5, field '<row>': expected a JSON object, got 'text'"]
     assert (data.stats["train_examples"], data.stats["train_dropped"]) == (3, 3)
     assert data.stats["train_dropped_reasons"] == reasons
     assert "train data: dropped 3 of 6 rows (the run goes on without them); first reasons:\n  " + "\n  ".join(
@@ -168,6 +168,19 @@ def test_skip_invalid_examples_counts_and_reports_the_first_reasons(tmp_path, ca
     path.write_text(json.dumps([{"instruction": 3, "output": "x"}]))
     with pytest.raises(InputError, match=r"No training examples left .* 1 of 1 rows were dropped"):
         build_datasets(_args(path, tmp_path, skip_invalid_examples=True), tokenizer)
+
+
+def test_jsonl_rows_and_lines_are_counted_alike(tmp_path):
+    """A bad field on the third line and a syntax error on the third line both say 3 (one convention: from 1)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(OK), json.dumps(OK), json.dumps({"instruction": "q"})]) + "\n")
+    data = build_datasets(_args(path, tmp_path), tokenizer)  # LF drops a row without a response
+    assert data.stats["train_dropped_reasons"] == [f"{path}, row 3, field 'output': no response (got None)"]
+    path.write_text("\n".join([json.dumps(OK), json.dumps(OK), '{"instruction": "q",']) + "\n")
+    with pytest.raises(InputError) as e:
+        build_datasets(_args(path, tmp_path), tokenizer)
+    assert str(e.value).startswith(f"{path}, line 3: invalid JSON")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 from jaxsft.data import sources
 from jaxsft.data.args import DataArgs
 from jaxsft.data.batch_tokenize import prefetch
-from jaxsft.data.formats import InvalidExample, to_conversation
+from jaxsft.data.formats import InvalidExample, row_place, to_conversation
 from jaxsft.data.packing import Example
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
 from jaxsft.data.templates import get_template
@@ -130,7 +130,7 @@ def _guarded(attr, row_no: int, args: DataArgs, counts: Counts, make: Callable[[
     except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
         if not args.skip_invalid_examples:
             raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
-        counts.drop(f"{attr.path}, row {row_no}: {e}")
+        counts.drop(f"{row_place(attr.path, row_no)}: {e}")
     return _DROPPED
 
 
@@ -152,7 +152,7 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
         n_learned = learned(example[1])
         if n_learned == 0:
-            counts.drop(f"{path}, row {row_no}: no label tokens left after truncation to "
+            counts.drop(f"{row_place(path, row_no)}: no label tokens left after truncation to "
                         f"cutoff_len={args.cutoff_len}")
             continue
         counts.examples += 1

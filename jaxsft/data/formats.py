@@ -36,12 +36,17 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
 
 
+def row_place(file: str, row: int) -> str:
+    """Where a row is, for people: rows count from 1, as lines do (row 1 of a jsonl file is its line 1)."""
+    return f"{file}, row {row + 1}"
+
+
 class InvalidExample(InputError):
     """A row that cannot become a training example; says where and why."""
 
     def __init__(self, file: str, row: int, field: str, reason: str, kind: str = "malformed"):
         self.file, self.row, self.field, self.reason, self.kind = file, row, field, reason, kind
-        super().__init__(f"{file}, row {row}, field '{field}': {reason}")
+        super().__init__(f"{row_place(file, row)}, field '{field}': {reason}")
 
     def __reduce__(self):  # rebuilt from its parts when it crosses a process boundary
         return InvalidExample, (self.file, self.row, self.field, self.reason, self.kind)

@@ -38,7 +38,7 @@ def test_malformed_row_error_names_file_row_and_field(tmp_path, new_tokenizer):
                     skip_invalid_examples=False)
     with pytest.raises(InvalidExample) as e:
         build_datasets(args, new_tokenizer())
-    assert str(e.value) == f"{path}, row 1, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"
+    assert str(e.value) == f"{path}, row 2, field 'conversations[1]': missing key 'value' in {{'from': 'gpt'}}"
     assert (e.value.file, e.value.row, e.value.field) == (str(path), 1, "conversations[1]")
 
 
@@ -54,7 +54,7 @@ def test_malformed_structures(tmp_path, row, field, reason):
     (attr,) = resolve("chat", str(tmp_path))
     with pytest.raises(InvalidExample) as e:
         to_conversation(load_rows(attr)[0], attr, attr.path, 0)
-    assert str(e.value) == f"{path}, row 0, field '{field}': {reason}"
+    assert str(e.value) == f"{path}, row 1, field '{field}': {reason}"
     assert e.value.kind == "malformed"
 
 
@@ -65,7 +65,7 @@ def test_skipped_when_allowed_and_counted_with_reasons(tmp_path, new_tokenizer):
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 2 and data.stats["train_dropped"] == 1
     assert data.stats["train_dropped_reasons"] == [
-        f"{path}, row 1, field 'conversations[0]': missing key 'value' in {{'from': 'human'}}"]
+        f"{path}, row 2, field 'conversations[0]': missing key 'value' in {{'from': 'human'}}"]
 
 
 @pytest.mark.parametrize("turns, field, reason", [
@@ -87,7 +87,7 @@ def test_llamafactory_drops_are_always_dropped(tmp_path, new_tokenizer, turns, f
                     skip_invalid_examples=False)  # LF drops these with a warning: so do we
     data = build_datasets(args, new_tokenizer())
     assert data.stats["train_examples"] == 1
-    assert data.stats["train_dropped_reasons"] == [f"{path}, row 0, field '{field}': {reason}"]
+    assert data.stats["train_dropped_reasons"] == [f"{path}, row 1, field '{field}': {reason}"]
 
 
 def test_alpaca_rules(tmp_path):
@@ -98,7 +98,7 @@ def test_alpaca_rules(tmp_path):
     rows = load_rows(attr)
     conv = to_conversation(rows[0], attr, attr.path, 0)
     assert [(m.role, m.content) for m in conv.messages] == [("user", "I\nX"), ("assistant", "O")]
-    with pytest.raises(InvalidExample, match=r"row 1, field 'output': no response \(got None\)") as e:
+    with pytest.raises(InvalidExample, match=r"row 2, field 'output': no response \(got None\)") as e:
         to_conversation(rows[1], attr, attr.path, 1)
     assert e.value.kind == "dropped"
     # an empty instruction and answer is still an example for LF

@@ -45,6 +45,6 @@ def test_worker_error_names_file_row_field(parent_encodes, data_dir, new_tokeniz
     rows[150]["instruction"] = {"not": "text"}
     (tmp_path / "alpaca_en_demo.json").write_text(json.dumps(rows))
     (tmp_path / "dataset_info.json").write_text(json.dumps({"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}}))
-    with pytest.raises(InvalidExample, match=r"alpaca_en_demo.json, row 150, field 'instruction'"):
+    with pytest.raises(InvalidExample, match=r"alpaca_en_demo.json, row 151, field 'instruction'"):
         pipeline.build_datasets(args(tmp_path, 2), new_tokenizer())
     assert parent_encodes == []  # the error came from a worker
