@@ -82,6 +82,10 @@ def _is_disk_full(e: BaseException | None) -> bool:
 class CorruptCheckpoint(UserError, ValueError):
     """A checkpoint that exists but cannot be read (truncated, damaged or incomplete files)."""
 
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message  # which checkpoint and why, without the advice
+
 
 def _remove_unfinished_saves(directory: Path) -> None:
     """Delete what a killed save left (`checkpoint_<step>.orbax-checkpoint-tmp`) before orbax looks. Orbax's
@@ -132,15 +136,19 @@ class Checkpoints:
         except Exception as e:
             others = ", ".join(f"checkpoint_{s}" for s in self.all_steps() if s != step) or "none"
             reason = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CorruptCheckpoint(f"checkpoint {self.directory / f'checkpoint_{step}'} cannot be read "
-                                    f"({type(e).__name__}: {reason}); it is damaged or incomplete. Resume from "
-                                    f"another checkpoint (here: {others}), or move it aside") from e
+            what = f"checkpoint {self.directory / f'checkpoint_{step}'} cannot be read ({type(e).__name__}: {reason})"
+            raise CorruptCheckpoint(f"{what}; it is damaged or incomplete. Resume from another checkpoint (here: "
+                                    f"{others}), or move it aside", what=what) from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Lists the steps again (after a checkpoint was moved aside)."""
+        self.manager.reload()
 
     def save(self, step: int, state: dict, frozen: dict, data_state: dict, config: dict,
              partition: Partition, progress: dict | None = None) -> None:

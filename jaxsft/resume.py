@@ -34,6 +34,19 @@ def committed_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
 
 
+def is_auto(cfg: Config) -> bool:
+    """`resume_from_checkpoint: true`: the newest checkpoint that can be read (a damaged one is set aside)."""
+    return cfg.resume_from_checkpoint is True or str(cfg.resume_from_checkpoint).lower() == "true"
+
+
+def set_aside_damaged(directory: Path, step: int) -> Path:
+    """Moves a checkpoint that cannot be read out of the way (nothing is deleted); main process only."""
+    aside = directory / "set_aside" / f"damaged_checkpoint_{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(directory / f"checkpoint_{step}"), str(aside))
+    return aside
+
+
 def resume_target(cfg: Config) -> tuple[Path, int] | None:
     """(checkpoint manager dir, step) the config resumes from, or None for a fresh start."""
     from jaxsft.checkpoint import Checkpoints, find_checkpoint
@@ -41,7 +54,7 @@ def resume_target(cfg: Config) -> tuple[Path, int] | None:
     value = cfg.resume_from_checkpoint
     if value in (None, False) or str(value).lower() == "false":
         return None
-    if value is True or str(value).lower() == "true":
+    if is_auto(cfg):
         found = Checkpoints(cfg.output_dir, async_save=False).latest_step()
         if found is None:
             raise MissingPath(f"resume_from_checkpoint: true but no complete checkpoint in {cfg.output_dir}")

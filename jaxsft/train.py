@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxsft.checkpoint import Checkpoints, abstract_like, holds_optimizer_state, model_only
+from jaxsft.checkpoint import Checkpoints, CorruptCheckpoint, abstract_like, holds_optimizer_state, model_only
 from jaxsft.config import Config, ConfigError, report_targets
 from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import UserError
@@ -28,7 +28,8 @@ from jaxsft.evaluate import evaluate, jit_eval_step
 from jaxsft.export import save_pissa_start, save_trained_model
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
-from jaxsft.resume import check_config_change, prepare_output_dir, resume_target
+from jaxsft.resume import (check_config_change, committed_steps, is_auto, prepare_output_dir, resume_target,
+                           set_aside_damaged)
 from jaxsft.run_logging import RunLogger, clear_results
 from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
                             is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
@@ -139,6 +140,27 @@ def run_training(cfg: Config) -> dict[str, Any]:
     return train(cfg)[0]
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _older_checkpoint(cfg: Config, directory: Path, step: int, error: CorruptCheckpoint) -> int:
+    """After checkpoint_<step> could not be read: with `resume_from_checkpoint: true` it is set aside (said in
+    one warning) and the next older checkpoint is the one to resume; a named checkpoint, or none older, leaves
+    the error standing."""
+    older = [s for s in committed_steps(directory) if s < step]
+    if not is_auto(cfg) or not older:
+        raise error
+    if is_main_process():
+        aside = set_aside_damaged(directory, step)
+        logger.warning("%s; it was moved to %s and the run resumes from checkpoint_%d, the newest one before it",
+                       error.what, aside, older[-1])
+    _sync("jaxsft: damaged checkpoint set aside")
+    return older[-1]
+
+
 def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     """Train; returns (results, the trained model on its mesh), or (results, None) when a signal stopped it."""
     init_distributed(cfg)
@@ -150,11 +172,18 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                           f"continue, or overwrite_output_dir: true to start over")
     if resume is not None:
         directory, step = resume
-        if not holds_optimizer_state(directory, step):
+        while True:
+            try:
+                saved = Checkpoints(directory, async_save=False).restore_config(step)
+                with_optimizer = holds_optimizer_state(directory, step)
+                break
+            except CorruptCheckpoint as e:
+                step = _older_checkpoint(cfg, directory, step, e)
+        resume = directory, step
+        if not with_optimizer:
             raise ConfigError(f"{directory}/checkpoint_{step} was saved with save_only_model: true and holds no "
                               f"optimizer state, so training cannot resume from it; export it (export_dir, or "
                               f"tools/convert_checkpoint.py) and start a new run from the exported model")
-        saved = Checkpoints(directory, async_save=False).restore_config(step)
         check_config_change(saved, cfg, f"{directory}/checkpoint_{step}")
     from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets  # here: the step alone (tools/bench.py) needs no grain
@@ -188,9 +217,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     if resume is not None:
         if is_main_process():  # later checkpoints must go before orbax lists the steps (it would refuse to save)
             history = prepare_output_dir(out, resume[0], resume[1])
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("jaxsft: output_dir prepared for resuming")
+        _sync("jaxsft: output_dir prepared for resuming")
     checkpoints = Checkpoints(out, max_to_keep=cfg.save_total_limit)
     if resume is None and cfg.overwrite_output_dir:
         checkpoints.delete_all()  # old steps would collide with this run's saves
@@ -201,7 +228,16 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     if resume is not None:
         directory, step = resume
         source = checkpoints if directory == out.absolute() else Checkpoints(directory, async_save=False)
-        restored = source.restore(step, abstract_like(state), abstract_like(frozen))
+        while True:
+            try:
+                restored = source.restore(step, abstract_like(state), abstract_like(frozen))
+                break
+            except CorruptCheckpoint as e:  # resume_from_checkpoint: true goes on from the next older one
+                step = _older_checkpoint(cfg, directory, step, e)
+                if is_main_process():
+                    history = prepare_output_dir(out, directory, step)
+                _sync("jaxsft: damaged checkpoint set aside")
+                source.reload()
         state, frozen, progress = restored["state"], restored["frozen"], restored["progress"]
         iterator.set_state(restored["data"])
         start_step = int(state["step"])

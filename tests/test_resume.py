@@ -130,14 +130,50 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("damage", CORRUPTIONS, ids=list(CORRUPTIONS))
-def test_a_damaged_checkpoint_is_one_line_naming_it(straight, tmp_path, capsys, damage):
+def test_a_damaged_checkpoint_named_is_one_line_naming_it(straight, tmp_path, capsys, damage):
     out = _copy(straight, tmp_path)
     CORRUPTIONS[damage](out / "checkpoint_4")
     capsys.readouterr()
-    assert _train(out, "resume_from_checkpoint=true") == 2
+    assert _train(out, f"resume_from_checkpoint={out / 'checkpoint_4'}") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.splitlines()[-1]
     assert re.fullmatch(re.escape(f"error: checkpoint {out}/checkpoint_4 cannot be read (") + r"\w+: [^\n]*"
                         + re.escape("); it is damaged or incomplete. Resume from another checkpoint (here: "
                                     "checkpoint_2), or move it aside"), last), last
+
+
+@pytest.mark.parametrize("damage", ["truncated_state_file", "missing_config_item"])
+def test_auto_resume_sets_a_damaged_newest_checkpoint_aside_and_resumes_the_one_before(straight, tmp_path, capsys,
+                                                                                       damage):
+    """`resume_from_checkpoint: true` after a crash left a damaged checkpoint_4: the run goes on from
+    checkpoint_2 (the damage is found when reading the state, or already when reading the saved config)."""
+    out = _copy(straight, tmp_path)
+    CORRUPTIONS[damage](out / "checkpoint_4")
+    capsys.readouterr()
+    assert _train(out, "resume_from_checkpoint=true") == 0
+    printed = capsys.readouterr()
+    err = printed.err
+    assert "Traceback" not in err
+    assert f"resumed from {out}/checkpoint_2 at step 2" in printed.out
+    aside = next((out / "set_aside").glob("damaged_checkpoint_4_*"))
+    assert re.search(re.escape(f"[jaxsft] WARNING checkpoint {out}/checkpoint_4 cannot be read (") + r"\w+: .*"
+                     + re.escape(f"; it was moved to {aside} and the run resumes from checkpoint_2, the newest one "
+                                 f"before it\n"), err), err
+    lines = log_lines(out)
+    assert [r["current_steps"] for r in lines] == [1, 2, 3, 4]
+    assert train_losses(lines) == train_losses(straight)
+    assert _results(out)["train_loss"] == _results(straight)["train_loss"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint_")) == ["checkpoint_2",
+                                                                                        "checkpoint_4"]
+
+
+def test_auto_resume_with_only_a_damaged_checkpoint_is_one_line(straight, tmp_path, capsys):
+    out = _copy(straight, tmp_path)
+    shutil.rmtree(out / "checkpoint_2")
+    _truncate_state(out / "checkpoint_4")
+    capsys.readouterr()
+    assert _train(out, "resume_from_checkpoint=true") == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {out}/checkpoint_4 cannot be read (") and last.endswith(
+        "(here: none), or move it aside"), last
