@@ -230,7 +230,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             return 0
         from jaxsft.preflight import validate_run
 
-        validate_run(cfg)  # --dry_run too: every check that needs no weights
+        validate_run(cfg, read_rows=args.dry_run)  # --dry_run too: every check that needs no weights
         if args.dry_run:
             print("dry run: config, paths, template, data and devices check out; nothing was run", flush=True)
             return 0

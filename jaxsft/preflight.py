@@ -7,6 +7,7 @@ the output directory and, when asked, the mesh and batch against the devices. Ea
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import tempfile
@@ -18,10 +19,11 @@ from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # orbax's committed step dirs (tmp ones carry a suffix)
 
 
-def validate_run(cfg: Config, *, devices: bool = True) -> None:
+def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) -> None:
     """Raise a UserError for the first thing that would make the configured stages fail.
 
-    `devices=False` skips the mesh and batch checks, which start JAX's runtime.
+    `devices=False` skips the mesh and batch checks, which start JAX's runtime. `read_rows` (--dry_run) also
+    reads the first rows of each local dataset (a real run reads them all when it builds the data).
     """
     if cfg.export_dir:
         check_export_dir(cfg)
@@ -33,7 +35,7 @@ def validate_run(cfg: Config, *, devices: bool = True) -> None:
                           f"to hold out part of dataset (or eval_strategy: no)")
     model_dir = check_model_dir(cfg.model_name_or_path)
     check_template(cfg.template, cfg.tool_format, model_dir)
-    check_datasets(cfg)
+    check_datasets(cfg, read_rows)
     check_output_dir(cfg)
     if devices:
         check_devices(cfg)
@@ -160,8 +162,9 @@ def check_template(name: str, tool_format: str | None, model_dir: Path | None) -
         raise ConfigError(f"tool_format: unknown {tool_format!r}. Known: {', '.join(sorted(TOOL_FORMATS))}.")
 
 
-def check_datasets(cfg: Config) -> None:
-    """Every name in dataset / eval_dataset resolves (registry entry or path) and its file exists."""
+def check_datasets(cfg: Config, read_rows: bool = False) -> None:
+    """Every name in dataset / eval_dataset resolves (registry entry or path) and its file exists; with
+    `read_rows`, the first rows of the local ones have the registry's columns and convert."""
     from jaxsft.data.sources import REGISTRY, resolve
 
     tokenized = Path(cfg.tokenized_path) if cfg.tokenized_path else None
@@ -194,6 +197,24 @@ def check_datasets(cfg: Config) -> None:
                 raise MissingPath(f"{key}: {hub[0].name!r} is a hub dataset ({hub[0].path}) and the hub "
                                   f"({hub_endpoint()}) cannot be reached ({why}); download it where there is network "
                                   f"and name the local copy (or set HF_DATASETS_OFFLINE=1 to read the datasets cache)")
+        if read_rows:
+            check_first_rows(cfg, [a for a in attrs if a.load_from != "hf_hub"])
+
+
+def check_first_rows(cfg: Config, attrs: list, n: int = 100) -> None:
+    """The first `n` rows of each dataset: the columns the registry names exist, and each row converts to a
+    conversation (a malformed row is the error the real run would stop at, unless skip_invalid_examples)."""
+    from jaxsft.data import sources
+    from jaxsft.data.formats import InvalidExample, to_conversation
+
+    for attr in attrs:
+        sources.check_head_columns(attr, n)
+        for i, row in enumerate(itertools.islice(sources.iter_rows(attr), n)):
+            try:
+                to_conversation(row, attr, attr.path, i)
+            except InvalidExample as e:
+                if e.kind == "malformed" and not cfg.skip_invalid_examples:
+                    raise
 
 
 def _committed_steps(directory: Path) -> list[int]:

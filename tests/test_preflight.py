@@ -138,3 +138,23 @@ def test_overwrite_output_dir_clears_stale_results_and_disable_tqdm_hides_the_ba
     assert not (out / "training_eval_loss.png").exists()
     assert "train:" not in err and "it/s" not in err, err[-2000:]  # the bar ("train:  50%|...") is gone
     assert "'step': 2" in out_text  # the logged metrics still print
+
+
+def test_dry_run_reads_the_first_rows(tmp_path, capsys):
+    """A column typo in dataset_info.json and a malformed row are found by --dry_run, as the real run would
+    find them, without loading weights; a good dataset passes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": "hi", "output": "hello"}, {"instruction": 5, "output": "x"}]
+    (data / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "ok.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (data / "dataset_info.json").write_text(json.dumps({
+        "typo": {"file_name": "ok.jsonl", "columns": {"prompt": "instrucion", "response": "output"}},
+        "bad": {"file_name": "d.jsonl"}, "ok": {"file_name": "ok.jsonl"}}))
+    assert _error(capsys, _args(tmp_path, dataset="typo", dataset_dir=data) + ["--dry_run"]) == (
+        f"dataset 'typo': columns.prompt names 'instrucion', which is not a column of {data}/ok.jsonl (its columns: "
+        f"instruction, output). Did you mean 'instruction'? Fix dataset_info.json")
+    assert _error(capsys, _args(tmp_path, dataset="bad", dataset_dir=data) + ["--dry_run"]) == (
+        f"{data}/d.jsonl, row 2, field 'instruction': expected a string, got int 5")
+    assert cli(_args(tmp_path, dataset="bad", dataset_dir=data, skip_invalid_examples="true") + ["--dry_run"]) == 0
+    assert cli(_args(tmp_path, dataset="ok", eval_dataset="ok", dataset_dir=data) + ["--dry_run"]) == 0

@@ -10,6 +10,7 @@ in spawned worker processes when `preprocessing_num_workers` asks for them.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from jaxsft.data.packing import Example
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
 from jaxsft.data.templates import get_template
 
+logger = logging.getLogger(__name__)
 MAX_REASONS = 5
 # Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
 MIN_ROWS_PER_WORKER = 2000
@@ -56,6 +58,27 @@ class Counts:
         self.truncated += other.truncated
         self.truncated_tokens += other.truncated_tokens
         self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
+
+
+def report_dropped(split: str, counts: Counts) -> None:
+    if counts.dropped:
+        logger.warning("%s data: dropped %d of %d rows (the run goes on without them); first reasons:\n  %s",
+                       split, counts.dropped, counts.rows, "\n  ".join(counts.reasons))
+
+
+TRUNCATED_WARN = 0.05  # above this share of examples cut by cutoff_len, the report is a warning
+
+
+def report_truncated(split: str, counts: Counts, cutoff: int) -> None:
+    """Every run says how many examples cutoff_len cut and how many tokens that lost."""
+    if not counts.examples:
+        return
+    share = counts.truncated / counts.examples
+    level = logging.WARNING if share > TRUNCATED_WARN else logging.INFO
+    hint = "; raise cutoff_len to keep more" if share > TRUNCATED_WARN else ""
+    logger.log(level, "%s data: %d of %d examples (%.1f%%) were longer than cutoff_len=%d and were truncated, "
+               "%d tokens cut%s", split, counts.truncated, counts.examples, 100 * share, cutoff,
+               counts.truncated_tokens, hint)
 
 
 def make_template(args: DataArgs, tokenizer):

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxsft.data import cache, sources
 from jaxsft.data.args import DataArgs
-from jaxsft.data.encode import Counts, encode_rows, learned, make_template
+from jaxsft.data.encode import Counts, encode_rows, learned, make_template, report_dropped, report_truncated
 from jaxsft.data.packing import (Example, batch_widths, efficiency, eval_batches, greedy_knapsack, make_row,
                                  plan_epoch, stack_rows)
 from jaxsft.data.streaming import StreamingSFTData
@@ -175,7 +175,7 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
                         Path(args.data_cache_dir).expanduser() / key)
             for split in ("train", "eval"):  # what preprocessing dropped is said on every run
                 if stats.get(f"{split}_dropped"):
-                    _report_dropped(split, Counts(rows=stats[f"{split}_rows_read"], dropped=stats[f"{split}_dropped"],
+                    report_dropped(split, Counts(rows=stats[f"{split}_rows_read"], dropped=stats[f"{split}_dropped"],
                                                   reasons=list(stats[f"{split}_dropped_reasons"])))
             if tokenized_path and train:
                 save_tokenized(tokenized_path, train_examples, evals)
@@ -191,8 +191,8 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
             train_examples, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer,
                                                  args)
             stats.update(_split_stats("train", train_examples, counts, seq_len, packing))
-            _report_dropped("train", counts)
-            _report_truncated("train", counts, seq_len)
+            report_dropped("train", counts)
+            report_truncated("train", counts, seq_len)
             if not train_examples:
                 read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
                 why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: "
@@ -207,8 +207,8 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
         evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
-        _report_dropped("eval", eval_counts)
-        _report_truncated("eval", eval_counts, seq_len)
+        report_dropped("eval", eval_counts)
+        report_truncated("eval", eval_counts, seq_len)
     if key:
         cache.save(args.data_cache_dir, key, train_examples, evals, stats)
     if tokenized_path and train:
@@ -218,27 +218,6 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
 
 def _has_tokenized(path: str) -> bool:
     return Path(path).is_dir() and any(Path(path).iterdir())
-
-
-def _report_dropped(split: str, counts: Counts) -> None:
-    if counts.dropped:
-        logger.warning("%s data: dropped %d of %d rows (the run goes on without them); first reasons:\n  %s",
-                       split, counts.dropped, counts.rows, "\n  ".join(counts.reasons))
-
-
-TRUNCATED_WARN = 0.05  # above this share of examples cut by cutoff_len, the report is a warning
-
-
-def _report_truncated(split: str, counts: Counts, cutoff: int) -> None:
-    """Every run says how many examples cutoff_len cut and how many tokens that lost."""
-    if not counts.examples:
-        return
-    share = counts.truncated / counts.examples
-    level = logging.WARNING if share > TRUNCATED_WARN else logging.INFO
-    hint = "; raise cutoff_len to keep more" if share > TRUNCATED_WARN else ""
-    logger.log(level, "%s data: %d of %d examples (%.1f%%) were longer than cutoff_len=%d and were truncated, "
-               "%d tokens cut%s", split, counts.truncated, counts.examples, 100 * share, cutoff,
-               counts.truncated_tokens, hint)
 
 
 def _counts_of(examples: list[Example]) -> Counts:

@@ -346,6 +346,15 @@ def _head(attr: DatasetAttr, n: int = 100) -> list[dict[str, Any]]:
     return head
 
 
+def check_head_columns(attr: DatasetAttr, n: int = 100) -> list[dict[str, Any]]:
+    """check_columns on the first `n` rows, for readers that never hold the whole dataset (streaming, a dry
+    run); returns those rows."""
+    head = _head(attr, n)
+    if attr.named_columns and head:
+        check_columns(attr, _columns_of(head), attr.path)
+    return head
+
+
 def load_rows(attr: DatasetAttr, max_samples: int | None = None, seed: int = 42) -> Sequence[dict[str, Any]]:
     """All rows of one dataset, random access (a list, or a Hugging Face Dataset for columnar files)."""
     if attr.load_from == "file" and _file_type(attr)[0] == "json":

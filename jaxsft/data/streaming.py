@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.args import DataArgs
-from jaxsft.data.encode import Counts, encode_list, encode_rows, supervised_examples
+from jaxsft.data.encode import (Counts, encode_list, encode_rows, report_dropped, report_truncated,
+                                 supervised_examples)
 from jaxsft.data.packing import Example, bucket_for, eval_batches, fit_width, greedy_knapsack, make_row, stack_rows
 from jaxsft.errors import ConfigError
 
@@ -62,9 +63,9 @@ def _raw_rows(attrs: list, strategy: str, probs: list[float] | None, seed: int,
 
 
 class _StreamIterator(grain.DatasetIterator):
-    def __init__(self, data: "StreamingSFTData", seed: int, num_epochs: int | None):
+    def __init__(self, data: "StreamingSFTData", seed: int, num_epochs: int | None, tally: Counts | None = None):
         super().__init__()
-        self._d, self._seed, self._num_epochs = data, seed, num_epochs
+        self._d, self._seed, self._num_epochs, self._tally = data, seed, num_epochs, tally
         self.set_state({"epoch": 0, "consumed": 0, "emitted": 0})
 
     def _done(self) -> bool:
@@ -89,6 +90,8 @@ class _StreamIterator(grain.DatasetIterator):
             if len(self._examples) == d.args.buffer_size:
                 break
         self._read = counts.rows
+        if self._tally is not None:
+            self._tally.add(counts)
         rng = np.random.default_rng([self._seed, self._epoch, self._consumed])
         order = rng.permutation(len(self._examples)).tolist()
         if d.args.packing:
@@ -167,11 +170,20 @@ class StreamingSFTData:
         return self.args.packing
 
     def batches_per_epoch(self, rows_per_process: int) -> int:
-        """Whole batches in epoch 0 (the seed's draw of the mix), counted by one pass over the stream."""
+        """Whole batches in epoch 0 (the seed's draw of the mix), counted by one pass over the stream; the
+        pass also counts, and reports as an in-memory run does, the rows dropped and the examples truncated."""
         key = ("batches_per_epoch", rows_per_process)
         if key not in self.stats:
-            rows = sum(1 for _ in _StreamIterator(self, self.args.seed, 1))
+            tally = Counts()
+            rows = sum(1 for _ in _StreamIterator(self, self.args.seed, 1, tally))
             self.stats[key] = rows // rows_per_process
+            if "train_examples" not in self.stats:
+                self.stats.update(train_rows_read=tally.rows, train_examples=tally.examples,
+                                  train_dropped=tally.dropped, train_dropped_reasons=tally.reasons,
+                                  train_tokens=tally.tokens, train_label_tokens=tally.label_tokens,
+                                  train_truncated=tally.truncated, train_truncated_tokens=tally.truncated_tokens)
+                report_dropped("train", tally)
+                report_truncated("train", tally, self.args.cutoff_len)
         return self.stats[key]
 
     @classmethod
@@ -183,6 +195,8 @@ class StreamingSFTData:
             raise ConfigError(f"val_size: {args.val_size} is a fraction; with streaming, val_size must be a "
                               f"number of rows (>= 1).")
         attrs = sources.resolve(args.dataset, args.dataset_dir) if args.dataset else []
+        for attr in attrs:  # a column typo must not stream empty turns (in memory, load_rows checks all rows)
+            sources.check_head_columns(attr)
         probs = sources.parse_probs(args.interleave_probs, len(attrs), args.mix_strategy) if attrs else None
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         data = cls(args, tokenizer, template, attrs, probs, pad_id, frozenset(), None, {"streaming": True},

@@ -129,3 +129,34 @@ def test_streaming_run_does_its_planned_steps(tmp_path, capsys):
              if "loss" in json.loads(line)]
     assert steps[-1] == planned and len(steps) == planned
     assert json.loads((out / "eval_results.json").read_text())["eval_examples"] == 8
+
+
+def test_streaming_counts_truncated_and_dropped_rows_as_in_memory(tmp_path, new_tokenizer, caplog):
+    """The pass that counts a stream's batches also counts what cutoff_len cut and which rows were dropped:
+    the same figures as reading the data in memory, and the same warning."""
+    rows = [{"instruction": f"question {i} " + "word " * (150 if i % 3 == 0 else 5), "input": "",
+             "output": f"answer {i}"} for i in range(30)]
+    rows[4] = {"instruction": "no answer"}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = DataArgs(dataset=str(tmp_path / "d.jsonl"), dataset_dir=str(tmp_path), template="qwen", cutoff_len=64,
+                    packing=True, streaming=True, buffer_size=7)
+    stream = build_datasets(args, new_tokenizer())
+    caplog.clear()
+    stream.batches_per_epoch(2)
+    memory = build_datasets(args.replace(streaming=False), new_tokenizer())
+    keys = ("train_rows_read", "train_examples", "train_dropped", "train_dropped_reasons", "train_tokens",
+            "train_label_tokens", "train_truncated", "train_truncated_tokens")
+    assert {k: stream.stats[k] for k in keys} == {k: memory.stats[k] for k in keys}
+    assert stream.stats["train_truncated"] == 10 and stream.stats["train_dropped"] == 1
+    assert "train data: 10 of 29 examples (34.5%) were longer than cutoff_len=64 and were truncated" in caplog.text
+
+
+def test_streaming_checks_registry_columns_before_reading(tmp_path, new_tokenizer):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"d": {"file_name": "d.jsonl", "columns": {"prompt": "instrucion", "response": "output"}}}))
+    args = DataArgs(dataset="d", dataset_dir=str(tmp_path), template="qwen", cutoff_len=64, streaming=True)
+    with pytest.raises(ValueError, match=r"^dataset 'd': columns.prompt names 'instrucion', which is not a column "
+                                         r"of .*d.jsonl \(its columns: instruction, output\). Did you mean "
+                                         r"'instruction'\? Fix dataset_info.json$"):
+        build_datasets(args, new_tokenizer())
