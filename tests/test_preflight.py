@@ -158,3 +158,32 @@ def test_dry_run_reads_the_first_rows(tmp_path, capsys):
         f"{data}/d.jsonl, row 2, field 'instruction': expected a string, got int 5")
     assert cli(_args(tmp_path, dataset="bad", dataset_dir=data, skip_invalid_examples="true") + ["--dry_run"]) == 0
     assert cli(_args(tmp_path, dataset="ok", eval_dataset="ok", dataset_dir=data) + ["--dry_run"]) == 0
+
+
+def _read_only(folder: Path) -> bool:
+    """Make `folder` unwritable (chmod; as root, the immutable attribute); False when this machine cannot."""
+    import os
+    import subprocess
+    folder.chmod(0o500)
+    if not os.access(folder, os.W_OK):
+        return True
+    return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+
+
+def test_an_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, capsys):
+    import subprocess
+
+    import pytest
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if not _read_only(locked):
+        pytest.skip("this machine cannot make a folder read-only for this user (no chmod effect, no chattr)")
+    try:
+        for key, extra in (("output_dir", {}), ("export_dir", {"export_dir": locked / "exported"})):
+            target = locked / "out" if key == "output_dir" else tmp_path / "out"
+            message = _error(capsys, _args(tmp_path, output_dir=target, **extra) + ["--dry_run"])
+            assert message.startswith(f"{key}: cannot write in {locked} (") and message.endswith(
+                "); give a directory you can write to"), message
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        locked.chmod(0o700)
