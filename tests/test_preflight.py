@@ -187,3 +187,30 @@ def test_an_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, ca
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
         locked.chmod(0o700)
+
+
+def test_a_hub_model_in_the_cache_trains_with_no_network(tmp_path, capsys, monkeypatch):
+    """No network, HF_HUB_OFFLINE unset, the model id in the Hugging Face cache: the run uses the cached copy
+    (one warning) instead of failing or retrying for 30 s."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in TINY.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: as when the network is down
+    start = time.time()
+    capsys.readouterr()
+    assert cli(_args(tmp_path, model_name_or_path="someone/tiny", max_steps=1, save_strategy="'no'",
+                     disable_tqdm="true")) == 0
+    err = capsys.readouterr().err
+    assert "the hub (http://127.0.0.1:9) cannot be reached ([Errno 111] Connection refused): using the cached copy " \
+           "of someone/tiny" in err
+    assert (tmp_path / "out" / "train_results.json").is_file()
+    assert time.time() - start < 60
