@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -232,7 +234,7 @@ class Config:
             changes["compute_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
         if self.export_dtype is None:
             changes["export_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
-        if self.eval_steps is None:
+        if not self.eval_steps:  # HF: unset or 0 is logging_steps
             changes["eval_steps"] = self.logging_steps
         if self.deepspeed is not None:
             changes["mesh"] = _deepspeed_mesh(self)[0]
@@ -365,6 +367,8 @@ def _validate(cfg: Config) -> None:
                 "loss_chunk_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.do_train and cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError(f"key 'num_train_epochs' must be > 0 when max_steps is not set, got {cfg.num_train_epochs}")
     if cfg.warmup_ratio > 1:
         raise ConfigError(f"key 'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -488,15 +492,23 @@ def _validate_mesh(mesh: dict) -> None:
         raise ConfigError("mesh: at most one axis may be -1 (it takes the remaining devices)")
 
 
+def every_n_steps(value: float, total_steps: int) -> int:
+    """logging_steps / save_steps / eval_steps as a step interval: HF reads a value below 1 as a ratio of the
+    total steps (0.1: every tenth of the run)."""
+    return max(math.ceil(total_steps * value) if 0 < value < 1 else int(value), 1)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is read as YAML (so 1e-4, true, [a, b] work)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
-    if key.startswith("mesh."):  # mesh.data=2
-        return key, yaml.safe_load(raw)
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() or key.startswith("mesh.") else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command-line override {text!r}: the value is not valid YAML ({getattr(e, 'problem', e)}"
+                          f"); quote the whole override for the shell, e.g. 'mesh={{data: 2, fsdp: -1}}'") from None
 
 
 def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> Config:
@@ -570,8 +582,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         return build_config(values, origins)
     except _Located as e:
         raise ConfigError(str(e)) from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    except ConfigError as e:  # a check of the resolved values: blame the override when it set that key
+        named = re.match(r"key '([^']+)'", str(e))
+        where = origins.get(named.group(1)) if named else None
+        raise ConfigError(f"{where or path}: {e}" if where or path else str(e)) from None
 
 
 def ignored_settings(cfg: Config) -> dict[str, str]:

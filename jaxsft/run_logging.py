@@ -25,6 +25,8 @@ import socket
 import time
 from typing import Any
 
+from jaxsft.config import every_n_steps
+
 TRAINER_LOG = "trainer_log.jsonl"
 
 # metric key the loop passes -> TensorBoard tag suffix (HF's names where HF has one).
@@ -118,9 +120,7 @@ class RunLogger:
         self.output_dir = output_dir
         self.total_steps = int(total_steps)
         self.enabled = bool(is_main_process)
-        # HF: logging_steps < 1 is a ratio of the total steps.
-        every = math.ceil(total_steps * logging_steps) if 0 < logging_steps < 1 else int(logging_steps)
-        self.logging_every = max(every, 1)
+        self.logging_every = every_n_steps(logging_steps, total_steps)
         self.plot_loss = plot_loss
         self.initial_step = initial_step
         self.start_time = time.time()

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from jaxsft.checkpoint import Checkpoints, CorruptCheckpoint, abstract_like, holds_optimizer_state, model_only
-from jaxsft.config import Config, ConfigError, report_targets
+from jaxsft.config import Config, ConfigError, every_n_steps, report_targets
 from jaxsft.data.packing import fit_width, length_buckets
 from jaxsft.errors import UserError
 from jaxsft.evaluate import evaluate, jit_eval_step
@@ -260,8 +260,9 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
     peak = peak_flops_per_device()
     steps_per_epoch = max(batches_per_epoch // accumulation, 1)
-    save_every = {"steps": int(cfg.save_steps), "epoch": steps_per_epoch}.get(cfg.save_strategy)
-    eval_every = {"steps": int(cfg.eval_steps), "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval else None
+    save_every = {"steps": every_n_steps(cfg.save_steps, total_steps), "epoch": steps_per_epoch}.get(cfg.save_strategy)
+    eval_every = {"steps": every_n_steps(cfg.eval_steps, total_steps),
+                  "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval else None
     eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
     window: list[dict] = []
     counted = 0  # steps of the window already added to the totals

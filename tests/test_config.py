@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxsft.config import ConfigError, load_config
+from jaxsft.config import ConfigError, build_config, load_config
 from jaxsft.main import cli, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,6 +257,31 @@ def test_a_bad_override_names_the_command_line_not_the_file(tmp_path, capsys):
                                        "mean 'lora_rank'?\n")
     assert cli([write(tmp_path, "lora_rank: eight\n")]) == 2  # in the file: the file is named
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}/")
+    # a value that is well typed but out of range: still the override, not the file
+    assert cli([path, "lora_rank=0"]) == 2
+    assert capsys.readouterr().err == "error: command-line override 'lora_rank=0': key 'lora_rank' must be > 0, got 0\n"
+    assert cli([write(tmp_path, "lora_rank: 0\n")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}/")
+    # a value the shell split (unquoted braces) is one line, not a YAML traceback
+    assert cli([path, "mesh={data:", "3}"]) == 2
+    assert capsys.readouterr().err == (
+        "error: command-line override 'mesh={data:': the value is not valid YAML (expected the node content, but "
+        "found '<stream end>'); quote the whole override for the shell, e.g. 'mesh={data: 2, fsdp: -1}'\n")
+
+
+RUN_KEYS = {"do_train": True, "model_name_or_path": "m", "output_dir": "o", "template": "llama3", "dataset": "d"}
+
+
+def test_step_intervals_read_like_hugging_face():
+    """save_steps / eval_steps / logging_steps below 1 are ratios of the run (they were truncated to 0 and
+    silently never saved or evaluated); eval_steps 0 or unset is logging_steps; no epochs and no max_steps is
+    an error, not a run that trains nothing."""
+    from jaxsft.config import every_n_steps
+    assert [every_n_steps(v, 95) for v in (0.1, 0.5, 1, 20, 0.001)] == [10, 48, 1, 20, 1]
+    assert build_config({"logging_steps": 7, "eval_steps": 0}).eval_steps == 7
+    with pytest.raises(ConfigError, match=r"^key 'num_train_epochs' must be > 0 when max_steps is not set, got 0.0$"):
+        build_config({**RUN_KEYS, "num_train_epochs": 0})
+    assert build_config({**RUN_KEYS, "num_train_epochs": 0, "max_steps": 5}).max_steps == 5
 
 
 
