@@ -63,31 +63,51 @@ def chat(argv: Sequence[str]) -> int:
 
 
 def inspect(argv: Sequence[str]) -> int:
-    """`jaxsft inspect cfg.yaml [key=value ...]`: the first training (else evaluation) examples as the model
-    will see them, the learned part decoded, then the preprocessing counts."""
+    """`jaxsft inspect cfg.yaml [--out DIR] [--examples N] [--screenshot PNG] [key=value ...]`: the data report
+    (`jaxsft.data.audit`, `jaxsft.data.report`). Reads the data as training would, prints the summary (problems
+    first) and writes `data_report.html` into `--out` (default: the config's output_dir, else the current
+    directory); `--screenshot` renders it with headless Chromium and fails if the page logs to its console."""
+    import argparse
+
     from jaxsft.config import load_config
+    from jaxsft.errors import ConfigError, UserError
     from jaxsft.main import parse_args
 
-    args = parse_args(list(argv))
+    pre = argparse.ArgumentParser(prog="jaxsft inspect", add_help=False)
+    pre.add_argument("--out", help="folder for data_report.html (default: output_dir)")
+    pre.add_argument("--examples", type=int, default=10, help="examples rendered in the report (default 10)")
+    pre.add_argument("--screenshot", help="also render the page to this PNG with headless Chromium")
+    pre.add_argument("--size", default="1100x1500", help="screenshot width x height in pixels")
+    own, rest = pre.parse_known_args(list(argv))
+    args = parse_args(rest)
     cfg = load_config(args.config, args.overrides)
     if cfg.model_name_or_path is None or cfg.template is None:
-        from jaxsft.errors import ConfigError
         raise ConfigError("inspect needs model_name_or_path (for the tokenizer) and template")
-    from jaxsft.data.args import DataArgs
-    from jaxsft.data.pipeline import build_datasets
-    from jaxsft.runtime import load_tokenizer
+    from jaxsft.data.audit import audit_data, learned_mask
+    from jaxsft.data.report import render_text, write_report
+    from jaxsft.runtime import build_mesh, load_tokenizer, rows_per_process
 
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(DataArgs.from_config(cfg), tokenizer, train=bool(cfg.dataset))
-    for split, examples in (("train", data.train), ("eval", data.eval)):
-        for k, (ids, labels) in enumerate((examples or [])[:2]):
-            learned = [int(t) for t in labels if t != -100]
-            print(f"===== {split} example {k}: {len(ids)} tokens, {len(learned)} learned")
-            print(tokenizer.decode(ids, skip_special_tokens=False))
-            print("--- learned:")
-            print(tokenizer.decode(learned, skip_special_tokens=False))
-    print("===== counts")
-    for key, value in data.stats.items():
-        print(f"{key}: {value}")
-    sys.stdout.flush()
+    batch_rows = rows_per_process(cfg, build_mesh(cfg), cfg.per_device_train_batch_size)
+    audit = audit_data(cfg, tokenizer, batch_rows, max(own.examples, 0))
+    if audit.samples:  # the first example, learned runs in [[ ]]
+        sample = audit.samples[0]
+        mask, text, inside = learned_mask(sample.labels), [], False
+        for start, end, piece in sample.pieces:
+            if bool(mask[start:end].any()) != inside:
+                inside = not inside
+                text.append("[[" if inside else "]]")
+            text.append(piece)
+        print(f"== first example ({len(sample.ids)} tokens; learned text in [[ ]])")
+        print("".join(text) + ("]]" if inside else ""))
+    path = write_report(audit, own.out or cfg.output_dir or ".")
+    print(render_text(audit, str(path)), flush=True)
+    if own.screenshot:
+        from jaxsft.browser import screenshot
+
+        width, height = (int(x) for x in own.size.lower().split("x"))
+        console = screenshot(path, own.screenshot, width, height)
+        if console:
+            raise UserError(f"{path} logged to the browser console: " + " | ".join(console))
+        print(f"screenshot: {own.screenshot}", flush=True)
     return 0

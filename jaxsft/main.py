@@ -3,8 +3,8 @@
 
 Subcommands: `train` runs the stages the config asks for (do_train, do_eval, do_predict, export_dir), as
 `llamafactory-cli train` does; `eval`, `predict` and `export` run only that stage; `chat` talks to the
-model; `inspect` prints encoded examples and the data counts; `version` and `env` print versions for bug
-reports. Without a subcommand the configured stages run, as with `train`.
+model; `inspect` writes the data report (`data_report.html`: counts, dropped rows, learned share, template
+flags) and prints its summary; `version` and `env` print versions for bug reports. Without a subcommand the configured stages run, as with `train`.
 
 Reads and validates the config, says what it will run, checks the paths, template, data and devices
 (`jaxsft.preflight.validate_run`, before anything compiles or loads weights), then runs the configured
@@ -192,7 +192,7 @@ USAGE = """usage: jaxsft {train,eval,predict,export,chat,inspect} cfg.yaml [key=
   eval     evaluate only (do_eval)          predict  generate and score only (do_predict)
   export   merge adapter_name_or_path into model_name_or_path and write export_dir
   chat     chat with the model in the terminal
-  inspect  print encoded examples and the data counts
+  inspect  data report: counts, dropped rows, learned tokens, template flags (data_report.html)
   version  jaxsft's version                 env      versions and devices, for bug reports"""
 
 

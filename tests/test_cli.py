@@ -22,10 +22,10 @@ def test_inspect_prints_encoded_examples_and_counts(tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(f"model_name_or_path: {REPO / 'examples' / 'tiny-llama'}\ntemplate: llama3\n"
                       f"dataset: identity\ndataset_dir: {REPO / 'examples' / 'data'}\ncutoff_len: 64\n")
-    assert cli(["inspect", str(config), "max_samples=3"]) == 0
+    assert cli(["inspect", str(config), "max_samples=3", "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
-    assert "===== train example 0:" in out and "<|start_header_id|>assistant<|end_header_id|>" in out
-    assert "--- learned:" in out and "===== counts" in out
+    assert "== first example" in out and "<|start_header_id|>assistant<|end_header_id|>\n\n[[" in out
+    assert "== train\n  rows read: 3\n" in out and (tmp_path / "report" / "data_report.html").exists()
 
 
 def test_subcommand_runs_only_its_stage(tmp_path, capsys):

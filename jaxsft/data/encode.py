@@ -27,6 +27,8 @@ from jaxsft.data.templates import get_template
 
 logger = logging.getLogger(__name__)
 MAX_REASONS = 5
+MAX_LISTED = 1000  # dropped rows kept with file, row and reason (the data report lists them)
+MAX_SAMPLES = 100  # (file, row) of the first kept examples; the first rows that learn nothing
 # Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
 MIN_ROWS_PER_WORKER = 2000
 Row = tuple[sources.DatasetAttr, int, Any]  # (source, row number in its file, the row)
@@ -44,11 +46,17 @@ class Counts:
     label_tokens: int = 0  # learned targets (labels after the first token that are not IGNORE_INDEX)
     truncated: int = 0  # kept examples that cutoff_len cut
     truncated_tokens: int = 0  # the tokens cut from them
+    prompt_label_tokens: int = 0  # learned targets inside prompts (train_on_prompt)
+    dropped_rows: list[tuple[str, int, str]] = field(default_factory=list)  # (file, row, reason), the first few
+    kept_rows: list[tuple[str, int]] = field(default_factory=list)  # (file, row) of the first kept examples
+    unlearned: list[tuple[str, int, Example]] = field(default_factory=list)  # first rows dropped for no labels
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, file: str = "", row: int = -1) -> None:
         self.dropped += 1
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
+        if len(self.dropped_rows) < MAX_LISTED:
+            self.dropped_rows.append((file, row, reason))
 
     def add(self, other: "Counts") -> None:
         """Fold in the counts of another part of the same split (a worker's chunk), in order."""
@@ -57,7 +65,11 @@ class Counts:
         self.dropped += other.dropped
         self.truncated += other.truncated
         self.truncated_tokens += other.truncated_tokens
+        self.prompt_label_tokens += other.prompt_label_tokens
         self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
+        self.dropped_rows.extend(other.dropped_rows[:MAX_LISTED - len(self.dropped_rows)])
+        self.kept_rows.extend(other.kept_rows[:MAX_SAMPLES - len(self.kept_rows)])
+        self.unlearned.extend(other.unlearned[:MAX_REASONS - len(self.unlearned)])
 
 
 def report_dropped(split: str, counts: Counts) -> None:
@@ -149,11 +161,11 @@ def _guarded(attr, row_no: int, args: DataArgs, counts: Counts, make: Callable[[
     except InvalidExample as e:
         if e.kind == "malformed" and not args.skip_invalid_examples:
             raise
-        counts.drop(str(e))
+        counts.drop(str(e), e.file, e.row)
     except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
         if not args.skip_invalid_examples:
             raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
-        counts.drop(f"{row_place(attr.path, row_no)}: {e}")
+        counts.drop(f"{row_place(attr.path, row_no)}: {e}", attr.path, row_no)
     return _DROPPED
 
 
@@ -175,10 +187,16 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
         n_learned = learned(example[1])
         if n_learned == 0:
-            counts.drop(f"{row_place(path, row_no)}: no label tokens left after truncation to "
-                        f"cutoff_len={args.cutoff_len}")
+            why = (f"no label tokens left after truncation to cutoff_len={args.cutoff_len}" if sizes["full"] > len(ids)
+                   else "no label tokens: the template learns nothing of this row")
+            counts.drop(f"{row_place(path, row_no)}: {why}", path, row_no)
+            if len(counts.unlearned) < MAX_REASONS:
+                counts.unlearned.append((path, row_no, example))
             continue
         counts.examples += 1
+        if len(counts.kept_rows) < MAX_SAMPLES:
+            counts.kept_rows.append((path, row_no))
+        counts.prompt_label_tokens += sizes["prompt_learned"]
         if sizes["full"] > len(ids):  # cutoff_len cut it
             counts.truncated, counts.truncated_tokens = counts.truncated + 1, counts.truncated_tokens + sizes["full"] \
                 - len(ids)

@@ -42,6 +42,7 @@ class SFTData:
     process_index: int = 0
     process_count: int = 1
     shuffle: bool = True  # false: `disable_shuffling`, examples and rows keep the dataset order
+    counts: dict[str, Counts] | None = None  # split -> what preprocessing did, row by row (None: from a cache)
     streaming = False
 
     def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
@@ -56,9 +57,8 @@ class SFTData:
                       group_by_length: bool = False) -> grain.MapDataset:
         """Batches of `rows_per_process` rows. `buckets`: the lengths a batch may be padded to (the smallest one
         holding the longest row of the global batch, the same on every process); None pads to `seq_len`."""
-        group = 50 * rows_per_process * self.process_count if group_by_length and not self.packing else 0
         rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs, rows_per_process,
-                          list(buckets) if buckets else [self.seq_len], group)
+                          buckets, group_by_length)
         if len(rows) == 0:
             raise ConfigError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
                              f"per process x {self.process_count} processes; lower the batch size.")
@@ -76,17 +76,27 @@ class SFTData:
         return eval_batches(self.eval or [], self.seq_len, self.pad_id, self.packing, rows_per_process,
                             self.process_index, self.process_count, buckets)
 
+    def epoch_plan(self, rows_per_process: int, seed: int, epoch: int, buckets: Sequence[int] | None = None,
+                   group_by_length: bool = False) -> tuple[list[list[int]], list[int]]:
+        """The epoch's rows (example indices, all processes) and the padded length of each global batch, as
+        `train_dataset` reads them."""
+        group = 50 * rows_per_process * self.process_count if group_by_length and not self.packing else 0
+        plan = plan_epoch(self.lengths, self.seq_len, seed, epoch, self.packing, self.shuffle, group)
+        widths = batch_widths([sum(self.lengths[i] for i in m) for m in plan], rows_per_process * self.process_count,
+                              list(buckets) if buckets else [self.seq_len])
+        return plan, widths
+
     def __post_init__(self) -> None:
-        self.lengths = [len(ids) for ids, _ in self.train]
+        self.lengths = [len(ex[0]) for ex in self.train]
 
 
 class _EpochRows(Sequence):
     """Random access to this process's rows across epochs: row i is (epoch i // R, j = i % R)."""
 
     def __init__(self, data: SFTData, rows_per_epoch: int, seed: int, num_epochs: int, rows_per_batch: int,
-                 buckets: list[int], group: int = 0):
+                 buckets: Sequence[int] | None, group_by_length: bool = False):
         self.data, self.rows_per_epoch, self.seed, self.num_epochs = data, rows_per_epoch, seed, num_epochs
-        self.rows_per_batch, self.buckets, self.group = rows_per_batch, buckets, group
+        self.rows_per_batch, self.buckets, self.group_by_length = rows_per_batch, buckets, group_by_length
         self._plans: dict[int, tuple[list[list[int]], list[int]]] = {}
         self._lock = threading.Lock()
 
@@ -99,11 +109,8 @@ class _EpochRows(Sequence):
             if epoch not in self._plans:
                 if len(self._plans) > 2:
                     self._plans.pop(min(self._plans))
-                d = self.data
-                plan = plan_epoch(d.lengths, d.seq_len, self.seed, epoch, d.packing, d.shuffle, self.group)
-                widths = batch_widths([sum(d.lengths[i] for i in m) for m in plan],
-                                      self.rows_per_batch * d.process_count, self.buckets)
-                self._plans[epoch] = (plan, widths)
+                self._plans[epoch] = self.data.epoch_plan(self.rows_per_batch, self.seed, epoch, self.buckets,
+                                                          self.group_by_length)
             return self._plans[epoch]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -127,13 +134,14 @@ def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: in
 
 
 def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_index: int = 0,
-                   process_count: int = 1) -> "SFTData | StreamingSFTData":
+                   process_count: int = 1, allow_empty: bool = False) -> "SFTData | StreamingSFTData":
     """Everything training and evaluation read. The training split is built only with `train`; the eval
     split is `eval_dataset`, or the `val_size` rows of `dataset` (the same rows whether or not training
     runs), as LLaMA-Factory reads them.
 
     The tokenizer is fixed in place as LF does (a template's EOS / pad / stop words). Returns an `SFTData`,
-    or a `streaming.StreamingSFTData` when `args.streaming`.
+    or a `streaming.StreamingSFTData` when `args.streaming`. A training split left empty by preprocessing is
+    an error, unless `allow_empty` (the data report shows why it is empty).
     """
     if not isinstance(args, DataArgs):
         raise TypeError(f"build_datasets takes DataArgs (DataArgs.from_config(cfg)), not {type(args).__name__}")
@@ -183,7 +191,7 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
                            shuffle)
 
     train_examples: list[Example] = []
-    evals, eval_counts, stats = None, Counts(), {}
+    evals, eval_counts, stats, counts_of = None, Counts(), {}, {}
     if args.dataset and (train or args.val_size > 1e-6):
         rows_of, attrs, refs = sources.load_mixed(args.dataset, args)
         train_pos, eval_pos = sources.split(len(refs), args.val_size, args.seed)
@@ -191,9 +199,10 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
             train_examples, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer,
                                                  args)
             stats.update(_split_stats("train", train_examples, counts, seq_len, packing))
+            counts_of["train"] = counts
             report_dropped("train", counts)
             report_truncated("train", counts, seq_len)
-            if not train_examples:
+            if not train_examples and not allow_empty:
                 read = ", ".join(f"{attr.path} ({len(rows)} rows)" for attr, rows in zip(attrs, rows_of))
                 why = (f"{counts.dropped} of {counts.rows} rows were dropped, first reasons: "
                        + "; ".join(counts.reasons) if counts.rows else "no rows to train on")
@@ -207,13 +216,15 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
         evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
+        counts_of["eval"] = eval_counts
         report_dropped("eval", eval_counts)
         report_truncated("eval", eval_counts, seq_len)
     if key:
         cache.save(args.data_cache_dir, key, train_examples, evals, stats)
     if tokenized_path and train:
         save_tokenized(tokenized_path, train_examples, evals)
-    return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle)
+    return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle,
+                   counts_of)
 
 
 def _has_tokenized(path: str) -> bool:

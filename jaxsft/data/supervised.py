@@ -28,7 +28,9 @@ def encode_supervised(
     Pairs are truncated turn by turn with `infer_seqlen`; with `mask_history` they are visited last-first (the
     last turn wins the budget and alone keeps labels) and put back in order. `efficient_eos` templates learn
     the EOS closing each answer on the first token of the next prompt and append one final EOS.
-    `sizes`, when given, receives `full`: the length before truncation (so callers count what cutoff_len cut).
+    `sizes`, when given, receives `full`: the length before truncation (so callers count what cutoff_len cut),
+    and `prompt_learned`: the targets inside prompts (train_on_prompt; not efficient_eos's EOS of the answer
+    before, which is the answer's).
     """
     pairs = template.encode_multiturn(
         tokenizer, conversation.messages, conversation.system, conversation.tools,
@@ -39,6 +41,7 @@ def encode_supervised(
         sizes["full"] = sum(len(s) + len(t) for s, t in pairs) + (1 if template.efficient_eos else 0)
     input_ids: list[int] = []
     labels: list[int] = []
+    prompt_learned = 0
     total_length = 1 if template.efficient_eos else 0
     if mask_history:
         pairs = pairs[::-1]
@@ -50,6 +53,8 @@ def encode_supervised(
         total_length += source_len + target_len
         if train_on_prompt:
             source_label = source_ids
+            # every prompt token is a target but the row's first (predicted by nothing); never with mask_history
+            prompt_learned += source_len - (1 if turn_idx == 0 and source_len else 0)
         elif template.efficient_eos and turn_idx != 0 and source_len > 0:  # LF has no `source_len > 0`: an
             source_label = [eos] + [IGNORE_INDEX] * (source_len - 1)  # empty prompt would misalign its labels
         else:
@@ -64,4 +69,6 @@ def encode_supervised(
     if template.efficient_eos:
         input_ids += [eos]
         labels += [eos]
+    if sizes is not None:
+        sizes["prompt_learned"] = prompt_learned
     return input_ids, labels
