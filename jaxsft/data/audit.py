@@ -118,8 +118,9 @@ class Audit:
 
 
 def parts(example) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(ids, labels, weights or None) of an example, with or without per-token weights."""
-    return example[0], example[1], (example[2] if len(example) > 2 else None)
+    """(ids, labels, per-token loss weights or None) of an example (weights: an example's `weights`)."""
+    weights = getattr(example, "weights", None)
+    return example[0], example[1], (example[2] if weights is None and len(example) > 2 else weights)
 
 
 def learned_mask(labels: np.ndarray) -> np.ndarray:
@@ -236,16 +237,21 @@ def scan_markup(tokenizer, examples: Sequence, origins: Sequence[tuple[str, int]
                    + "; ".join(hits[:5]) + (" ..." if len(hits) > 5 else ""))
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def data_findings(split: SplitAudit, args: DataArgs) -> list[Finding]:
     c = split.counts
     findings = []
-    unlearned = sum(1 for *_, reason in c.dropped_rows if "no label tokens" in reason)
+    unlearned = c.no_labels
     if c.rows and not c.examples:
         findings.append(Finding("error", f"No {split.name} example learns anything",
                                 f"All {c.rows} rows were dropped ({unlearned} for having no label tokens); "
                                 f"training would stop here. First reasons: " + "; ".join(c.reasons[:3])))
     elif unlearned:
-        findings.append(Finding("warning", f"{unlearned} {split.name} rows learn nothing",
+        findings.append(Finding("warning", f"{plural(unlearned, split.name + ' row')} learn"
+                                f"{'s' if unlearned == 1 else ''} nothing",
                                 f"{unlearned} rows have no label tokens and are dropped (listed below)."))
     if c.prompt_label_tokens:
         share = c.prompt_label_tokens / max(c.label_tokens, 1)
@@ -255,10 +261,10 @@ def data_findings(split: SplitAudit, args: DataArgs) -> list[Finding]:
                                 f"{str(args.train_on_prompt).lower()})."))
     other = c.dropped - unlearned
     if other:
-        findings.append(Finding("note", f"{other} {split.name} rows dropped",
+        findings.append(Finding("note", f"{plural(other, split.name + ' row')} dropped",
                                 "Rows that could not become examples (listed below with their reasons)."))
     if c.examples and c.truncated / c.examples > 0.05:
-        findings.append(Finding("note", f"{c.truncated} {split.name} examples truncated",
+        findings.append(Finding("note", f"{plural(c.truncated, split.name + ' example')} truncated",
                                 f"{100 * c.truncated / c.examples:.1f}% of the examples are longer than "
                                 f"cutoff_len={args.cutoff_len}; {c.truncated_tokens} tokens are cut."))
     return findings

@@ -47,6 +47,7 @@ class Counts:
     truncated: int = 0  # kept examples that cutoff_len cut
     truncated_tokens: int = 0  # the tokens cut from them
     prompt_label_tokens: int = 0  # learned targets inside prompts (train_on_prompt)
+    no_labels: int = 0  # rows dropped for having no label token
     dropped_rows: list[tuple[str, int, str]] = field(default_factory=list)  # (file, row, reason), the first few
     kept_rows: list[tuple[str, int]] = field(default_factory=list)  # (file, row) of the first kept examples
     unlearned: list[tuple[str, int, Example]] = field(default_factory=list)  # first rows dropped for no labels
@@ -66,6 +67,7 @@ class Counts:
         self.truncated += other.truncated
         self.truncated_tokens += other.truncated_tokens
         self.prompt_label_tokens += other.prompt_label_tokens
+        self.no_labels += other.no_labels
         self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
         self.dropped_rows.extend(other.dropped_rows[:MAX_LISTED - len(self.dropped_rows)])
         self.kept_rows.extend(other.kept_rows[:MAX_SAMPLES - len(self.kept_rows)])
@@ -190,6 +192,7 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
             why = (f"no label tokens left after truncation to cutoff_len={args.cutoff_len}" if sizes["full"] > len(ids)
                    else "no label tokens: the template learns nothing of this row")
             counts.drop(f"{row_place(path, row_no)}: {why}", path, row_no)
+            counts.no_labels += 1
             if len(counts.unlearned) < MAX_REASONS:
                 counts.unlearned.append((path, row_no, example))
             continue

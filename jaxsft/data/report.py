@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft.data.audit import Audit, Fill, Sample, SplitAudit, learned_mask
+from jaxsft.data.audit import Audit, Fill, Sample, SplitAudit, learned_mask, plural
 from jaxsft.data.formats import row_place
 
 REPORT_NAME = "data_report.html"
@@ -67,8 +67,8 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
 def fill_rows(fill: Fill) -> list[tuple[str, str]]:
     rows = [("global batch", f"{fill.batch_rows} rows"),
             ("rows per epoch", f"{fill.rows} {'packed rows' if fill.packing else 'examples'}, {fill.batches} full "
-                               f"batches" + (f" ({fill.rows - fill.batches * fill.batch_rows} rows left out of this "
-                                              f"epoch's last, incomplete batch)"
+                               f"batches" + (f" ({plural(fill.rows - fill.batches * fill.batch_rows, 'row')} left out of "
+                                              f"this epoch's last, incomplete batch)"
                                               if fill.rows > fill.batches * fill.batch_rows else ""))]
     if fill.packing:
         rows.append(("packing fill (tokens / rows x cutoff_len)", f"{100 * fill.knapsack:.1f}%"))

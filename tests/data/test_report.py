@@ -229,3 +229,27 @@ def test_report_opens_in_headless_chromium_without_console_errors(tmp_path, caps
     broken.write_text("<html><body><script>console.error('boom'); missing();</script></body></html>")
     assert "boom" in " ".join(open_page(broken, "--dump-dom")[1])
     assert "boom" in " ".join(screenshot(broken, tmp_path / "broken.png", 200, 200))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing):
+    """fill_of (the report's figure) against epoch 0's real batches: non-padding positions / all positions."""
+    from jaxsft.config import load_config
+    from jaxsft.data.args import DataArgs
+    from jaxsft.data.audit import fill_of
+    from jaxsft.data.packing import length_buckets
+    from jaxsft.data.pipeline import build_datasets
+    from jaxsft.runtime import load_tokenizer
+
+    cfg = load_config(None, [f"model_name_or_path={TINY}", "template=llama3", "dataset=identity",
+                             f"dataset_dir={EXAMPLE_DATA}", "cutoff_len=256", f"packing={str(packing).lower()}"])
+    data = build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg))
+    buckets = length_buckets(cfg.cutoff_len)
+    fill = fill_of(data, 4, cfg.seed, buckets, False)
+    batches = data.train_dataset(4, cfg.seed, 1, buckets)
+    real = [batches[i]["segment_ids"] for i in range(len(batches))]
+    assert fill.batches == len(real) and fill.positions == sum(s.size for s in real)
+    assert fill.tokens == sum(int((s != 0).sum()) for s in real) and 0 < fill.fill < 1
+    assert sorted({s.shape[1] for s in real}) == [w for w, *_ in fill.buckets]
+    if not packing:
+        assert fill.rows == len(data.train) and len(fill.buckets) > 1  # examples padded to several buckets
