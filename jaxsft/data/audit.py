@@ -164,8 +164,10 @@ def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def learned_texts(tokenizer, ids: np.ndarray, labels: np.ndarray) -> list[str]:
-    """The decoded runs of learned tokens."""
-    return [tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in _spans(learned_mask(labels))]
+    """The decoded runs of learned targets (the labels: an efficient_eos template learns the EOS of an answer
+    on the first token of the next prompt)."""
+    labels = np.asarray(labels)
+    return [tokenizer.decode(labels[a:b].tolist(), skip_special_tokens=False) for a, b in _spans(learned_mask(labels))]
 
 
 def probe_template(template, tokenizer, args: DataArgs) -> tuple[Sample, list[Finding]]:

@@ -123,6 +123,8 @@ def _token_html(sample: Sample) -> str:
         if any(int(t) in sample.special for t in sample.ids[start:end]):
             classes.append("S")
         title = f"token {start}: id {int(sample.ids[start])}" + (", learned" if learned else "")
+        if learned and int(sample.labels[start]) != int(sample.ids[start]):
+            title += f" as target id {int(sample.labels[start])}"  # efficient_eos: the answer's EOS
         badge = ""
         if weights is not None and learned:
             w = float(weights[start:end][mask[start:end]][0])

@@ -162,7 +162,7 @@ def _tokenizer_with_chat_template(tmp_path: Path, chat_template: str) -> Path:
     return model
 
 
-@pytest.mark.parametrize("case", ["learns_nothing", "header_learned", "train_on_prompt"])
+@pytest.mark.parametrize("case", ["learns_nothing", "header_learned", "train_on_prompt", "markup_in_answers"])
 def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_path, capsys, case):
     keys = {"max_samples": 8, "val_size": 0.0, "per_device_train_batch_size": 1, "packing": False}
     if case == "learns_nothing":  # a chat template that renders no assistant turn
@@ -170,16 +170,22 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
     elif case == "header_learned":  # one that ignores add_generation_prompt: the header falls into the answer
         keys.update(template="auto", model_name_or_path=str(_tokenizer_with_chat_template(
             tmp_path, CHAT_NO_GENERATION_PROMPT)))
-    else:
+    elif case == "train_on_prompt":
         keys.update(train_on_prompt=True)
+    else:  # answers that hold another template's next user turn (rows rendered with a chat template already)
+        rows = [{"instruction": "hi", "output": "hello"},
+                {"instruction": "hey", "output": "hello<|im_end|>\n<|im_start|>user\nand now?"}]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        keys.update(dataset=str(tmp_path / "rows.jsonl"))
     out, text = _inspect(capsys, _config(tmp_path, **keys))
     page = Page(text)
     expected = {"learns_nothing": [("error", "The template learns nothing"),
                                    ("error", "No train example learns anything")],
                 "header_learned": [("warning", "The assistant header is learned")],
                 "train_on_prompt": [("warning", "Prompt text is learned"),
-                                    ("warning", "Prompt tokens are learned")]}[case]
-    assert page.findings[:len(expected)] == expected
+                                    ("warning", "Prompt tokens are learned")],
+                "markup_in_answers": [("warning", "Learned text holds chat markup")]}[case]
+    assert [f for f in page.findings if f in expected] == expected
     assert text.index("<section id=findings>") < text.index("<section id=counts>")  # flagged at the top
     first = out.index("+---")  # the terminal box, before the counts
     assert first < out.index("== train") and all(f"{level.upper()}: {title}" in out[first:out.index("== train")]
@@ -199,6 +205,9 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
         answers = sum(int(np.count_nonzero(labels[1:] != -100)) for _, labels in plain.train)
         learned = sum(len(ids) - 1 for ids, _ in plain.train)
         assert f"{learned - answers} of the {learned} learned train tokens" in html.unescape(text)
+    if case == "markup_in_answers":
+        assert f"1 of the first 2 examples learn another turn's header" in html.unescape(text)
+        assert f"{tmp_path / 'rows.jsonl'}, row 2 ('<|im_start|>user')" in html.unescape(text)
     if case == "header_learned":
         assert "learned: '<|start_header_id|>assistant<|end_header_id|>\\n\\n'" in html.unescape(text)
 
@@ -253,3 +262,23 @@ def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing):
     assert sorted({s.shape[1] for s in real}) == [w for w, *_ in fill.buckets]
     if not packing:
         assert fill.rows == len(data.train) and len(fill.buckets) > 1  # examples padded to several buckets
+
+
+def test_the_template_probe_flags_no_known_template_and_flags_train_on_prompt(new_tokenizer):
+    """Every named template learns its answers only (no false alarm: efficient_eos's EOS, reasoning templates'
+    empty thought, mistral's leading space are the answer's); train_on_prompt is caught on each."""
+    from jaxsft.data.args import DataArgs
+    from jaxsft.data.audit import probe_template
+    from jaxsft.data.encode import make_template
+    from jaxsft.data.templates import TEMPLATES
+
+    for name, template in TEMPLATES.items():
+        tokenizer = new_tokenizer()
+        args = DataArgs(template=name)
+        sample, findings = probe_template(make_template(args, tokenizer), tokenizer, args)
+        assert findings == [], (name, findings)
+        assert "answerprobe2" in "".join(learned_texts(tokenizer, sample.ids, sample.labels)), name
+        if not template.efficient_eos:  # (those refuse train_on_prompt)
+            args = args.replace(train_on_prompt=True)
+            _, findings = probe_template(make_template(args, tokenizer), tokenizer, args)
+            assert [f.title for f in findings] == ["Prompt text is learned"], (name, findings)
