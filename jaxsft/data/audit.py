@@ -16,6 +16,7 @@ Checked, and flagged at the top of the report:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,12 @@ class SplitAudit:
     lengths: np.ndarray  # tokens per kept example
     learned: np.ndarray  # learned targets per kept example
     weight_sum: float | None = None  # sum of the loss weights of the learned targets, when the data has weights
+    keys: list[bytes] = field(default_factory=list, repr=False)  # one per example: its token ids (duplicates)
+
+    @property
+    def duplicates(self) -> int:
+        """Examples whose tokens equal an earlier example's."""
+        return len(self.keys) - len(set(self.keys))
 
 
 @dataclass
@@ -136,7 +143,14 @@ def split_audit(name: str, examples: Sequence, counts: Counts) -> SplitAudit:
     masks = [learned_mask(parts(ex)[1]) for ex in examples]
     learned = np.array([int(m.sum()) for m in masks], np.int64)
     weighted = [float(np.asarray(w)[m].sum()) for ex, m in zip(examples, masks) if (w := parts(ex)[2]) is not None]
-    return SplitAudit(name, counts, lengths, learned, sum(weighted) if weighted else None)
+    keys = [hashlib.blake2b(np.asarray(parts(ex)[0], np.int32).tobytes(), digest_size=16).digest() for ex in examples]
+    return SplitAudit(name, counts, lengths, learned, sum(weighted) if weighted else None, keys)
+
+
+def overlap(train: SplitAudit, evals: SplitAudit) -> int:
+    """Eval examples whose tokens equal a training example's."""
+    seen = set(train.keys)
+    return sum(1 for key in evals.keys if key in seen)
 
 
 def fill_of(data, batch_rows: int, seed: int, buckets: Sequence[int] | None, group_by_length: bool) -> Fill:
@@ -302,6 +316,11 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
         if examples:
             scan = scan_markup(tokenizer, examples, counts.kept_rows)
             findings += [scan] if scan else []
+    names = {split.name: split for split in splits}
+    if "train" in names and "eval" in names and (shared := overlap(names["train"], names["eval"])):
+        findings.append(Finding("warning", f"{plural(shared, 'eval example')} also in the training data",
+                                f"{shared} of the {len(names['eval'].keys)} eval examples have the same tokens as a "
+                                "training example: eval loss and accuracy overstate how well the model generalizes."))
     fill = None
     if data.train:
         buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None

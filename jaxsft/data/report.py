@@ -55,7 +55,8 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
             ("rows dropped", f"{c.dropped}"),
             ("examples truncated (tokens lost)", f"{c.truncated} ({c.truncated_tokens} tokens)"),
             ("tokens", f"{tokens}"), ("learned tokens (label share)", f"{learned} ({_pct(learned, tokens)})"),
-            ("prompt tokens learned", f"{c.prompt_label_tokens}")]
+            ("prompt tokens learned", f"{c.prompt_label_tokens}"),
+            ("duplicate examples (same tokens as an earlier one)", f"{split.duplicates}")]
     if split.weight_sum is not None:
         rows.append(("learned tokens, weighted (sum of weights)", f"{split.weight_sum:.6g}"))
     for name, values in (("example length", split.lengths), ("learned per example", split.learned)):

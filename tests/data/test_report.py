@@ -130,18 +130,21 @@ def test_dropped_rows_of_a_bad_file_are_listed_by_row_number(tmp_path, capsys):
             {"instruction": "ok", "output": "fine"},
             {"instruction": 5, "output": "a number is no instruction"},  # malformed
             {},  # an empty row: no response either
-            {"instruction": "bye", "output": "goodbye"}]
+            {"instruction": "bye", "output": "goodbye"},
+            {"instruction": "hi", "output": "hello"}]  # a duplicate of row 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out, text = _inspect(capsys, _config(tmp_path, dataset=str(bad), val_size=0.0, skip_invalid_examples=True),
-                         "--out", str(tmp_path / "report"))
+    out, text = _inspect(capsys, _config(tmp_path, dataset=str(bad), val_size=0.0, skip_invalid_examples=True,
+                                         eval_dataset=str(bad)), "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / REPORT_NAME).exists()
     page = Page(text)
     listed = [(Path(f).name, int(r), reason) for f, r, reason in page.dropped]
-    # rows (and lines) count from 1
-    assert [(name, r) for name, r, _ in listed] == [("bad.jsonl", 2), ("bad.jsonl", 4), ("bad.jsonl", 5)]
+    # rows (and lines) count from 1; the eval split (the same file) lists them too
+    assert [(name, r) for name, r, _ in listed] == [("bad.jsonl", 2), ("bad.jsonl", 4), ("bad.jsonl", 5)] * 2
     assert "no response" in listed[0][2] and "field 'instruction'" in listed[1][2]
     assert ("note", "3 train rows dropped") in page.findings
+    assert ("warning", "4 eval examples also in the training data") in page.findings  # all of them
+    assert "duplicate examples (same tokens as an earlier one): 1" in out
     assert "rows dropped: 3" in out and f"dropped: {bad}, row 4, field 'instruction'" in out
 
 
