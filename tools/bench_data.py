@@ -37,7 +37,7 @@ def stage_split(cfg) -> dict[str, float]:
 
     from jaxsft.data import cache, sources
     from jaxsft.data.batch_tokenize import prefetch
-    from jaxsft.data.encode import CHUNK, learned, make_template
+    from jaxsft.data.encode import CHUNK, learned, make_template, text_tokenizer
     from jaxsft.data.formats import to_conversation
     from jaxsft.data.packing import plan_epoch
     from jaxsft.data.pipeline import save_tokenized
@@ -46,6 +46,7 @@ def stage_split(cfg) -> dict[str, float]:
     args = DataArgs.from_config(cfg).replace(data_cache_dir=None)
     tokenizer = load_tokenizer(cfg)
     template = make_template(args, tokenizer)
+    tokenizer = text_tokenizer(tokenizer, template)  # what encode_rows uses
     seconds: dict[str, float] = {}
 
     def encode(conversation, tok):

@@ -4,13 +4,15 @@ A row is `(source, row number, row)`. `encode_each` converts and encodes rows on
 stops the run with an `InvalidExample` (file, row, field), or with `skip_invalid_examples` is dropped and
 counted, as are the rows LLaMA-Factory drops. `supervised_examples` turns rows into training examples
 (ids, labels) and drops the ones with nothing left to learn; `encode_rows` does it for a list of rows,
-in spawned worker processes when `preprocessing_num_workers` asks for them.
+in worker processes (`jaxsft.data.workers`) when `preprocessing_num_workers` asks for them.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,17 +21,17 @@ import numpy as np
 
 from jaxsft.data import sources
 from jaxsft.data.args import DataArgs
-from jaxsft.data.batch_tokenize import prefetch
+from jaxsft.data.batch_tokenize import TextTokenizer, prefetch
 from jaxsft.data.formats import InvalidExample, row_place, to_conversation
 from jaxsft.data.packing import Example
 from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
-from jaxsft.data.templates import get_template
+from jaxsft.data.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
 MAX_REASONS = 5
 MAX_LISTED = 1000  # dropped rows kept with file, row and reason (the data report lists them)
 MAX_SAMPLES = 100  # (file, row) of the first kept examples; the first rows that learn nothing
-# Below this many rows, starting worker processes (each imports transformers) costs more than it saves.
+# Below this many rows per worker, starting worker processes costs more than it saves.
 MIN_ROWS_PER_WORKER = 2000
 Row = tuple[sources.DatasetAttr, int, Any]  # (source, row number in its file, the row)
 
@@ -213,43 +215,48 @@ def encode_list(rows: Iterable[Row], template, tokenizer, args: DataArgs) -> tup
     return list(supervised_examples(rows, template, tokenizer, args, counts, CHUNK)), counts
 
 
+_TEXT_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def text_tokenizer(tokenizer, template):
+    """What encodes the rows: for a named template, the tokenizer's bare Rust core (`TextTokenizer`: same ids,
+    no transformers round trip, cheap to send to workers) where it is equivalent, else the tokenizer itself.
+    Remembered per tokenizer (and its vocabulary size, which templates may grow)."""
+    if not isinstance(template, Template) or isinstance(tokenizer, TextTokenizer):
+        return tokenizer
+    try:
+        size = len(tokenizer)
+        known = _TEXT_TOKENIZERS.get(tokenizer)
+    except TypeError:  # not weak-referenceable / no len: use it as it is
+        return tokenizer
+    if known is None or known[0] != size:
+        known = (size, TextTokenizer.of(tokenizer))
+        _TEXT_TOKENIZERS[tokenizer] = known
+    return known[1] or tokenizer
+
+
 def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
                 args: DataArgs) -> tuple[list[Example], Counts]:
     """Training examples of the referenced rows, in order, with what was dropped.
 
-    With `preprocessing_num_workers` > 1 and enough rows, chunks are encoded in spawned worker processes
-    (spawn, not fork: the parent may already run JAX threads); results and counts keep the row order.
+    With `preprocessing_num_workers` > 1 and enough rows, equal slices of the rows are encoded in worker
+    processes (`jaxsft.data.workers`); results and counts keep the row order.
     """
+    tokenizer = text_tokenizer(tokenizer, template)
     workers = min(int(args.preprocessing_num_workers or 1), len(refs) // max(MIN_ROWS_PER_WORKER, 1))
     if workers <= 1:
         return _encode_serial(rows_of, attrs, refs, template, tokenizer, args)
-    import concurrent.futures
-    import multiprocessing
+    from jaxsft.data import workers as pool
 
-    chunk = -(-len(refs) // (workers * 4))
-    chunks = [list(refs[i:i + chunk]) for i in range(0, len(refs), chunk)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_init_worker,
-                                                initargs=(rows_of, attrs, template, tokenizer, args)) as pool:
-        parts = list(pool.map(_encode_chunk, chunks))
+    size = -(-len(refs) // workers)
+    jobs = [(list(rows_at(rows_of, attrs, refs[i:i + size])), template, tokenizer, args)
+            for i in range(0, len(refs), size)]
     examples, counts = [], Counts()
-    for part_examples, part_counts in parts:
-        examples.extend(part_examples)
+    for flat, part_counts in pool.run(jobs, threads=(os.cpu_count() or 1) // workers):
+        examples.extend(pool.unflatten(*flat))
         counts.add(part_counts)
     return examples, counts
 
 
 def _encode_serial(rows_of, attrs, refs, template, tokenizer, args: DataArgs) -> tuple[list[Example], Counts]:
     return encode_list(rows_at(rows_of, attrs, refs), template, tokenizer, args)
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(rows_of, attrs, template, tokenizer, args: DataArgs) -> None:
-    _WORKER.update(rows_of=rows_of, attrs=attrs, template=template, tokenizer=tokenizer, args=args)
-
-
-def _encode_chunk(refs: list) -> tuple[list[Example], Counts]:
-    w = _WORKER
-    return _encode_serial(w["rows_of"], w["attrs"], refs, w["template"], w["tokenizer"], w["args"])

@@ -237,21 +237,31 @@ def _counts_of(examples: list[Example]) -> Counts:
 
 
 def save_tokenized(path: str, train: list[Example], evals: list[Example] | None) -> None:
-    """LLaMA-Factory's tokenized layout: a DatasetDict (train / validation) of input_ids, attention_mask, labels."""
+    """LLaMA-Factory's tokenized layout: a DatasetDict (train / validation) of input_ids, attention_mask, labels,
+    typed as `datasets` types LF's Python lists (int32, int8, int64), built from flat arrays one column at a
+    time, not row by row."""
     import datasets
 
-    def table(examples: list[Example]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({
-            "input_ids": [ids.tolist() for ids, _ in examples],
-            "attention_mask": [[1] * len(ids) for ids, _ in examples],
-            "labels": [labels.tolist() for _, labels in examples],
-        })
-
-    splits = {"train": table(train)}
+    splits = {"train": datasets.Dataset(_arrow_table(train))}
     if evals is not None:
-        splits["validation"] = table(evals)
+        splits["validation"] = datasets.Dataset(_arrow_table(evals))
     datasets.DatasetDict(splits).save_to_disk(path)
     logger.info("Tokenized dataset saved at %s.", path)
+
+
+def _arrow_table(examples: list[Example]):
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(ids) for ids, _ in examples), np.int64, len(examples))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def column(values: np.ndarray, dtype) -> "pa.ListArray":
+        return pa.ListArray.from_arrays(offsets, pa.array(values.astype(dtype)))
+
+    ids = np.concatenate([i for i, _ in examples]) if examples else np.zeros(0, np.int32)
+    labels = np.concatenate([lab for _, lab in examples]) if examples else np.zeros(0, np.int32)
+    return pa.table({"input_ids": column(ids, np.int32), "attention_mask": column(np.ones(len(ids)), np.int8),
+                     "labels": column(labels, np.int64)})
 
 
 def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
@@ -265,7 +275,12 @@ def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
                          "packing: false in LLaMA-Factory, or point tokenized_path at a new folder.")
 
     def examples(split) -> list[Example]:
-        split = split.with_format("numpy")
-        return [(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32)) for r in split]
+        if not len(split):
+            return []
+        table = split.with_format("arrow")[:]  # whole columns, not row by row
+        ids, labels = (table.column(name).combine_chunks() for name in ("input_ids", "labels"))
+        cuts = np.asarray(ids.offsets)[1:-1]
+        return list(zip(np.split(np.asarray(ids.flatten(), np.int32), cuts),
+                        np.split(np.asarray(labels.flatten(), np.int32), cuts)))
 
     return examples(saved["train"]), (examples(saved["validation"]) if "validation" in saved else None)

@@ -3,14 +3,15 @@ every fixture: every template, tool calls, mask_history, train_on_prompt, trunca
 
 import gzip
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 
 from jaxsft.data import tool_format
 from jaxsft.data.args import DataArgs
-from jaxsft.data.batch_tokenize import encode_texts, prefetch
-from jaxsft.data.encode import Counts, encode_list, make_template
+from jaxsft.data.batch_tokenize import TextTokenizer, encode_texts, prefetch
+from jaxsft.data.encode import Counts, encode_list, make_template, text_tokenizer
 from jaxsft.data.sources import load_rows, resolve
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -53,3 +54,26 @@ def test_prefetched_tokenizer_answers_from_one_batched_call(new_tokenizer):
     fast = prefetch(tokenizer, [texts[:2], texts[2:]], encode)
     assert sorted(fast._ids) == sorted(texts)  # every text asked for was encoded up front
     assert encode(texts, fast) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_text_tokenizer_is_the_rust_core_with_the_same_ids(new_tokenizer):
+    tokenizer = new_tokenizer()
+    fast = TextTokenizer.of(tokenizer)
+    assert fast is not None
+    texts = ["Hello world", "<|im_start|>user\nhi<|im_end|>", "", "  spaces  ", "héllo 你好 🙂\n\n", "x" * 5000]
+    assert fast.encode_batch(texts) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert (fast.bos_token_id, fast.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert pickle.loads(pickle.dumps(fast)).encode_batch(texts) == fast.encode_batch(texts)
+
+
+def test_text_tokenizer_refuses_a_tokenizer_that_encodes_in_python(new_tokenizer):
+    tokenizer = new_tokenizer()
+
+    class Lower(type(tokenizer)):  # a tokenizer class with its own encode: the Rust core alone would differ
+        def encode(self, text, *a, **k):
+            return super().encode(text.lower(), *a, **k)
+
+    tokenizer.__class__ = Lower
+    assert TextTokenizer.of(tokenizer) is None
+    template = make_template(DataArgs(template="qwen"), tokenizer)
+    assert text_tokenizer(tokenizer, template) is tokenizer  # encode_rows then uses the tokenizer itself

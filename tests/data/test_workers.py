@@ -1,11 +1,15 @@
 """preprocessing_num_workers: spawned workers encode exactly what one process does, errors included."""
 
 import json
+import os
+import pickle
+import subprocess
+import sys
 
 import pytest
 
 from jaxsft.data.args import DataArgs
-from jaxsft.data import encode, pipeline
+from jaxsft.data import encode, pipeline, workers
 from jaxsft.data.formats import InvalidExample
 
 
@@ -48,3 +52,20 @@ def test_worker_error_names_file_row_field(parent_encodes, data_dir, new_tokeniz
     with pytest.raises(InvalidExample, match=r"alpaca_en_demo.json, row 151, field 'instruction'"):
         pipeline.build_datasets(args(tmp_path, 2), new_tokenizer())
     assert parent_encodes == []  # the error came from a worker
+
+
+def test_a_worker_imports_neither_transformers_nor_jax(data_dir, new_tokenizer, tmp_path):
+    """What a worker is sent unpickles with the data code alone: starting one costs a bare interpreter and
+    numpy, not the seconds of transformers / JAX imports that spawned workers paid."""
+    a = args(data_dir, 2)
+    tokenizer = new_tokenizer()
+    template = encode.make_template(a, tokenizer)
+    fast = encode.text_tokenizer(tokenizer, template)
+    assert fast is not tokenizer  # the Rust core, not the transformers object
+    job = tmp_path / "job.pkl"
+    job.write_bytes(pickle.dumps(([], template, fast, a)))
+    code = ("import pickle, sys; from jaxsft.data import workers; job = pickle.load(open(sys.argv[1], 'rb')); "
+            "workers._work(*job); print(sorted(m for m in ('transformers', 'jax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": workers.PACKAGE_ROOT})
+    assert out.stdout.strip() == "[]"
