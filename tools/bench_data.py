@@ -5,7 +5,7 @@
 
 For each cutoff_len and each `preprocessing_num_workers` in `--workers`: `build_datasets` (read, convert,
 tokenize, plan packing; the tokenized-data cache off) timed `--repeat` times (the best is reported as
-examples/s), and the packed rows and packing efficiency (non-pad tokens / row capacity) of the training
+examples/s; `cpu_s_best` is the CPU time of the process, its threads and workers, with the load average), and the packed rows and packing efficiency (non-pad tokens / row capacity) of the training
 split. Packing is switched on whatever the config says. `--split` also times the stages one by one on one
 worker: read (files -> rows), convert (rows -> conversations), tokenize (render and encode every text, in
 batched tokenizer calls), mask (truncate, assemble ids and labels), pack (the epoch's knapsack plan) and
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -96,6 +98,13 @@ def stage_split(cfg) -> dict[str, float]:
     return {k: round(v, 3) for k, v in seconds.items()}
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its finished children (workers): the work done,
+    which a shared machine's load changes far less than the wall time."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -109,12 +118,13 @@ def main(argv: list[str] | None = None) -> None:
             cfg = load_config(args.config, ["do_train=false", "packing=true", f"cutoff_len={cutoff}",
                                             f"preprocessing_num_workers={workers}", "data_cache_dir=null",
                                             *overrides])
-            times = []
+            times, cpu = [], []
             for _ in range(args.repeat):
                 tokenizer = load_tokenizer(cfg)  # build_datasets fixes the tokenizer in place: start fresh
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), _cpu_seconds()
                 data = build_datasets(DataArgs.from_config(cfg), tokenizer)
                 times.append(time.perf_counter() - start)
+                cpu.append(_cpu_seconds() - start_cpu)
             s = data.stats
             record = {
                 "cutoff_len": cutoff, "workers": workers, "dataset": cfg.dataset, "max_samples": cfg.max_samples,
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 "unpacked_rows_efficiency": round(s["train_tokens"] / (s["train_examples"] * cutoff), 4),
                 "build_s_best": round(min(times), 3),
                 "examples_per_s": round(s["train_rows_read"] / min(times), 1),
+                "cpu_s_best": round(min(cpu), 3), "load_average": round(os.getloadavg()[0], 2),
             }
             if args.split and workers == 1:
                 record["split_s"] = stage_split(cfg)
