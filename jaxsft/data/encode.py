@@ -52,6 +52,7 @@ class Counts:
     no_labels: int = 0  # rows dropped for having no label token
     dropped_rows: list[tuple[str, int, str]] = field(default_factory=list)  # (file, row, reason), the first few
     kept_rows: list[tuple[str, int]] = field(default_factory=list)  # (file, row) of the first kept examples
+    truncated_rows: list[tuple[str, int, int, int]] = field(default_factory=list)  # (file, row, tokens, tokens kept)
     unlearned: list[tuple[str, int, Example]] = field(default_factory=list)  # first rows dropped for no labels
 
     def drop(self, reason: str, file: str = "", row: int = -1) -> None:
@@ -73,6 +74,7 @@ class Counts:
         self.reasons.extend(other.reasons[:MAX_REASONS - len(self.reasons)])
         self.dropped_rows.extend(other.dropped_rows[:MAX_LISTED - len(self.dropped_rows)])
         self.kept_rows.extend(other.kept_rows[:MAX_SAMPLES - len(self.kept_rows)])
+        self.truncated_rows.extend(other.truncated_rows[:MAX_LISTED - len(self.truncated_rows)])
         self.unlearned.extend(other.unlearned[:MAX_REASONS - len(self.unlearned)])
 
 
@@ -205,6 +207,8 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
         if sizes["full"] > len(ids):  # cutoff_len cut it
             counts.truncated, counts.truncated_tokens = counts.truncated + 1, counts.truncated_tokens + sizes["full"] \
                 - len(ids)
+            if len(counts.truncated_rows) < MAX_LISTED:
+                counts.truncated_rows.append((path, row_no, sizes["full"], len(ids)))
         counts.tokens += len(ids)
         counts.label_tokens += n_learned
         yield example

@@ -15,6 +15,7 @@ from jaxsft.data.formats import row_place
 
 REPORT_NAME = "data_report.html"
 TERMINAL_DROPPED = 20  # dropped rows listed in the terminal (the page lists them all)
+TERMINAL_TRUNCATED = 5
 SECTIONS = ("findings", "counts", "dropped", "histograms", "fill", "template", "examples")
 
 CSS = """
@@ -163,6 +164,19 @@ def _dropped_html(split: SplitAudit) -> str:
             f"<table><tr><th class=l>file</th><th>row</th><th class=l>reason</th></tr>{listed}</table>{more}")
 
 
+def _truncated_html(split: SplitAudit, cutoff: int) -> str:
+    c = split.counts
+    if not c.truncated_rows:
+        return ""
+    listed = "".join(f"<tr><td class=l>{_esc(f)}</td><td>{r + 1}</td><td>{full}</td><td>{full - kept}</td></tr>"
+                     for f, r, full, kept in c.truncated_rows)
+    more = (f"<p>{c.truncated - len(c.truncated_rows)} more truncated examples are not listed.</p>"
+            if c.truncated > len(c.truncated_rows) else "")
+    return (f"<details><summary>{split.name}: {plural(c.truncated, 'example')} truncated to cutoff_len={cutoff} "
+            f"({c.truncated_tokens} tokens cut)</summary><table><tr><th class=l>file</th><th>row</th>"
+            f"<th>tokens</th><th>cut</th></tr>{listed}</table>{more}</details>")
+
+
 def render_html(audit: Audit) -> str:
     s = audit.settings
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>jaxsft data report</title>"
@@ -184,8 +198,8 @@ def render_html(audit: Audit) -> str:
         parts.append(f"<tr><td class=l>{_esc(n)}</td>" + "".join(f"<td>{_esc(c.get(n, ''))}</td>" for c in columns)
                      + "</tr>")
     parts.append("</table>")
-    parts.append("</section><section id=dropped><h2>Dropped rows</h2>")
-    parts += [_dropped_html(split) for split in audit.splits]
+    parts.append("</section><section id=dropped><h2>Dropped and truncated rows</h2>")
+    parts += [_dropped_html(split) + _truncated_html(split, s.get("cutoff_len")) for split in audit.splits]
     parts.append("</section><section id=histograms><h2>Histograms</h2>")
     for split in audit.splits:
         if len(split.lengths):
@@ -236,6 +250,10 @@ def render_text(audit: Audit, out_path: str | None = None) -> str:
             lines.append(f"  dropped: {reason}" if f and f in reason else f"  dropped: {row_place(f, r)}: {reason}")
         if split.counts.dropped > TERMINAL_DROPPED:
             lines.append(f"  ... {split.counts.dropped - TERMINAL_DROPPED} more dropped rows (all in the report)")
+        for f, r, full, kept in split.counts.truncated_rows[:TERMINAL_TRUNCATED]:
+            lines.append(f"  truncated: {row_place(f, r)}: {full} tokens, {full - kept} cut")
+        if split.counts.truncated > TERMINAL_TRUNCATED:
+            lines.append(f"  ... {split.counts.truncated - TERMINAL_TRUNCATED} more truncated examples (in the report)")
     if audit.fill is not None:
         lines.append("== batches (epoch 0)")
         lines += [f"  {k}: {v}" for k, v in fill_rows(audit.fill)]

@@ -31,6 +31,7 @@ class Page(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.sections, self.findings, self.dropped, self.examples, self.external = [], [], [], [], []
+        self.truncated = []
         self._stack, self._box, self._row, self._cell = [], None, None, None
         self.feed(text)
 
@@ -61,8 +62,10 @@ class Page(HTMLParser):
             self._row.append(self._cell)
             self._cell = None
         if tag == "tr" and self._row is not None:
-            if self._row:
+            if len(self._row) == 3:  # file, row, reason (the truncated rows' table has four columns)
                 self.dropped.append(self._row)
+            elif len(self._row) == 4:
+                self.truncated.append(self._row)
             self._row = None
 
     def handle_data(self, data):
@@ -131,7 +134,8 @@ def test_dropped_rows_of_a_bad_file_are_listed_by_row_number(tmp_path, capsys):
             {"instruction": 5, "output": "a number is no instruction"},  # malformed
             {},  # an empty row: no response either
             {"instruction": "bye", "output": "goodbye"},
-            {"instruction": "hi", "output": "hello"}]  # a duplicate of row 1
+            {"instruction": "hi", "output": "hello"},  # a duplicate of row 1
+            {"instruction": "long " * 300, "output": "cut"}]  # longer than cutoff_len
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, text = _inspect(capsys, _config(tmp_path, dataset=str(bad), val_size=0.0, skip_invalid_examples=True,
@@ -143,7 +147,12 @@ def test_dropped_rows_of_a_bad_file_are_listed_by_row_number(tmp_path, capsys):
     assert [(name, r) for name, r, _ in listed] == [("bad.jsonl", 2), ("bad.jsonl", 4), ("bad.jsonl", 5)] * 2
     assert "no response" in listed[0][2] and "field 'instruction'" in listed[1][2]
     assert ("note", "3 train rows dropped") in page.findings
-    assert ("warning", "4 eval examples also in the training data") in page.findings  # all of them
+    assert ("warning", "5 eval examples also in the training data") in page.findings  # all of them
+    assert [(Path(f).name, int(r)) for f, r, *_ in page.truncated] == [("bad.jsonl", 8)] * 2
+    full, cut = (int(x) for x in page.truncated[0][2:])
+    assert full > 256 and cut == full - 256  # the prompt is cut to make room for the answer
+    assert f"train: 1 example truncated to cutoff_len=256 ({cut} tokens cut)" in text
+    assert f"truncated: {bad}, row 8: {full} tokens, {cut} cut" in out
     assert "duplicate examples (same tokens as an earlier one): 1" in out
     assert "rows dropped: 3" in out and f"dropped: {bad}, row 4, field 'instruction'" in out
 
