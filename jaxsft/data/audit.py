@@ -341,6 +341,12 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
         for path, row, example in first.counts.unlearned[:max(0, num_examples - len(samples))]:
             ids, labels, weights = parts(example)
             samples.append(rendered(tokenizer, Sample((path, row), ids, labels, weights, kept=False)))
+    if cfg.streaming:
+        findings.append(Finding("note", "Streaming data read in memory",
+                                "With streaming: true training reads a stream; this report reads the same rows in "
+                                "memory with the same encoder, so counts and examples match, but the batch plan is "
+                                "the in-memory one" + (" and val_size holds out random rows, not the stream's first"
+                                                       if cfg.val_size else "") + "."))
     order = {"error": 0, "warning": 1, "note": 2}
     findings.sort(key=lambda f: order[f.level])
     settings = {key: getattr(cfg, key) for key in SETTINGS if hasattr(cfg, key)}
