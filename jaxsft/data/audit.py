@@ -86,7 +86,7 @@ class SplitAudit:
     counts: Counts
     lengths: np.ndarray  # tokens per kept example
     learned: np.ndarray  # learned targets per kept example
-    weight_sum: float | None = None  # sum of the loss weights of the learned targets, when the data has weights
+    weight_sum: float | None = None  # the loss weights of the learned targets summed, when any example has weights
     keys: list[bytes] = field(default_factory=list, repr=False)  # one per example: its token ids (duplicates)
 
     @property
@@ -142,9 +142,11 @@ def split_audit(name: str, examples: Sequence, counts: Counts) -> SplitAudit:
     lengths = np.array([len(parts(ex)[0]) for ex in examples], np.int64)
     masks = [learned_mask(parts(ex)[1]) for ex in examples]
     learned = np.array([int(m.sum()) for m in masks], np.int64)
-    weighted = [float(np.asarray(w)[m].sum()) for ex, m in zip(examples, masks) if (w := parts(ex)[2]) is not None]
+    weights = [parts(ex)[2] for ex in examples]  # examples without their own weights learn each target at 1
+    weight_sum = (sum(float(m.sum()) if w is None else float(np.asarray(w)[m].sum()) for w, m in zip(weights, masks))
+                  if any(w is not None for w in weights) else None)
     keys = [hashlib.blake2b(np.asarray(parts(ex)[0], np.int32).tobytes(), digest_size=16).digest() for ex in examples]
-    return SplitAudit(name, counts, lengths, learned, sum(weighted) if weighted else None, keys)
+    return SplitAudit(name, counts, lengths, learned, weight_sum, keys)
 
 
 def overlap(train: SplitAudit, evals: SplitAudit) -> int:

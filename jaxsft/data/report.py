@@ -59,7 +59,7 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
             ("prompt tokens learned", f"{c.prompt_label_tokens}"),
             ("duplicate examples (same tokens as an earlier one)", f"{split.duplicates}")]
     if split.weight_sum is not None:
-        rows.append(("learned tokens, weighted (sum of weights)", f"{split.weight_sum:.6g}"))
+        rows.append(("learned tokens, weighted (sum of loss weights)", f"{split.weight_sum:.6g}"))
     for name, values in (("example length", split.lengths), ("learned per example", split.learned)):
         if len(values):
             rows.append((f"{name} min / median / max", f"{values.min()} / {int(np.median(values))} / {values.max()}"))
