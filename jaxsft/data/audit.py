@@ -1,8 +1,9 @@
 """The label audit: the data as training reads it, measured and checked, for `jaxsft inspect` (`report.py` renders it).
 
-Measured: rows read, examples kept, rows dropped (file, row, reason), truncation, the share of tokens learned,
-example lengths and learned tokens per example, and how full the batches of an epoch are (packed rows, or
-examples padded to the length buckets), from the same plan `SFTData.train_dataset` batches.
+Measured: rows read, examples kept, rows dropped (file, row, reason), examples truncated (file, row, tokens
+cut), the share of tokens learned, duplicate examples, example lengths and learned tokens per example, the sum
+of loss weights (when the data has weights), and how full the batches of an epoch are (packed rows, or examples
+padded to the length buckets), from the same plan `SFTData.train_dataset` batches.
 
 Checked, and flagged at the top of the report:
 - nothing is learned (every row dropped for want of labels, or the template learns nothing of a probe
@@ -11,7 +12,8 @@ Checked, and flagged at the top of the report:
   learned, or text before the answer learned (the assistant header: a chat template that does not split at its
   generation prompt);
 - learned text that holds another turn's chat markup (a user or system header of a known template): rows
-  rendered with a chat template already, or columns mapped to the wrong fields.
+  rendered with a chat template already, or columns mapped to the wrong fields;
+- eval examples equal to training examples; no full training batch; many truncated or dropped rows.
 """
 
 from __future__ import annotations
