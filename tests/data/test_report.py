@@ -294,3 +294,10 @@ def test_the_template_probe_flags_no_known_template_and_flags_train_on_prompt(ne
             args = args.replace(train_on_prompt=True)
             _, findings = probe_template(make_template(args, tokenizer), tokenizer, args)
             assert [f.title for f in findings] == ["Prompt text is learned"], (name, findings)
+
+
+def test_a_streaming_config_is_read_in_memory_and_says_so(tmp_path, capsys):
+    out, text = _inspect(capsys, _config(tmp_path, streaming=True, max_steps=1, max_samples=8, val_size=0.0,
+                                         per_device_train_batch_size=1))
+    assert ("note", "Streaming data read in memory") in Page(text).findings
+    assert "rows read: 8\n  examples kept: 8\n" in out
