@@ -59,6 +59,15 @@ class Config:
     template: Optional[str] = _field(None, "Chat template name, or 'auto' for the tokenizer's own jinja template.")
     dataset: Optional[str] = _field(None, "Comma-separated dataset names (dataset_info.json) or paths.")
     eval_dataset: Optional[str] = _field(None, "Comma-separated evaluation datasets.")
+    retention_dataset: Optional[str] = _field(None, "Forgetting meter: datasets (names or paths, as dataset) scored "
+                                              "with the starting model before the first step (cached by model and "
+                                              "data), at every evaluation and at the end; logs retention_loss and "
+                                              "retention_loss_delta (trained minus base). Plain-text rows (alpaca "
+                                              "with only a prompt column, or jsonl rows of 'text') learn every token.")
+    replay_dataset: Optional[str] = _field(None, "Replay against forgetting: general-text datasets whose tokens fill "
+                                           "replay_ratio of every packed row (needs packing: true); their loss is "
+                                           "reported as replay_loss beside sft_loss.")
+    replay_ratio: float = _field(0.0, "Share (0..1) of each batch's tokens taken from replay_dataset.")
     dataset_dir: str = _field("data", "Folder holding dataset_info.json and the data files.")
     cutoff_len: int = _field(2048, "Maximum tokens per example (and per packed row).")
     train_on_prompt: bool = _field(False, "Learn the prompt tokens too.")
@@ -385,6 +394,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("key 'dataset' is required with do_train: true")
     if (cfg.do_eval or cfg.do_predict) and not (cfg.eval_dataset or cfg.val_size > 1e-6):
         raise ConfigError("do_eval/do_predict need evaluation data: set eval_dataset, or val_size with dataset")
+    if not 0 <= cfg.replay_ratio < 1:
+        raise ConfigError(f"key 'replay_ratio' must be in [0, 1), got {cfg.replay_ratio}")
+    if bool(cfg.replay_dataset) != (cfg.replay_ratio > 0):
+        raise ConfigError("replay needs both replay_dataset and replay_ratio > 0 (one of them is unset)")
+    if cfg.replay_dataset and not (cfg.packing or cfg.neat_packing):
+        raise ConfigError("replay_dataset mixes general text into packed rows: set packing: true")
+    if cfg.replay_dataset and cfg.streaming:
+        raise ConfigError("replay_dataset is not supported with streaming: true (load the data in memory)")
     if cfg.val_size > 1e-6 and not cfg.dataset:
         raise ConfigError("val_size splits the evaluation rows off 'dataset', which is not set; set dataset, "
                           "or name the evaluation data with eval_dataset")

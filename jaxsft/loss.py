@@ -37,14 +37,21 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arra
     return loss_BT, valid_BT, correct_BT
 
 
-def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array) -> dict[str, jax.Array]:
-    """Sum of CE over label tokens, the label-token count and the number predicted right."""
+def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, replay_BT: jax.Array | None = None
+              ) -> dict[str, jax.Array]:
+    """Sum of CE over label tokens, the label-token count and the number predicted right; with `replay_BT`
+    (1 on replay tokens), also the replay tokens' share of the first two (`replay_loss_sum`, `replay_tokens`)."""
     loss_BT, valid_BT, correct_BT = token_losses(logits_BTV, targets_BT)
-    return {
+    sums = {
         "loss_sum": loss_BT.sum(),
         "label_tokens": valid_BT.sum().astype(jnp.float32),
         "correct": correct_BT.sum().astype(jnp.float32),
     }
+    if replay_BT is not None:
+        replay_BT = replay_BT.astype(bool) & valid_BT
+        sums["replay_loss_sum"] = jnp.where(replay_BT, loss_BT, 0.0).sum()
+        sums["replay_tokens"] = replay_BT.sum().astype(jnp.float32)
+    return sums
 
 
 def _chunks(h_BTD: jax.Array, targets_BT: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -60,20 +67,24 @@ def _chunks(h_BTD: jax.Array, targets_BT: jax.Array, chunk: int) -> tuple[jax.Ar
 
 
 def chunked_loss_sums(h_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets_BT: jax.Array,
-                      chunk: int) -> dict[str, jax.Array]:
+                      chunk: int, replay_BT: jax.Array | None = None) -> dict[str, jax.Array]:
     """`loss_sums` of the logits `logits_fn(h)` ([B, c, D] -> [B, c, V] fp32), computed `chunk` positions
     at a time: only one chunk's fp32 logits exist at once, forward and backward (each chunk is
     rematerialized in the backward pass, which recomputes its logits instead of keeping them)."""
     h_NBcD, targets_NBc = _chunks(h_BTD, targets_BT, chunk)
+    # the replay marker, chunked like the targets (its padding is unlabelled, so it adds nothing)
+    replay_NBc = None if replay_BT is None else _chunks(h_BTD[..., :1], replay_BT, chunk)[1]
 
     @jax.checkpoint
     def one_chunk(sums, chunk_in):
-        h_BcD, targets_Bc = chunk_in
-        chunk_sums = loss_sums(logits_fn(h_BcD), targets_Bc)
+        h_BcD, targets_Bc, replay_Bc = chunk_in
+        chunk_sums = loss_sums(logits_fn(h_BcD), targets_Bc, replay_Bc)
         return jax.tree_util.tree_map(jnp.add, sums, chunk_sums), None
 
-    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "label_tokens", "correct")}
-    sums, _ = jax.lax.scan(one_chunk, zero, (h_NBcD, targets_NBc))
+    keys = ("loss_sum", "label_tokens", "correct") + (() if replay_BT is None else ("replay_loss_sum",
+                                                                                    "replay_tokens"))
+    zero = {k: jnp.zeros((), jnp.float32) for k in keys}
+    sums, _ = jax.lax.scan(one_chunk, zero, (h_NBcD, targets_NBc, replay_NBc))
     return sums
 
 

@@ -30,9 +30,10 @@ def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) 
     if not (cfg.do_train or cfg.do_eval or cfg.do_predict):
         return
     tokenized = cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir())
-    if cfg.do_train and cfg.eval_strategy != "no" and not (cfg.eval_dataset or cfg.val_size > 0 or tokenized):
+    if cfg.do_train and cfg.eval_strategy != "no" and not (cfg.eval_dataset or cfg.val_size > 0 or tokenized
+                                                              or cfg.retention_dataset):
         raise ConfigError(f"eval_strategy: {cfg.eval_strategy} needs evaluation data: set eval_dataset, or val_size "
-                          f"to hold out part of dataset (or eval_strategy: no)")
+                          f"to hold out part of dataset, or retention_dataset (or eval_strategy: no)")
     model_dir = check_model_dir(cfg.model_name_or_path)
     check_template(cfg.template, cfg.tool_format, model_dir)
     check_datasets(cfg, read_rows)
@@ -177,7 +178,7 @@ def check_datasets(cfg: Config, read_rows: bool = False) -> None:
                              f"state.json); point tokenized_path at a new folder to tokenize into it")
         return  # the tokenized data replaces the datasets
     directory = Path(cfg.dataset_dir)
-    for key in ("dataset", "eval_dataset"):
+    for key in ("dataset", "eval_dataset", "retention_dataset", "replay_dataset"):
         names = getattr(cfg, key)
         if not names:
             continue

@@ -8,8 +8,10 @@ scalars, loss plots and *_results.json, laid out the way LLaMA-Factory / Hugging
 - `runs/<time>_<host>/`: TensorBoard scalars named as HF's TensorBoardCallback names them
   (`train/loss`, `train/learning_rate`, `eval/loss`, ...); W&B and MLflow get the same steps
   (`jaxsft.trackers`).
-- `training_loss.png`, `training_eval_loss.png`, `training_eval_accuracy.png`: LF's plot (raw curve
-  faded, TensorBoard-style EMA on top), written by `close()` when `plot_loss`.
+- `training_loss.png`, `training_eval_loss.png`, `training_eval_accuracy.png` (and, when logged,
+  `training_retention_loss.png`, `training_retention_loss_delta.png`, `training_sft_loss.png`,
+  `training_replay_loss.png`): LF's plot (raw curve faded, TensorBoard-style EMA on top), written by
+  `close()` when `plot_loss`.
 - `{split}_results.json` and `all_results.json`: HF's `save_metrics` (indent 4, sorted keys).
 
 Only the main process writes or prints anything; on the others every method does nothing.
@@ -233,6 +235,24 @@ class RunLogger:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
         self._bar.write(str({**shown, "step": step}))
 
+    def log_retention(self, step: int, metrics: dict[str, Any]) -> None:
+        """The forgetting meter at `step` (`retention_loss`, `retention_loss_delta`): a jsonl line,
+        TensorBoard `retention/loss` and `retention/loss_delta`, the trackers' train scalars."""
+        if not self.enabled:
+            return
+        metrics = {k: _plain(v) for k, v in metrics.items() if v is not None}
+        record = self._progress(step)
+        record.update(metrics)
+        self._write(record)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(f"retention/{key[len('retention_'):]}", value, step)
+            self._tb.flush()
+        if self._trackers is not None:
+            self._trackers.log(metrics, step, "train")
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+        self._bar.write(str({**shown, "step": step}))
+
     # ------------------------------------------------------------------------------------------
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """`output_dir/name` as HF writes its results files: indent 4, sorted keys."""
@@ -277,7 +297,8 @@ class RunLogger:
         if not self.enabled:
             return
         if self.plot_loss:
-            for key in ("loss", "eval_loss", "eval_accuracy"):
+            for key in ("loss", "eval_loss", "eval_accuracy", "retention_loss", "retention_loss_delta", "sft_loss",
+                        "replay_loss"):
                 path = self._plot(key)
                 if path:
                     self._bar.write(f"Figure saved at: {path}")

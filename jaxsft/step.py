@@ -63,11 +63,12 @@ class ModelRunner:
         """Summed loss, label tokens and correct predictions of `batch["targets"]`, chunked; with
         `router_stats`, (those sums, the MoE router stats per layer)."""
         params, h_BTD, stats = self._hidden(trainable, frozen, batch, dropout_rng)
+        replay_BT = batch.get("replay")  # replay runs: their tokens' loss is also summed apart
         if self.loss_chunk <= 0:
-            sums = loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"])
+            sums = loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"], replay_BT)
         else:
             sums = chunked_loss_sums(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
-                                     self.loss_chunk)
+                                     self.loss_chunk, replay_BT)
         return (sums, stats) if router_stats else sums
 
     def token_losses(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]):
@@ -138,7 +139,9 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
         zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
         totals = ((batch["targets"] != -100).sum().astype(jnp.float32).clip(1.0),
                   (cfg.num_layers * _real_tokens(batch)).clip(1.0))
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in stat_keys}
+        replay = "replay" in batch  # replay runs report the SFT and replay losses apart
+        zero_sums = {k: jnp.zeros((), jnp.float32)
+                     for k in stat_keys + (("replay_loss_sum", "replay_tokens") if replay else ())}
         if moe:
             zero_sums.update({k: jnp.zeros((cfg.num_experts,), jnp.float32) for k in ("expert_tokens", "expert_prob")})
         dropout_keys = None  # one key per micro-batch, only when there is dropout to draw
@@ -167,6 +170,11 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
             "label_tokens": sums["label_tokens"],
             "finite": finite,
         }
+        if replay:
+            sft_tokens = sums["label_tokens"] - sums["replay_tokens"]
+            metrics.update(sft_loss=(sums["loss_sum"] - sums["replay_loss_sum"]) / jnp.maximum(sft_tokens, 1.0),
+                           replay_loss=sums["replay_loss_sum"] / jnp.maximum(sums["replay_tokens"], 1.0),
+                           replay_tokens=sums["replay_tokens"])
         if moe:
             metrics["aux_loss"] = load_balancing_loss(sums["expert_tokens"], sums["expert_prob"], sums["router_rows"])
             metrics["expert_load"] = sums["expert_tokens"] / jnp.maximum(sums["router_rows"] * cfg.num_experts_per_tok, 1.0)

@@ -30,6 +30,8 @@ from jaxsft.flops import peak_flops_per_device, train_flops_per_token
 from jaxsft.optim import build_optimizer
 from jaxsft.resume import (check_config_change, committed_steps, is_auto, prepare_output_dir, resume_target,
                            set_aside_damaged)
+from jaxsft.retention import base_figures
+from jaxsft.retention import figures as retention_figures
 from jaxsft.run_logging import RunLogger, clear_results
 from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_cache_summary, init_distributed,
                             is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
@@ -202,7 +204,8 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     accumulation = cfg.gradient_accumulation_steps
 
     model = load_model(cfg, mesh)
-    check_token_ids({"train": data.train, "eval": data.eval}, model.config.vocab_size, cfg.model_name_or_path)
+    check_token_ids({"train": data.train, "eval": data.eval, "retention": data.retention, "replay": data.replay},
+                    model.config.vocab_size, cfg.model_name_or_path)
     state, train_step = build_train_step(cfg, model, mesh, total_steps)
     frozen = model.frozen
     if cfg.pissa_init and resume is None:
@@ -210,6 +213,14 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     eval_step = jit_eval_step(make_eval_step(model.runner), model, mesh)
 
     buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
+    eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
+
+    def score_retention(trainable) -> dict:
+        return evaluate(eval_step, trainable, frozen, data.retention_batches(eval_rows, buckets), mesh, "retention")
+
+    # The forgetting meter's base: the starting params (before any restore), scored once and cached.
+    retention_base = base_figures(cfg, data.retention, lambda: score_retention(state["trainable"]),
+                                  is_main_process()) if data.retention else None
     # A stream goes on from epoch to epoch until the planned steps are done (its epochs differ in length).
     iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=None if data.streaming else epochs,
                                    buckets=buckets, group_by_length=cfg.group_by_length)
@@ -257,13 +268,14 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                   "truncated_tokens": data.stats.get("train_truncated_tokens")}
     if start_step == 0:  # the data's truncation counts, on the run's first log line
         run_log.note(**truncation)
+        if retention_base is not None:
+            run_log.log_retention(0, retention_figures(retention_base, retention_base))
     flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
     peak = peak_flops_per_device()
     steps_per_epoch = max(batches_per_epoch // accumulation, 1)
     save_every = {"steps": every_n_steps(cfg.save_steps, total_steps), "epoch": steps_per_epoch}.get(cfg.save_strategy)
     eval_every = {"steps": every_n_steps(cfg.eval_steps, total_steps),
-                  "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval else None
-    eval_rows = rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)
+                  "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval or data.retention else None
     window: list[dict] = []
     counted = 0  # steps of the window already added to the totals
     window_tokens, window_start = 0, time.perf_counter()
@@ -297,7 +309,9 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
             local = {k: np.stack([fit_width(m, width, data.pad_id)[k] for m in micro]) for k in micro[0]}
             tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
             positions = local["segment_ids"].size * jax.process_count()
-            examples_seen += int(local["segment_ids"].max(axis=-1).sum()) * jax.process_count()  # packed: >1 a row
+            sft_segments = np.where(local["replay"] > 0, 0, local["segment_ids"]) if "replay" in local \
+                else local["segment_ids"]  # replay pieces come after a row's SFT examples
+            examples_seen += int(sft_segments.max(axis=-1).sum()) * jax.process_count()  # packed: >1 a row
             shape = local["input_ids"].shape
             first_of_shape = shape not in compile_seconds
             started = time.perf_counter()
@@ -339,9 +353,11 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                     run_log.log_train(step, summary)
                     window, counted, window_tokens, window_positions, window_start = [], 0, 0, 0, time.perf_counter()
             final_eval_follows = step == total_steps and cfg.do_eval  # do_eval evaluates at the end anyway
-            if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping:
+            if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping and data.eval:
                 run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen,
                                                 data.eval_batches(eval_rows, buckets), mesh))
+            if eval_every and step % eval_every == 0 and step < total_steps and not stopping and data.retention:
+                run_log.log_retention(step, retention_figures(score_retention(state["trainable"]), retention_base))
             if save_now and cfg.save_strategy != "no":
                 checkpoints.save(step, model_only(state) if cfg.save_only_model else state, frozen,
                                  iterator.get_state(), config_record, model.partition, running_totals())
@@ -374,6 +390,11 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     if is_main_process() and (cache_line := compilation_cache_summary()):
         logger.info(cache_line)
     save_trained_model(merge(state["trainable"], frozen, model.partition), cfg, model.config, model.runner.lora_scale)
+    if retention_base is not None:  # the forgetting meter at the end, in the log and all_results.json
+        final = retention_figures(score_retention(state["trainable"]), retention_base)
+        run_log.log_retention(step, final)
+        run_log.save_metrics("retention", {**final, "retention_base_loss": retention_base["retention_loss"],
+                                           "retention_label_tokens": retention_base["retention_label_tokens"]})
     if cfg.do_eval and data.eval:
         run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen,
                                               data.eval_batches(eval_rows, buckets), mesh))
@@ -403,7 +424,20 @@ def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops_per_token
     return {"loss": round(loss, 4), "accuracy": round(accuracy, 4), "lr": float(fetched[-1]["lr"]),
             "grad_norm": round(float(np.mean([float(m["grad_norm"]) for m in fetched])), 4),
             "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu is not None else None,
-            **_moe_summary(fetched)}
+            **_moe_summary(fetched), **_replay_summary(fetched)}
+
+
+def _replay_summary(fetched: list[dict]) -> dict[str, Any]:
+    """Replay runs: the SFT and replay tokens' losses apart (each token-weighted over the window) and the
+    replay share of the label tokens."""
+    if "replay_loss" not in fetched[0]:
+        return {}
+    replay = [float(m["replay_tokens"]) for m in fetched]
+    sft = [float(m["label_tokens"]) - r for m, r in zip(fetched, replay)]
+    return {"sft_loss": round(sum(float(m["sft_loss"]) * n for m, n in zip(fetched, sft)) / max(sum(sft), 1), 4),
+            "replay_loss": round(sum(float(m["replay_loss"]) * n for m, n in zip(fetched, replay))
+                                 / max(sum(replay), 1), 4),
+            "replay_label_share": round(sum(replay) / max(sum(replay) + sum(sft), 1), 4)}
 
 
 def _moe_summary(fetched: list[dict]) -> dict[str, Any]:

@@ -95,3 +95,25 @@ def test_chunked_loss_never_holds_whole_row_logits():
     whole_row_logits = T * V * 4
     assert temp_bytes(0) >= whole_row_logits
     assert temp_bytes(256) < whole_row_logits / 2
+
+
+def test_replay_tokens_are_summed_apart_chunked_or_not():
+    """Replay runs: `replay_loss_sum` / `replay_tokens` are the replay tokens' part of the sums, the same
+    whole-row and chunked (the marker is chunked like the targets)."""
+    from jaxsft.loss import chunked_loss_sums
+
+    rng = np.random.default_rng(0)
+    h_BTD = jnp.asarray(rng.normal(size=(2, 11, 8)), jnp.float32)
+    w_DV = jnp.asarray(rng.normal(size=(8, 17)), jnp.float32)
+    targets_BT = jnp.asarray(np.where(rng.random((2, 11)) < 0.3, IGNORE_INDEX, rng.integers(0, 17, (2, 11))),
+                             jnp.int32)
+    replay_BT = jnp.asarray(rng.random((2, 11)) < 0.5, jnp.int32)
+    loss_BT, valid_BT, _ = token_losses(h_BTD @ w_DV, targets_BT)
+    mask = np.asarray(replay_BT, bool) & np.asarray(valid_BT)
+    whole = loss_sums(h_BTD @ w_DV, targets_BT, replay_BT)
+    np.testing.assert_allclose(whole["replay_loss_sum"], np.asarray(loss_BT)[mask].sum(), rtol=1e-6)
+    assert whole["replay_tokens"] == mask.sum() > 0
+    chunked = chunked_loss_sums(h_BTD, lambda h: h @ w_DV, targets_BT, 4, replay_BT)
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-6, err_msg=key)
+    assert "replay_tokens" not in loss_sums(h_BTD @ w_DV, targets_BT)  # no marker, no extra sums

@@ -54,9 +54,10 @@ def test_a_hub_model_with_no_network_fails_fast(tmp_path, capsys, monkeypatch):
 
 def test_eval_strategy_without_eval_data(tmp_path, capsys):
     assert _error(capsys, _args(tmp_path, eval_strategy="steps") + ["--dry_run"]) == (
-        "eval_strategy: steps needs evaluation data: set eval_dataset, or val_size to hold out part of dataset (or "
-        "eval_strategy: no)")
+        "eval_strategy: steps needs evaluation data: set eval_dataset, or val_size to hold out part of dataset, or "
+        "retention_dataset (or eval_strategy: no)")
     assert cli(_args(tmp_path, eval_strategy="steps", val_size=0.1) + ["--dry_run"]) == 0
+    assert cli(_args(tmp_path, eval_strategy="steps", retention_dataset="general_text") + ["--dry_run"]) == 0
 
 
 def test_a_truncated_safetensors_file(tmp_path, capsys):

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 class DataArgs:
     dataset: str | None = None
     eval_dataset: str | None = None
+    retention_dataset: str | None = None  # forgetting meter: scored, never trained on
+    replay_dataset: str | None = None  # general text mixed into packed rows
+    replay_ratio: float = 0.0
     dataset_dir: str = "data"
     template: str = "empty"
     cutoff_len: int = 2048

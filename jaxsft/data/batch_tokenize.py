@@ -26,6 +26,7 @@ class TextTokenizer:
     def __init__(self, backend, bos_token_id: int | None, eos_token_id: int | None, pad_token_id: int | None):
         self.backend = backend
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.add_bos_token = False
 
     @classmethod
     def of(cls, tokenizer) -> "TextTokenizer | None":
@@ -44,6 +45,7 @@ class TextTokenizer:
         backend.no_padding()
         backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
         fast = cls(backend, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        fast.add_bos_token = bool(getattr(tokenizer, "add_bos_token", False))  # plain-text rows read it
         specials = "".join(map(str, getattr(tokenizer, "all_special_tokens", [])))
         probes = ["Hello, world!", "  two  spaces\n\n\tand tabs ", "héllo wörld 你好 🙂", "\n", specials,
                   f"text{specials} around{specials}the special tokens", "1234567 3.14 x=y+z;"]

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 KEEP = 8  # entries kept per cache folder (the most recently used)
 # Data arguments that change where or how fast examples are made, not which examples.
 _NOT_IN_KEY = ("preprocessing_num_workers", "tokenized_path", "data_cache_dir", "overwrite_cache", "buffer_size",
-               "streaming")
+               "streaming", "retention_dataset", "replay_dataset", "replay_ratio")
 _CODE = ("formats.py", "templates.py", "tool_format.py", "supervised.py", "sources.py", "encode.py", "cache.py",
          "pipeline.py")
 

@@ -24,7 +24,7 @@ from jaxsft.data.args import DataArgs
 from jaxsft.data.batch_tokenize import TextTokenizer, prefetch
 from jaxsft.data.formats import InvalidExample, row_place, to_conversation
 from jaxsft.data.packing import Example
-from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised
+from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised, encode_text
 from jaxsft.data.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
     sizes: dict = {}
 
     def encode(conversation, tok):
+        if conversation.plain:
+            return encode_text(conversation.messages[0].content, tok, args.cutoff_len, sizes)
         return encode_supervised(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
                                  args.mask_history, args.preserve_thinking, sizes)
 

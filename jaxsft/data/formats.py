@@ -34,6 +34,7 @@ class Conversation:
     tools: str  # JSON text of the tool schemas, or ""
     # user/observation, assistant/function, ...; the last one is the response
     messages: list[Message] = field(default_factory=list)
+    plain: bool = False  # plain text (one user message, no template): every token is learned
 
 
 def row_place(file: str, row: int) -> str:
@@ -87,6 +88,11 @@ def _check_json(text: str, where: tuple[str, int], name: str, what: str) -> None
 
 def convert_alpaca(row: dict[str, Any], attr: DatasetAttr, file: str, index: int) -> Conversation:
     where = (file, index)
+    if attr.is_text:
+        text = _text(row.get(attr.prompt), where, attr.prompt)
+        if not text:
+            raise InvalidExample(*where, attr.prompt, "empty text", "dropped")
+        return Conversation("", "", [Message("user", text)], plain=True)
     messages: list[Message] = []
     if attr.history and isinstance(row.get(attr.history), list):
         for k, pair in enumerate(row[attr.history]):

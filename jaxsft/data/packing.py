@@ -79,7 +79,7 @@ def make_row(examples: Sequence[Example], members: Sequence[int], seq_len: int, 
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "targets", "segment_ids", "positions")}
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def length_buckets(seq_len: int, smallest: int = 64) -> list[int]:
@@ -116,7 +116,7 @@ def fit_width(batch: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str
         if have > width and (batch["segment_ids"][..., width:] != 0).any():
             raise ValueError(f"a row holds more than {width} tokens")
         return {k: v[..., :width] for k, v in batch.items()}
-    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "segment_ids": 0, "positions": 0}
+    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "segment_ids": 0, "positions": 0, "replay": 0}
     pad = [(0, 0)] * (batch["input_ids"].ndim - 1) + [(0, width - have)]
     return {k: np.pad(v, pad, constant_values=fill[k]) for k, v in batch.items()}
 
@@ -163,7 +163,8 @@ def plan_epoch(
             order = np.concatenate([chunk[np.argsort(-lengths_[chunk], kind="stable")]
                                     for chunk in np.split(order, range(group, len(order), group))] or [order])
         return [[int(i)] for i in order]
-    bins, _ = greedy_knapsack(lengths, seq_len, order.tolist())
+    bins, too_long = greedy_knapsack(lengths, seq_len, order.tolist())
+    bins += [[i] for i in too_long]  # longer than `seq_len` (a replay run's SFT capacity): a row of its own
     return [bins[i] for i in rng.permutation(len(bins))] if shuffle else bins
 
 

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from jaxsft.data import cache, sources
+from jaxsft.data import replay as replay_mod
 from jaxsft.data.args import DataArgs
 from jaxsft.data.encode import Counts, encode_rows, learned, make_template, report_dropped, report_truncated
 from jaxsft.data.packing import (Example, batch_widths, efficiency, eval_batches, greedy_knapsack, make_row,
@@ -43,11 +44,14 @@ class SFTData:
     process_count: int = 1
     shuffle: bool = True  # false: `disable_shuffling`, examples and rows keep the dataset order
     counts: dict[str, Counts] | None = None  # split -> what preprocessing did, row by row (None: from a cache)
+    retention: list[Example] | None = None  # `retention_dataset`: scored, never trained on
+    replay: list[Example] | None = None  # `replay_dataset`: general text filling `replay_ratio` of each row
+    replay_ratio: float = 0.0
     streaming = False
 
     def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
         """Rows this process reads per epoch (whole batches only; the same on every process)."""
-        total = len(plan_epoch(self.lengths, self.seq_len, seed, 0, self.packing))
+        total = len(plan_epoch(self.lengths, self.sft_capacity, seed, 0, self.packing))
         return (total // self.process_count) // rows_per_process * rows_per_process
 
     def batches_per_epoch(self, rows_per_process: int) -> int:
@@ -80,11 +84,32 @@ class SFTData:
                    group_by_length: bool = False) -> tuple[list[list[int]], list[int]]:
         """The epoch's rows (example indices, all processes) and the padded length of each global batch, as
         `train_dataset` reads them."""
+        return self.epoch_rows(rows_per_process, seed, epoch, buckets, group_by_length)[:2]
+
+    def epoch_rows(self, rows_per_process: int, seed: int, epoch: int, buckets: Sequence[int] | None = None,
+                   group_by_length: bool = False) -> tuple[list[list[int]], list[int], Any]:
+        """`epoch_plan`, and the replay pieces of each row (a `replay.ReplayPlan`; None without replay)."""
         group = 50 * rows_per_process * self.process_count if group_by_length and not self.packing else 0
-        plan = plan_epoch(self.lengths, self.seq_len, seed, epoch, self.packing, self.shuffle, group)
-        widths = batch_widths([sum(self.lengths[i] for i in m) for m in plan], rows_per_process * self.process_count,
+        plan = plan_epoch(self.lengths, self.sft_capacity, seed, epoch, self.packing, self.shuffle, group)
+        row_lengths = [sum(self.lengths[i] for i in m) for m in plan]
+        replay = None
+        if self.replay:
+            replay = replay_mod.ReplayPlan(self.replay, row_lengths, self.seq_len, self.replay_ratio, seed, epoch)
+            row_lengths = [n + r for n, r in zip(row_lengths, replay.tokens)]
+        widths = batch_widths(row_lengths, rows_per_process * self.process_count,
                               list(buckets) if buckets else [self.seq_len])
-        return plan, widths
+        return plan, widths, replay
+
+    def retention_batches(self, rows_per_process: int, buckets: Sequence[int] | None = None
+                          ) -> Iterator[dict[str, np.ndarray]]:
+        """Every retention example once, batched as eval examples are."""
+        return eval_batches(self.retention or [], self.seq_len, self.pad_id, self.packing, rows_per_process,
+                            self.process_index, self.process_count, buckets)
+
+    @property
+    def sft_capacity(self) -> int:
+        """Tokens of a row the SFT examples may fill: all of it, less the replay share."""
+        return replay_mod.sft_capacity(self.seq_len, self.replay_ratio) if self.replay else self.seq_len
 
     def __post_init__(self) -> None:
         self.lengths = [len(ex[0]) for ex in self.train]
@@ -103,13 +128,14 @@ class _EpochRows(Sequence):
     def __len__(self) -> int:
         return self.rows_per_epoch * self.num_epochs
 
-    def _plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
-        """The epoch's rows (example indices, all processes) and the padded length of each global batch."""
+    def _plan(self, epoch: int) -> tuple[list[list[int]], list[int], Any]:
+        """The epoch's rows (example indices, all processes), the padded length of each global batch, and
+        the replay pieces of each row (None without replay)."""
         with self._lock:
             if epoch not in self._plans:
                 if len(self._plans) > 2:
                     self._plans.pop(min(self._plans))
-                self._plans[epoch] = self.data.epoch_plan(self.rows_per_batch, self.seed, epoch, self.buckets,
+                self._plans[epoch] = self.data.epoch_rows(self.rows_per_batch, self.seed, epoch, self.buckets,
                                                           self.group_by_length)
             return self._plans[epoch]
 
@@ -118,9 +144,10 @@ class _EpochRows(Sequence):
             raise IndexError(i)
         epoch, j = divmod(i, self.rows_per_epoch)
         d = self.data
-        plan, widths = self._plan(epoch)
-        return make_row(d.train, plan[j * d.process_count + d.process_index], widths[j // self.rows_per_batch],
-                        d.pad_id)
+        plan, widths, replay = self._plan(epoch)
+        g = j * d.process_count + d.process_index
+        row = make_row(d.train, plan[g], widths[j // self.rows_per_batch], d.pad_id)
+        return replay.fill(row, g) if replay is not None else row
 
 
 def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: int, packing: bool) -> dict:
@@ -135,6 +162,46 @@ def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: in
 
 def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_index: int = 0,
                    process_count: int = 1, allow_empty: bool = False) -> "SFTData | StreamingSFTData":
+    """Everything training and evaluation read (`_build_datasets`), with the `retention_dataset` and
+    `replay_dataset` examples when training."""
+    data = _build_datasets(args, tokenizer, train=train, process_index=process_index, process_count=process_count,
+                           allow_empty=allow_empty)
+    if train and (args.retention_dataset or args.replay_dataset):
+        template = make_template(args, tokenizer)
+        if args.retention_dataset:
+            data.retention = _side_examples("retention", args.retention_dataset, args, template, tokenizer,
+                                            data.stats)
+        if args.replay_dataset:
+            data.replay = _side_examples("replay", args.replay_dataset, args, template, tokenizer, data.stats)
+            data.replay_ratio = args.replay_ratio
+    return data
+
+
+def _side_examples(split: str, names: str, args: DataArgs, template, tokenizer, stats: dict) -> list[Example]:
+    """The examples of a dataset read beside the training data (retention, replay): encoded once, cached in
+    `data_cache_dir` under their own key, their counts added to `stats` as `{split}_*`."""
+    side = args.replace(dataset=names, eval_dataset=None, val_size=0.0, max_samples=args.max_samples)
+    key = cache.cache_key(side, sources.resolve(names, args.dataset_dir), tokenizer, split) \
+        if args.data_cache_dir else None
+    hit = cache.load(args.data_cache_dir, key) if key and not args.overwrite_cache else None
+    if hit is not None:
+        examples, _, side_stats = hit
+    else:
+        rows_of, attrs, refs = sources.load_mixed(names, side)
+        examples, counts = encode_rows(rows_of, attrs, refs, template, tokenizer, side)
+        side_stats = _split_stats(split, examples, counts, args.cutoff_len, args.packing)
+        report_dropped(split, counts)
+        report_truncated(split, counts, args.cutoff_len)
+        if key:
+            cache.save(args.data_cache_dir, key, examples, None, side_stats)
+    if not examples:
+        raise InputError(f"{split}_dataset {names}: no examples left after preprocessing (see the warnings above)")
+    stats.update(side_stats)
+    return examples
+
+
+def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_index: int = 0,
+                    process_count: int = 1, allow_empty: bool = False) -> "SFTData | StreamingSFTData":
     """Everything training and evaluation read. The training split is built only with `train`; the eval
     split is `eval_dataset`, or the `val_size` rows of `dataset` (the same rows whether or not training
     runs), as LLaMA-Factory reads them.

@@ -59,6 +59,13 @@ class DatasetAttr:
 
     named_columns: dict[str, str] = field(default_factory=dict)  # role -> column, as the registry names them
 
+    @property
+    def is_text(self) -> bool:
+        """Plain text (LLaMA-Factory's pre-training layout, `columns: {prompt: text}`): alpaca with a prompt
+        column and no response, query or history; every token is learned, no template."""
+        return self.formatting == "alpaca" and bool(self.prompt) and not (self.response or self.query or
+                                                                           self.history)
+
     def join(self, info: dict[str, Any]) -> None:
         """Apply a registry entry's `formatting`, `columns`, `tags`, ... (LF's `DatasetAttr.join`)."""
         for key, default in (("formatting", "alpaca"), ("ranking", False), ("subset", None), ("split", "train"),
@@ -125,6 +132,9 @@ def _detect(attr: DatasetAttr, head: list[dict[str, Any]]) -> None:
             attr.tools = "tools" if "tools" in first else None
             return
     attr.formatting = "alpaca"
+    if "text" in first and not {"instruction", "output"} & set(first):  # plain text rows: {"text": ...}
+        attr.prompt, attr.query, attr.response = "text", None, None
+        return
     attr.system = "system" if "system" in first else None
     attr.history = "history" if "history" in first else None
 

@@ -159,6 +159,8 @@ class StreamingSFTData:
     process_index: int = 0
     process_count: int = 1
     train: list = field(default_factory=list)  # streaming keeps no training examples in memory
+    retention: list[Example] | None = None  # `retention_dataset`, in memory (replay needs in-memory data)
+    replay = None
     streaming = True
 
     @property
@@ -227,4 +229,8 @@ class StreamingSFTData:
 
     def eval_batches(self, rows_per_process: int, buckets: list[int] | None = None):
         return eval_batches(self.eval or [], self.seq_len, self.pad_id, self.packing, rows_per_process,
+                            self.process_index, self.process_count, buckets)
+
+    def retention_batches(self, rows_per_process: int, buckets: list[int] | None = None):
+        return eval_batches(self.retention or [], self.seq_len, self.pad_id, self.packing, rows_per_process,
                             self.process_index, self.process_count, buckets)

@@ -72,3 +72,15 @@ def encode_supervised(
     if sizes is not None:
         sizes["prompt_learned"] = prompt_learned
     return input_ids, labels
+
+
+def encode_text(text: str, tokenizer, cutoff_len: int, sizes: dict | None = None) -> tuple[list[int], list[int]]:
+    """Plain text as LLaMA-Factory's pre-training stage (unpacked) encodes it: BOS when the tokenizer adds one,
+    the text, EOS, cut at `cutoff_len`; every token is a label."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if sizes is not None:
+        sizes["full"] = len(ids)
+    ids = ids[:cutoff_len]
+    return ids, list(ids)
