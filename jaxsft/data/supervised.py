@@ -81,6 +81,6 @@ def encode_text(text: str, tokenizer, cutoff_len: int, sizes: dict | None = None
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     if sizes is not None:
-        sizes["full"] = len(ids)
+        sizes["full"], sizes["prompt_learned"] = len(ids), 0  # a document, not a prompt: learning it is the point
     ids = ids[:cutoff_len]
     return ids, list(ids)
