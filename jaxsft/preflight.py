@@ -188,6 +188,8 @@ def check_datasets(cfg: Config, read_rows: bool = False) -> None:
             if cfg.dataset_dir != "ONLINE" and not directory.is_dir():
                 raise MissingPath(f"dataset_dir: {cfg.dataset_dir} does not exist ({directory.absolute()}); it "
                                   f"should hold {REGISTRY} and the data files. {key}: {e}") from None
+            if key in ("retention_dataset", "replay_dataset"):  # the message names the dataset, not the key
+                raise InputError(f"{key}: {e}") from None
             raise
         hub = [a for a in attrs if a.load_from == "hf_hub"]
         if hub and not hub_offline("HF_DATASETS_OFFLINE"):

@@ -58,6 +58,8 @@ def test_eval_strategy_without_eval_data(tmp_path, capsys):
         "retention_dataset (or eval_strategy: no)")
     assert cli(_args(tmp_path, eval_strategy="steps", val_size=0.1) + ["--dry_run"]) == 0
     assert cli(_args(tmp_path, eval_strategy="steps", retention_dataset="general_text") + ["--dry_run"]) == 0
+    assert _error(capsys, _args(tmp_path, retention_dataset="general_txt") + ["--dry_run"]).startswith(
+        "retention_dataset: Unknown dataset 'general_txt': not an entry of ")
 
 
 def test_a_truncated_safetensors_file(tmp_path, capsys):
