@@ -112,6 +112,14 @@ DATA_CASES = [
      "{path}, row 1, field 'output': no response (got None); {path}, row 2, field 'output': no response (got None)"
      ". Fix those rows, or the dataset's formatting/columns in dataset_info.json; a run with no data would train "
      "nothing."),
+    ("alpaca_without_its_prompt_column", "a.csv", "instr,output\nhi,there\n",
+     "dataset '{path}': {path} has no column 'instruction', where alpaca data keeps the prompt (its columns: "
+     "instr, output). Did you mean 'instr'? Rename the column, or name it in dataset_info.json (\"columns\": "
+     "{{\"prompt\": ...}})"),
+    ("sharegpt_without_its_messages_column", "a.json", [{"conversation": [{"from": "human", "value": "hi"}]}],
+     "dataset 'ds': {path} has no column 'conversations', where sharegpt data keeps the messages (its columns: "
+     "conversation). Did you mean 'conversation'? Rename the column, or name it in dataset_info.json (\"columns\": "
+     "{{\"messages\": ...}})", {"formatting": "sharegpt"}),
     ("empty_file", "a.json", [],
      "No training examples left after preprocessing {path} (0 rows): no rows to train on. Fix those rows, or the "
      "dataset's formatting/columns in dataset_info.json; a run with no data would train nothing."),
@@ -422,3 +430,18 @@ def test_registry_paths_cannot_escape_dataset_dir(tmp_path, file_name, message):
     # the user's own config may name that absolute path
     data = build_datasets(_args(outside, directory), AutoTokenizer.from_pretrained(str(TOKENIZER)))
     assert data.stats["train_examples"] == 1
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, name):
+    """Windows editors start UTF-8 files with a BOM; the rows read the same as without it."""
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    rows = [OK, {"instruction": "second", "input": "", "output": "two"}]
+    text = json.dumps(rows) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows)
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    plain.mkdir(), marked.mkdir()
+    (plain / name).write_text(text)
+    (marked / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    expected = build_datasets(_args(plain / name, plain), tokenizer).train
+    got = build_datasets(_args(marked / name, marked), tokenizer).train
+    assert len(got) == 2 and all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(got, expected))

@@ -222,12 +222,23 @@ def _check_entry(name: str, info: Any, registry: Path) -> None:
 
 
 REQUIRED_COLUMNS = ("prompt", "response", "messages")  # without them a row has no conversation
+# Default columns that must exist when the registry does not name them (a file without a response column is
+# still a valid predict set).
+CONVERSATION_ROLES = {"alpaca": ("prompt",), "sharegpt": ("messages",), "openai": ("messages",)}
 
 
 def check_columns(attr: DatasetAttr, columns: set[str], file: str) -> None:
     """The columns a registry entry names exist in its data: a typo in a column that carries the conversation
     (prompt, response, messages) would train on empty turns, so it is an error; an optional one (query, system,
     history, tools) that is absent is read as empty, and a warning says so."""
+    for role in CONVERSATION_ROLES[attr.formatting]:  # columns the defaults name carry the conversation too
+        column = getattr(attr, role)
+        if role not in attr.named_columns and column and column not in columns:
+            close = difflib.get_close_matches(column, sorted(columns), n=1, cutoff=0.6)
+            raise InputError(f"dataset {attr.name!r}: {file} has no column {column!r}, where {attr.formatting} data "
+                             f"keeps the {role} (its columns: {', '.join(sorted(columns)) or 'none'})."
+                             f"{f' Did you mean {close[0]!r}?' if close else ''} Rename the column, or name it in "
+                             f"{REGISTRY} (\"columns\": {{\"{role}\": ...}})")
     for role, column in attr.named_columns.items():
         if column not in columns:
             close = difflib.get_close_matches(column, sorted(columns), n=1, cutoff=0.6)
@@ -302,7 +313,7 @@ def _unreadable(attr: DatasetAttr, kind: str, e: Exception) -> InputError:
 def _read_json(file: str) -> list[Any]:
     data = Path(file).read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as e:
         raise _not_utf8(file, data, e) from None
     if file.endswith(".jsonl") or (not text.lstrip().startswith("[")):
@@ -360,7 +371,7 @@ def check_head_columns(attr: DatasetAttr, n: int = 100) -> list[dict[str, Any]]:
     """check_columns on the first `n` rows, for readers that never hold the whole dataset (streaming, a dry
     run); returns those rows."""
     head = _head(attr, n)
-    if attr.named_columns and head:
+    if head:
         check_columns(attr, _columns_of(head), attr.path)
     return head
 
@@ -371,7 +382,7 @@ def load_rows(attr: DatasetAttr, max_samples: int | None = None, seed: int = 42)
         rows: Sequence = [row for f in _file_type(attr)[1] for row in _read_json(f)]
     else:
         rows = _hf_dataset(attr, streaming=False)
-    if attr.named_columns and len(rows):
+    if len(rows):
         check_columns(attr, _columns_of(rows), attr.path)
     if attr.num_samples is not None:  # LF: a permutation, repeated (with replacement) past the dataset size
         rng = np.random.default_rng(seed)
@@ -394,7 +405,7 @@ def iter_rows(attr: DatasetAttr) -> Iterator[dict[str, Any]]:
                     with open(file, "rb") as f:
                         for line_no, raw in enumerate(f, 1):
                             try:
-                                line = raw.decode("utf-8")
+                                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                             except UnicodeDecodeError as e:
                                 raise _not_utf8(file, raw, e, line_no - 1) from None
                             if line.strip():
