@@ -19,11 +19,13 @@ Only the main process writes or prints anything; on the others every method does
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -93,6 +95,22 @@ def clear_results(output_dir: str) -> list[str]:
     return stale
 
 
+
+@contextlib.contextmanager
+def _torch_hidden():
+    """tensorboardX's writer imports torch when it can (only to accept torch tensors; we log floats): seconds
+    of start-up. While this is open and torch is not imported yet, `import torch` fails as if it were absent;
+    afterwards torch imports normally."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
 class RunLogger:
     """Progress bar, jsonl log, TensorBoard and plots for one training run.
 
@@ -140,7 +158,8 @@ class RunLogger:
         os.makedirs(output_dir, exist_ok=True)
         self._log_file = open(os.path.join(output_dir, TRAINER_LOG), "a" if initial_step else "w", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            with _torch_hidden():
+                from tensorboardX import SummaryWriter
 
             run_name = f"{datetime.datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}"
             self._tb = SummaryWriter(logdir=os.path.join(output_dir, "runs", run_name))

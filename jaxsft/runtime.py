@@ -4,8 +4,10 @@ on the mesh and split into trainable and frozen parts for the configured fine-tu
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -82,10 +84,39 @@ def process_age() -> float | None:
         return None
 
 
+# AutoTokenizer (transformers 5) resolves these declared classes to the plain fast tokenizer for these model
+# types (not qwen2: Qwen2Tokenizer; not Mistral's: its own backend may apply), as tests/test_tokenizer_load.py
+# checks for each; loading it directly skips AutoTokenizer's config classes, which import torch (seconds of
+# start-up that a JAX run never uses).
+PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+PLAIN_TOKENIZER_MODEL_TYPES = ("llama", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
+                               "phi3")
+
+
+def plain_fast_tokenizer(path: Path) -> bool:
+    """Whether AutoTokenizer would load the tokenizer in `path` as the plain fast tokenizer (`TokenizersBackend`):
+    a tokenizer.json, a declared plain class, no custom code, a model type without its own tokenizer backend."""
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (isinstance(declared, dict) and declared.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
+            and not declared.get("auto_map") and model_type in PLAIN_TOKENIZER_MODEL_TYPES
+            and (path / "tokenizer.json").is_file())
+
+
 def load_tokenizer(cfg: Config):
+    path = resolve_model_path(cfg.model_name_or_path)
+    if plain_fast_tokenizer(path):
+        try:
+            from transformers import TokenizersBackend
+        except ImportError:  # transformers 4: AutoTokenizer below
+            pass
+        else:
+            return TokenizersBackend.from_pretrained(str(path))
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.model_name_or_path)
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 

@@ -9,6 +9,7 @@ SIGTERM/SIGINT finish the current step, save, and exit with a resume hint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -270,7 +271,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
         run_log.note(**truncation)
         if retention_base is not None:
             run_log.log_retention(0, retention_figures(retention_base, retention_base))
-    flops_per_token = train_flops_per_token(model.config, cfg.cutoff_len)
+    flops_per_token = functools.lru_cache(lambda width: train_flops_per_token(model.config, width))  # per row width
     peak = peak_flops_per_device()
     steps_per_epoch = max(batches_per_epoch // accumulation, 1)
     save_every = {"steps": every_n_steps(cfg.save_steps, total_steps), "epoch": steps_per_epoch}.get(cfg.save_strategy)
@@ -278,13 +279,15 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                   "epoch": steps_per_epoch}.get(cfg.eval_strategy) if data.eval or data.retention else None
     window: list[dict] = []
     counted = 0  # steps of the window already added to the totals
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
     # Running totals of the whole run (carried by every checkpoint, so results after a resume cover all steps).
     total_tokens = int(progress.get("total_tokens", 0))
     total_label_tokens = int(progress.get("label_tokens", 0))
     examples_seen = int(progress.get("examples_seen", 0))
     loss_sum, loss_steps = float(progress.get("loss_sum", 0.0)), int(progress.get("loss_steps", 0))
     runtime_before = float(progress.get("train_runtime", 0.0))
+    # model FLOPs so far (checkpoints before this was counted: every row at cutoff_len, as they counted it)
+    total_flops = float(progress.get("flops", flops_per_token(cfg.cutoff_len) * total_tokens))
     window_positions = 0  # row positions fed, padding included
     total_positions = int(progress.get("positions", 0))
     compile_seconds: dict[tuple, float] = {}  # per batch shape: the time of its first step (trace + compile)
@@ -294,7 +297,8 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     def running_totals() -> dict:
         return {"step": step, "total_tokens": total_tokens, "label_tokens": total_label_tokens,
                 "examples_seen": examples_seen, "loss_sum": loss_sum, "loss_steps": loss_steps,
-                "positions": total_positions, "train_runtime": runtime_before + time.perf_counter() - loop_start}
+                "positions": total_positions, "flops": total_flops,
+                "train_runtime": runtime_before + time.perf_counter() - loop_start}
 
     step = start_step
     with _StopRequest() as stop:
@@ -326,6 +330,9 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
             window.append(metrics)
             window_tokens += tokens
             total_tokens += tokens
+            step_flops = tokens * flops_per_token(width)  # attention over the rows' real width (bucket or cutoff)
+            window_flops += step_flops
+            total_flops += step_flops
             run_log.advance(step)
             stopping = stop.requested(step)  # read once: a signal arriving later waits for the next step
             log_now = run_log.should_log(step) or step == total_steps
@@ -345,13 +352,14 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                 counted = len(fetched)
                 if log_now:
                     elapsed = time.perf_counter() - window_start
-                    summary = _summarize(fetched, window_tokens, elapsed, flops_per_token, peak)
+                    summary = _summarize(fetched, window_tokens, elapsed, window_flops, peak)
                     summary["padding_share"] = round(1 - window_tokens / max(window_positions, 1), 4)
                     summary.update(step=step, epoch=round(step * accumulation / batches_per_epoch, 4),
                                    elapsed=round(runtime_before + time.perf_counter() - loop_start, 3),
                                    total_tokens=total_tokens)
                     run_log.log_train(step, summary)
                     window, counted, window_tokens, window_positions, window_start = [], 0, 0, 0, time.perf_counter()
+                    window_flops = 0.0
             final_eval_follows = step == total_steps and cfg.do_eval  # do_eval evaluates at the end anyway
             if eval_every and step % eval_every == 0 and not final_eval_follows and not stopping and data.eval:
                 run_log.log_eval(step, evaluate(eval_step, state["trainable"], frozen,
@@ -378,7 +386,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
         "train_tokens_per_second": round(total_tokens / train_runtime, 3),
         "train_loss": round(loss_sum / loss_steps, 4) if loss_steps else float("nan"),
         "epoch": round(step * accumulation / batches_per_epoch, 4),
-        "total_flos": float(flops_per_token * total_tokens),
+        "total_flos": float(total_flops),
         "train_padding_share": round(1 - total_tokens / max(total_positions, 1), 4),
         "train_compiled_shapes": len(compile_seconds),
         "train_compile_seconds": round(sum(compile_seconds.values()), 2),
@@ -414,13 +422,13 @@ def _check_finite(fetched: list[dict], first_step: int, skip: bool) -> None:
                                 f"Lower learning_rate, or set skip_nonfinite_steps: true")
 
 
-def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops_per_token: float,
+def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops: float,
                peak: float | None) -> dict[str, Any]:
     label_tokens = sum(float(m["label_tokens"]) for m in fetched)
     loss = sum(float(m["loss"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
     accuracy = sum(float(m["accuracy"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
     tokens_per_sec = tokens / max(elapsed, 1e-9)
-    mfu = tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else None
+    mfu = flops / max(elapsed, 1e-9) / (peak * jax.device_count()) if peak else None
     return {"loss": round(loss, 4), "accuracy": round(accuracy, 4), "lr": float(fetched[-1]["lr"]),
             "grad_norm": round(float(np.mean([float(m["grad_norm"]) for m in fetched])), 4),
             "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu is not None else None,

@@ -3,6 +3,8 @@
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,16 @@ def test_logging_steps_ratio_and_smooth():
     expected = json.loads((Path(__file__).parent / "fixtures" / "metrics_expected.json").read_text())["plot_smooth"]
     assert smooth(expected["values"]) == pytest.approx(expected["smoothed"], abs=1e-12)
     assert smooth([]) == []
+
+
+def test_tensorboard_writer_starts_without_torch(tmp_path):
+    """tensorboardX imports torch when it can; the run's writer is opened without it (seconds of start-up), and
+    torch still imports afterwards."""
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.test_run_logging import fake_run, "
+            "read_tensorboard_scalars; from pathlib import Path; fake_run(Path(sys.argv[1]), plot_loss=False); "
+            "print('torch' in sys.modules); f = next(Path(sys.argv[1]).glob('runs/*/events.out.tfevents.*')); "
+            "print([s for s, _ in read_tensorboard_scalars(f)['train/loss']]); "
+            "import torch; print(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).resolve().parents[1])],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().split("\n")[-3:] == ["False", "[5, 10, 15, 20]", "2.0"]

@@ -16,6 +16,7 @@ from run_logs import log_lines, train_losses
 from jaxsft.checkpoint import Checkpoints, abstract_like
 from jaxsft.config import build_config
 from jaxsft.evaluate import run_evaluation
+from jaxsft.flops import matmul_params, train_flops_per_token
 from jaxsft.model.hf import load_hf_config, load_hf_params
 from jaxsft.params import flatten, merge
 from jaxsft.runtime import build_mesh, load_model
@@ -193,6 +194,11 @@ def test_unpacked_batches_padded_to_buckets_learn_the_same(tmp_path):
     assert bucketed["train_padding_share"] < padded["train_padding_share"] - 0.2
     assert bucketed["train_compile_seconds"] > 0
     assert all(0 <= r["padding_share"] < 1 for r in lines if "loss" in r)
+    # model FLOPs count attention over the rows' real width: cutoff_len when padded to it, less in buckets
+    tokens = lines[-1]["total_tokens"]
+    model_cfg = load_hf_config(cfg.model_name_or_path)
+    assert padded["total_flos"] == pytest.approx(train_flops_per_token(model_cfg, cfg.cutoff_len) * tokens)
+    assert 6 * matmul_params(model_cfg) * tokens < bucketed["total_flos"] < padded["total_flos"]
 
 
 def test_rerun_loads_compiled_steps_from_the_compilation_cache(tmp_path):

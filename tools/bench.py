@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     label_tokens = statistics.mean(float((b["targets"] != IGNORE_INDEX).sum()) for b in timed) * n_proc
     capacity = float(np.prod(timed[0]["input_ids"].shape)) * n_proc
     step_time = statistics.median(times) if times else None
-    flops_per_token = train_flops_per_token(model_cfg, cfg.cutoff_len)
+    flops_per_token = train_flops_per_token(model_cfg, timed[0]["input_ids"].shape[-1])  # the rows' real width
     peak = peak_flops_per_device(override=args.peak_flops)
     devices = jax.devices()
     mfu = tokens * flops_per_token / step_time / (peak * len(devices)) if peak and step_time else None
