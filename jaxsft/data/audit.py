@@ -110,6 +110,7 @@ class Fill:
     positions: int  # positions they are padded to
     knapsack: float  # packing: tokens / (rows x cutoff_len) over all rows
     buckets: list[tuple[int, int, int, int]] = field(default_factory=list)  # (width, batches, tokens, positions)
+    replay_tokens: int = 0  # of `tokens`, those from replay_dataset
 
     @property
     def fill(self) -> float:
@@ -159,9 +160,11 @@ def overlap(train: SplitAudit, evals: SplitAudit) -> int:
 
 def fill_of(data, batch_rows: int, seed: int, buckets: Sequence[int] | None, group_by_length: bool) -> Fill:
     """How full epoch 0's batches are: `data.epoch_plan` (the plan training batches) on one process."""
-    plan, widths = data.epoch_plan(batch_rows, seed, 0, buckets, group_by_length)
+    plan, widths, replay = data.epoch_rows(batch_rows, seed, 0, buckets, group_by_length)
     lengths = np.asarray(data.lengths, np.int64)
     row_tokens = np.array([int(lengths[m].sum()) for m in plan], np.int64)
+    replayed = np.asarray(replay.tokens, np.int64) if replay is not None else np.zeros(len(plan), np.int64)
+    row_tokens = row_tokens + replayed
     batches = len(plan) // batch_rows
     per_width: dict[int, list[int]] = {}
     for b in range(batches):
@@ -172,7 +175,7 @@ def fill_of(data, batch_rows: int, seed: int, buckets: Sequence[int] | None, gro
     table = [(w, n, t, p) for w, (n, t, p) in sorted(per_width.items())]
     knapsack = float(row_tokens.sum()) / (len(plan) * data.seq_len) if len(plan) else 0.0
     return Fill(data.packing, data.seq_len, batch_rows, len(plan), batches, sum(t for _, _, t, _ in table),
-                sum(p for *_, p in table), knapsack, table)
+                sum(p for *_, p in table), knapsack, table, int(replayed[:batches * batch_rows].sum()))
 
 
 def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -307,7 +310,8 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
     template = make_template(args, tokenizer)
     probe, findings = probe_template(template, tokenizer, args)
     splits = []
-    for name, examples in (("train", data.train), ("eval", data.eval)):
+    for name, examples in (("train", data.train), ("eval", data.eval), ("retention", data.retention),
+                           ("replay", data.replay)):
         counts = (data.counts or {}).get(name)
         if counts is None:  # loaded from tokenized_path: no rows behind the examples
             if not examples:

@@ -168,18 +168,22 @@ def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_ind
                            allow_empty=allow_empty)
     if train and (args.retention_dataset or args.replay_dataset):
         template = make_template(args, tokenizer)
+        counts_of = getattr(data, "counts", None)
         if args.retention_dataset:
             data.retention = _side_examples("retention", args.retention_dataset, args, template, tokenizer,
-                                            data.stats)
+                                            data.stats, counts_of)
         if args.replay_dataset:
-            data.replay = _side_examples("replay", args.replay_dataset, args, template, tokenizer, data.stats)
+            data.replay = _side_examples("replay", args.replay_dataset, args, template, tokenizer, data.stats,
+                                         counts_of)
             data.replay_ratio = args.replay_ratio
     return data
 
 
-def _side_examples(split: str, names: str, args: DataArgs, template, tokenizer, stats: dict) -> list[Example]:
+def _side_examples(split: str, names: str, args: DataArgs, template, tokenizer, stats: dict,
+                   counts_of: dict | None = None) -> list[Example]:
     """The examples of a dataset read beside the training data (retention, replay): encoded once, cached in
-    `data_cache_dir` under their own key, their counts added to `stats` as `{split}_*`."""
+    `data_cache_dir` under their own key, their counts added to `stats` as `{split}_*` (and, when encoded
+    here, to `counts_of[split]`)."""
     side = args.replace(dataset=names, eval_dataset=None, val_size=0.0, max_samples=args.max_samples)
     key = cache.cache_key(side, sources.resolve(names, args.dataset_dir), tokenizer, split) \
         if args.data_cache_dir else None
@@ -190,6 +194,8 @@ def _side_examples(split: str, names: str, args: DataArgs, template, tokenizer, 
         rows_of, attrs, refs = sources.load_mixed(names, side)
         examples, counts = encode_rows(rows_of, attrs, refs, template, tokenizer, side)
         side_stats = _split_stats(split, examples, counts, args.cutoff_len, args.packing)
+        if counts_of is not None:
+            counts_of[split] = counts
         report_dropped(split, counts)
         report_truncated(split, counts, args.cutoff_len)
         if key:

@@ -74,6 +74,8 @@ def fill_rows(fill: Fill) -> list[tuple[str, str]]:
                                               if fill.rows > fill.batches * fill.batch_rows else ""))]
     if fill.packing:
         rows.append(("packing fill (tokens / rows x cutoff_len)", f"{100 * fill.knapsack:.1f}%"))
+    if fill.replay_tokens:
+        rows.append(("replay share (replay tokens / tokens)", f"{_pct(fill.replay_tokens, fill.tokens)}"))
     rows.append(("batch fill (tokens / padded positions)", f"{100 * fill.fill:.1f}%"))
     rows.append(("padding share", f"{100 * (1 - fill.fill):.1f}%" if fill.positions else "n/a"))
     return rows
@@ -202,7 +204,7 @@ def render_html(audit: Audit) -> str:
     parts += [_dropped_html(split) + _truncated_html(split, s.get("cutoff_len")) for split in audit.splits]
     parts.append("</section><section id=histograms><h2>Histograms</h2>")
     for split in audit.splits:
-        if len(split.lengths):
+        if len(split.lengths) and split.name in ("train", "eval"):
             cutoff = s.get("cutoff_len")
             parts.append(f"<h3>{_esc(split.name)}</h3><div class=hist>"
                          f"<figure>{svg_histogram(split.lengths, 'tokens per example', cutoff, 'cutoff_len')}"

@@ -252,9 +252,10 @@ def test_report_opens_in_headless_chromium_without_console_errors(tmp_path, caps
     assert "boom" in " ".join(screenshot(broken, tmp_path / "broken.png", 200, 200))
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing):
-    """fill_of (the report's figure) against epoch 0's real batches: non-padding positions / all positions."""
+@pytest.mark.parametrize("packing,replay", [(True, False), (False, False), (True, True)])
+def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing, replay):
+    """fill_of (the report's figure) against epoch 0's real batches: non-padding positions / all positions,
+    and the replay tokens among them."""
     from jaxsft.config import load_config
     from jaxsft.data.args import DataArgs
     from jaxsft.data.audit import fill_of
@@ -263,7 +264,8 @@ def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing):
     from jaxsft.runtime import load_tokenizer
 
     cfg = load_config(None, [f"model_name_or_path={TINY}", "template=llama3", "dataset=identity",
-                             f"dataset_dir={EXAMPLE_DATA}", "cutoff_len=256", f"packing={str(packing).lower()}"])
+                             f"dataset_dir={EXAMPLE_DATA}", "cutoff_len=256", f"packing={str(packing).lower()}"]
+                      + (["replay_dataset=general_replay", "replay_ratio=0.25"] if replay else []))
     data = build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg))
     buckets = length_buckets(cfg.cutoff_len)
     fill = fill_of(data, 4, cfg.seed, buckets, False)
@@ -272,6 +274,9 @@ def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing):
     assert fill.batches == len(real) and fill.positions == sum(s.size for s in real)
     assert fill.tokens == sum(int((s != 0).sum()) for s in real) and 0 < fill.fill < 1
     assert sorted({s.shape[1] for s in real}) == [w for w, *_ in fill.buckets]
+    if replay:
+        replayed = sum(int(batches[i]["replay"].sum()) for i in range(len(batches)))
+        assert fill.replay_tokens == replayed and abs(replayed / fill.tokens - 0.25) < 0.02
     if not packing:
         assert fill.rows == len(data.train) and len(fill.buckets) > 1  # examples padded to several buckets
 
@@ -301,3 +306,15 @@ def test_a_streaming_config_is_read_in_memory_and_says_so(tmp_path, capsys):
                                          per_device_train_batch_size=1))
     assert ("note", "Streaming data read in memory") in Page(text).findings
     assert "rows read: 8\n  examples kept: 8\n" in out
+
+
+def test_retention_and_replay_data_are_counted_beside_the_training_data(tmp_path, capsys):
+    out, text = _inspect(capsys, _config(tmp_path, retention_dataset="general_text", replay_dataset="general_replay",
+                                         replay_ratio=0.25, val_size=0.0))
+    rows = {name: len((EXAMPLE_DATA / f"{name}.jsonl").read_text().splitlines())
+            for name in ("general_text", "general_replay")}
+    assert f"== retention\n  rows read: {rows['general_text']}\n" in out
+    assert f"== replay\n  rows read: {rows['general_replay']}\n" in out
+    assert "<th>train</th><th>retention</th><th>replay</th>" in text
+    assert "replay share (replay tokens / tokens): 2" in out  # about 25%
+    assert ("ok", "No problems found") in Page(text).findings  # plain text learns every token: no prompt flag
