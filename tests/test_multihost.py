@@ -44,6 +44,9 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    # tokenization is split: process 0 tokenized the first block of the rows, not all of them
+    block = re.search(r"process 0 of 2 tokenizes rows 0-(\d+) of (\d+);", outputs[0])
+    assert block and 0 < int(block[1]) < int(block[2]), outputs[0][-3000:]
     run(f"output_dir={one}")
 
     reference = train_losses(one)

@@ -242,12 +242,29 @@ def text_tokenizer(tokenizer, template):
 
 
 def encode_rows(rows_of: list[Sequence], attrs: list, refs: Sequence[sources.RowRef], template, tokenizer,
-                args: DataArgs) -> tuple[list[Example], Counts]:
+                args: DataArgs, process_index: int = 0, process_count: int = 1) -> tuple[list[Example], Counts]:
     """Training examples of the referenced rows, in order, with what was dropped.
 
-    With `preprocessing_num_workers` > 1 and enough rows, equal slices of the rows are encoded in worker
-    processes (`jaxsft.data.workers`); results and counts keep the row order.
+    With several processes (hosts), each encodes its block of the rows and all get every block
+    (`jaxsft.data.hosts`). With `preprocessing_num_workers` > 1 and enough rows, equal slices of a block are
+    encoded in worker processes (`jaxsft.data.workers`); results and counts keep the row order.
     """
+    if process_count > 1:
+        from jaxsft.data import hosts
+        from jaxsft.data.workers import flatten, unflatten
+
+        def work(start: int, end: int):
+            examples, counts = encode_rows(rows_of, attrs, refs[start:end], template, tokenizer, args)
+            return flatten(examples), counts
+
+        start, end = hosts.block(len(refs), process_index, process_count)
+        logger.info("process %d of %d tokenizes rows %d-%d of %d; the other processes tokenize the rest",
+                    process_index, process_count, start, end, len(refs))
+        examples, counts = [], Counts()
+        for flat, part_counts in hosts.run_split(work, len(refs), process_index, process_count):
+            examples.extend(unflatten(*flat))
+            counts.add(part_counts)
+        return examples, counts
     tokenizer = text_tokenizer(tokenizer, template)
     workers = min(int(args.preprocessing_num_workers or 1), len(refs) // max(MIN_ROWS_PER_WORKER, 1))
     if workers <= 1:

@@ -240,6 +240,7 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
             stats.update(_split_stats("train", train_examples, _counts_of(train_examples), seq_len, packing))
         if evals is not None:
             stats.update(_split_stats("eval", evals, _counts_of(evals), seq_len, packing))
+        _split_across_processes(False, process_count)
         return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count,
                        shuffle)
 
@@ -260,9 +261,13 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
                                                   reasons=list(stats[f"{split}_dropped_reasons"])))
             if tokenized_path and train:
                 save_tokenized(tokenized_path, train_examples, evals)
+            _split_across_processes(False, process_count)
             return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count,
                            shuffle)
 
+    # Several hosts: each tokenizes its block of the rows and all get every block, when all of them tokenize.
+    split = _split_across_processes(True, process_count)
+    hosts = {"process_index": process_index, "process_count": process_count} if split else {}
     train_examples: list[Example] = []
     evals, eval_counts, stats, counts_of = None, Counts(), {}, {}
     if args.dataset and (train or args.val_size > 1e-6):
@@ -270,7 +275,7 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
         train_pos, eval_pos = sources.split(len(refs), args.val_size, args.seed)
         if train:
             train_examples, counts = encode_rows(rows_of, attrs, [refs[i] for i in train_pos], template, tokenizer,
-                                                 args)
+                                                 args, **hosts)
             stats.update(_split_stats("train", train_examples, counts, seq_len, packing))
             counts_of["train"] = counts
             report_dropped("train", counts)
@@ -283,10 +288,11 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
                                  f"or the dataset's formatting/columns in dataset_info.json; a run with no data "
                                  f"would train nothing.")
         if eval_pos:
-            evals, eval_counts = encode_rows(rows_of, attrs, [refs[i] for i in eval_pos], template, tokenizer, args)
+            evals, eval_counts = encode_rows(rows_of, attrs, [refs[i] for i in eval_pos], template, tokenizer, args,
+                                             **hosts)
     if args.eval_dataset:
         e_rows, e_attrs, e_refs = sources.load_mixed(args.eval_dataset, args)
-        evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args)
+        evals, eval_counts = encode_rows(e_rows, e_attrs, e_refs, template, tokenizer, args, **hosts)
     if evals is not None:
         stats.update(_split_stats("eval", evals, eval_counts, seq_len, packing))
         counts_of["eval"] = eval_counts
@@ -298,6 +304,21 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
         save_tokenized(tokenized_path, train_examples, evals)
     return SFTData(train_examples, evals, seq_len, pad_id, packing, stats, process_index, process_count, shuffle,
                    counts_of)
+
+
+def _split_across_processes(tokenizing: bool, process_count: int) -> bool:
+    """Whether the JAX processes split tokenization: every one of them must tokenize (a host that found its
+    tokenized_path or data-cache entry does not). Each process calls this once per build_datasets, on every
+    path, as it is a collective. Processes simulated in one (tests) tokenize everything each."""
+    if process_count <= 1:
+        return False
+    import jax
+
+    if jax.process_count() != process_count:
+        return False
+    from jaxsft.data import hosts
+
+    return hosts.all_agree(tokenizing)
 
 
 def _has_tokenized(path: str) -> bool:
