@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from jaxsft.config import Config, ignored_settings, load_config, met_settings
@@ -221,6 +223,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         return _user_error(e)
     print(describe(cfg, None if only is None else [only]), flush=True)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         if cfg.compile_for:  # a plan for a TPU slice: shapes only, no data or weights read
             os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; never claim local chips
@@ -240,11 +244,24 @@ def cli(argv: Sequence[str] | None = None) -> int:
             _stages()[only](cfg)
     except UserError as e:
         return _user_error(e)
-    except KeyboardInterrupt:  # outside the training loop (which turns SIGINT into save-and-stop)
-        print("error: interrupted (SIGINT); stopped (checkpoints already written are intact)", file=sys.stderr,
+    except KeyboardInterrupt as e:  # outside the training loop (which turns SIGINT/SIGTERM into save-and-stop)
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"error: interrupted ({name}); stopped (checkpoints already written are intact)", file=sys.stderr,
               flush=True)
-        os._exit(130)  # skip interpreter teardown: XLA's threads may still be starting (it segfaulted)
+        os._exit(143 if name == "SIGTERM" else 130)  # skip teardown: XLA's threads may still be starting
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while no training loop runs (loading, preprocessing, eval, predict, export): stop as on SIGINT,
+    with one line, instead of dying without a word."""
+
+
+def _terminated(_signum, _frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -257,9 +257,11 @@ def test_disk_full_while_saving_is_an_error_and_earlier_checkpoints_stay_intact(
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C before training starts.
 
-def test_sigint_while_the_model_loads_is_one_line_and_no_crash(tmp_path, compile_cache):
-    """SIGINT during start-up (imports, data, model initialisation): one line, exit 130, no traceback, no segfault
-    (the training loop itself turns SIGINT into save-and-stop, tested in test_train.py)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_model_loads_is_one_line_and_no_crash(tmp_path, compile_cache, sig):
+    """SIGINT or SIGTERM during start-up (imports, data, model initialisation): one line, exit 130 / 143, no
+    traceback, no segfault; SIGTERM died without a word (the training loop itself turns both into save-and-stop,
+    tested in test_train.py)."""
     out = tmp_path / "out"
     stdout = tmp_path / "run.out"
     with stdout.open("w") as o:
@@ -267,9 +269,10 @@ def test_sigint_while_the_model_loads_is_one_line_and_no_crash(tmp_path, compile
                                 env=_env(compile_cache))
     assert _wait(proc, lambda: "jaxsft: stages" in stdout.read_text(), time.time() + 120)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err[-3000:]
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == "error: interrupted (SIGINT); stopped (checkpoints already written are intact)"
+    assert err.splitlines()[-1] == (f"error: interrupted ({sig.name}); stopped (checkpoints already written are "
+                                    f"intact)")
     assert not _committed(out)
