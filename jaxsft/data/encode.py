@@ -187,7 +187,7 @@ def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs
 
     def encode(conversation, tok):
         if conversation.plain:
-            return encode_text(conversation.messages[0].content, tok, args.cutoff_len, sizes)
+            return encode_text(conversation.messages[0].content, tok, args.cutoff_len, sizes, args.template)
         return encode_supervised(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
                                  args.mask_history, args.preserve_thinking, sizes)
 

@@ -82,6 +82,8 @@ class ReplayPlan:
             seg[at:at + n] = segment
             row["positions"][at:at + n] = np.arange(n, dtype=np.int32)
             replay[at:at + n] = 1
+            if "weights" in row:  # a weighted run (per-message loss weights): replay targets weigh 1
+                row["weights"][at:at + n] = row["targets"][at:at + n] != IGNORE_INDEX
             at += n
         row["replay"] = replay
         return row

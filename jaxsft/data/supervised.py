@@ -74,10 +74,14 @@ def encode_supervised(
     return input_ids, labels
 
 
-def encode_text(text: str, tokenizer, cutoff_len: int, sizes: dict | None = None) -> tuple[list[int], list[int]]:
+def encode_text(text: str, tokenizer, cutoff_len: int, sizes: dict | None = None, template_name: str = "empty"
+                ) -> tuple[list[int], list[int]]:
     """Plain text as LLaMA-Factory's pre-training stage (unpacked) encodes it: BOS when the tokenizer adds one,
-    the text, EOS, cut at `cutoff_len`; every token is a label."""
-    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    the text, EOS (the template's; `<|end_of_text|>` for llama3, whose template EOS ends a turn, not a
+    document), cut at `cutoff_len`; every token is a label."""
+    eos = tokenizer.encode("<|end_of_text|>", add_special_tokens=False) if template_name == "llama3" \
+        else [tokenizer.eos_token_id]
+    ids = tokenizer.encode(text, add_special_tokens=False) + eos
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     if sizes is not None:

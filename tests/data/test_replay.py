@@ -94,7 +94,9 @@ def test_plain_text_rows_learn_every_token_without_template(tokenizer, tmp_path)
     data = _data(tokenizer, replay_dataset=None, eval_dataset="general_text")
     first = json.loads((REPO / "examples" / "data" / "general_text.jsonl").read_text().splitlines()[0])["text"]
     ids, labels = data.eval[0]
-    assert ids.tolist() == tokenizer.encode(first, add_special_tokens=False) + [tokenizer.eos_token_id]
+    # llama3's EOS ends a document here (<|end_of_text|>), not the template's end of turn, as in LF
+    assert ids.tolist() == tokenizer.encode(first, add_special_tokens=False) + [
+        tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
     np.testing.assert_array_equal(ids, labels)
     assert data.stats["eval_examples"] == 40 and data.stats["eval_dropped"] == 0
     # a jsonl file of {"text": ...} rows named directly is plain text too
@@ -117,3 +119,16 @@ def test_replay_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config({**base, **overrides})
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("case", json.loads((REPO / "tests/fixtures/data/lf_pretrain.json").read_text()),
+                         ids=lambda c: f"{c['template']}-bos{int(c['add_bos_token'])}-{c['cutoff_len']}")
+def test_plain_text_rows_equal_llamafactory_pretraining_encoding(case):
+    """LF 0.9.5's PretrainDatasetProcessor (unpacked) on the same rows: tools/make_lf_pretrain_fixture.py."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(REPO / case["tokenizer"]),
+                                                     add_bos_token=case["add_bos_token"])
+    data = _data(tok, replay_dataset=None, eval_dataset="general_text", template=case["template"],
+                 cutoff_len=case["cutoff_len"])
+    assert [ids.tolist() for ids, _ in data.eval] == case["input_ids"]
+    assert all((ids == labels).all() for ids, labels in data.eval)
+    assert 0 < data.stats["eval_truncated"] <= sum(len(ids) == case["cutoff_len"] for ids in case["input_ids"])
