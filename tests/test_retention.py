@@ -58,6 +58,16 @@ def test_retention_at_step_0_each_eval_and_end_base_equals_solo_eval_and_is_cach
                 data_cache_dir=cache) == 0
     assert _json(solo / "eval_results.json")["eval_loss"] == pytest.approx(base, rel=1e-6)
 
+    # freeze starts from the same model: a new run reads the base figure from the cache, and trains
+    capsys.readouterr()
+    frozen = tmp_path / "freeze"
+    assert _cli(frozen, finetuning_type="freeze", freeze_trainable_layers=1, max_steps=2,
+                data_cache_dir=cache) == 0
+    assert f"retention: the starting model's retention_loss {base:.4f} is read from" in capsys.readouterr().err
+    lines = [r for r in log_lines(frozen) if "retention_loss" in r]
+    assert [r["current_steps"] for r in lines] == [0, 2] and lines[0]["retention_loss"] == base
+    assert lines[1]["retention_loss"] != base
+
 
 STEPS = 12
 
