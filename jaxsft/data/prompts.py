@@ -59,6 +59,9 @@ def encode_prompt(conversation: Conversation, tokenizer, template: Encoder, cuto
     For chat, end the conversation with an empty assistant message: the prompt is then what to
     generate from.
     """
+    if conversation.plain:
+        raise ValueError("a plain-text row (a prompt column and no response) has no answer to predict; predict "
+                         "from a dataset with responses")
     prompt, label = encode_oneturn(conversation, tokenizer, template, preserve_thinking)
     if template.efficient_eos:
         label = label + [tokenizer.eos_token_id]

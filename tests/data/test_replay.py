@@ -132,3 +132,13 @@ def test_plain_text_rows_equal_llamafactory_pretraining_encoding(case):
     assert [ids.tolist() for ids, _ in data.eval] == case["input_ids"]
     assert all((ids == labels).all() for ids, labels in data.eval)
     assert 0 < data.stats["eval_truncated"] <= sum(len(ids) == case["cutoff_len"] for ids in case["input_ids"])
+
+
+def test_plain_text_rows_have_nothing_to_predict(tokenizer):
+    from jaxsft.data.formats import InvalidExample
+    from jaxsft.data.prompts import build_prompts
+
+    args = DataArgs(eval_dataset="general_text", dataset_dir=DATA, template="llama3", data_cache_dir=None)
+    with pytest.raises(InvalidExample, match=r"general_text.jsonl, row 1, .*a plain-text row \(a prompt column and "
+                                             r"no response\) has no answer to predict"):
+        build_prompts(args, tokenizer)
