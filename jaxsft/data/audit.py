@@ -295,7 +295,7 @@ def data_findings(split: SplitAudit, args: DataArgs) -> list[Finding]:
 
 SETTINGS = ("dataset", "eval_dataset", "dataset_dir", "template", "cutoff_len", "packing", "train_on_prompt",
             "mask_history", "val_size", "max_samples", "per_device_train_batch_size", "length_buckets",
-            "group_by_length", "seed", "model_name_or_path")
+            "group_by_length", "seed", "retention_dataset", "replay_dataset", "replay_ratio", "model_name_or_path")
 
 
 def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit:
@@ -359,5 +359,7 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
     findings.sort(key=lambda f: order[f.level])
     settings = {key: getattr(cfg, key) for key in SETTINGS if hasattr(cfg, key)}
     settings["packing"] = args.packing
+    if not settings.get("replay_dataset"):
+        settings.pop("replay_ratio", None)
     settings["global batch rows"] = batch_rows
     return Audit(settings, splits, fill, findings, samples, probe)
