@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def load(cache_dir: str, key: str) -> tuple[list[Example], list[Example] | None,
         if (entry / "eval.npz").is_file():
             with np.load(entry / "eval.npz") as f:
                 evals = _unpack(f)
-    except (OSError, ValueError, KeyError) as e:  # a damaged entry is a miss
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a damaged entry is a miss
         logger.warning("ignoring the damaged tokenized-data cache entry %s: %s", entry, e)
         return None
     os.utime(entry)  # recently used: kept longest

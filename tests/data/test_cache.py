@@ -47,3 +47,17 @@ def test_unchanged_rerun_loads_the_cache_and_changes_miss_it(tmp_path, data_dir,
     changed, said = _build(args, new_tokenizer, caplog)
     tokens = lambda d: d.stats["train_tokens"] + d.stats["eval_tokens"]  # noqa: E731
     assert said == [] and tokens(changed) > tokens(first)
+
+
+def test_a_damaged_entry_is_a_miss_not_a_crash(tmp_path, data_dir, new_tokenizer, caplog):
+    """A cache file cut short (a full disk, a killed copy) is ignored with a warning and tokenized again."""
+    args = DataArgs(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=128,
+                    data_cache_dir=str(tmp_path / "cache"))
+    first, _ = _build(args, new_tokenizer, caplog)
+    (entry,) = (tmp_path / "cache").iterdir()
+    train = entry / "train.npz"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    again, said = _build(args, new_tokenizer, caplog)
+    assert len(said) == 1 and said[0].startswith("ignoring the damaged tokenized-data cache entry")
+    assert said[0].endswith("File is not a zip file")
+    assert [len(i) for i, *_ in again.train] == [len(i) for i, *_ in first.train]
