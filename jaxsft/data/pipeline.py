@@ -9,6 +9,8 @@ With `streaming: true`, see `jaxsft.data.streaming`. Rows are encoded by `jaxsft
 """
 
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -339,7 +341,18 @@ def save_tokenized(path: str, train: list[Example], evals: list[Example] | None)
     splits = {"train": datasets.Dataset(_arrow_table(train))}
     if evals is not None:
         splits["validation"] = datasets.Dataset(_arrow_table(evals))
-    datasets.DatasetDict(splits).save_to_disk(path)
+    # Written beside the folder and renamed into place: a run killed while saving leaves no half dataset that
+    # the next run would take for a finished one.
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(partial))
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder named as tokenized_path is filled
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     logger.info("Tokenized dataset saved at %s.", path)
 
 
@@ -361,7 +374,12 @@ def _arrow_table(examples: list[Example]):
 def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
     import datasets
 
-    saved = datasets.load_from_disk(path)
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as e:  # datasets' own error about the user's folder
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"tokenized_path: {path} cannot be read as a saved dataset ({type(e).__name__}: {reason}); "
+                         f"point tokenized_path at a new folder to tokenize into it") from None
     if not isinstance(saved, datasets.DatasetDict):
         saved = datasets.DatasetDict({"train": saved})
     if "position_ids" in saved["train"].column_names:

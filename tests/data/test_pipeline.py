@@ -130,6 +130,24 @@ def test_tokenized_path_round_trip(tmp_path, data_dir, new_tokenizer):
             np.testing.assert_array_equal(la, lb)
 
 
+def test_tokenized_path_is_saved_whole_or_not_at_all(tmp_path, data_dir, new_tokenizer):
+    """The save goes to a hidden folder beside tokenized_path and is renamed into place (a run killed while
+    saving leaves no half dataset); an empty folder named as tokenized_path is filled; a damaged saved
+    dataset is one line naming it."""
+    from jaxsft.errors import InputError
+
+    (tmp_path / "tok").mkdir()
+    args = DataArgs(dataset="identity", dataset_dir=str(data_dir), template="qwen", cutoff_len=256,
+                    tokenized_path=str(tmp_path / "tok"))
+    build_datasets(args, new_tokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no leftover of the hidden folder
+    for arrow in (tmp_path / "tok" / "train").glob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(InputError, match=rf"^tokenized_path: {tmp_path}/tok cannot be read as a saved dataset \("
+                                         r"\w+: .*\); point tokenized_path at a new folder to tokenize into it$"):
+        build_datasets(args, new_tokenizer())
+
+
 def test_examples_with_nothing_to_learn_are_dropped_and_counted(tmp_path, new_tokenizer):
     rows = [{"instruction": "a long question " * 200, "input": "", "output": "fine, thanks " * 10},
             {"instruction": "hi", "input": "", "output": "hello"}]
