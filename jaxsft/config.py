@@ -113,6 +113,10 @@ class Config:
     lora_rank: int = _field(8, "LoRA rank.")
     lora_alpha: Optional[int] = _field(None, "LoRA alpha (default 2 x rank).")
     lora_dropout: float = _field(0.0, "Dropout on the LoRA input.")
+    neftune_noise_alpha: Optional[float] = _field(None, "NEFTune: uniform noise U(-1, 1) x alpha / sqrt(L x d) on the "
+                                                        "input embeddings in training (never in eval or predict); L "
+                                                        "is each example's own length (packed or not), d the hidden "
+                                                        "size; padding gets none. LLaMA-Factory suggests 5.")
     lora_target: str = _field("all", "'all' (every linear layer but lm_head) or a comma list of module names.")
     additional_target: Optional[str] = _field(None, "Modules trained fully beside LoRA (e.g. embed_tokens,lm_head).")
     use_rslora: bool = _field(False, "Scale LoRA by alpha / sqrt(rank).")
@@ -373,8 +377,8 @@ def _validate(cfg: Config) -> None:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "val_size", "lora_dropout",
-                "loss_chunk_size"):
-        if getattr(cfg, key) < 0:
+                "loss_chunk_size", "neftune_noise_alpha"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.do_train and cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError(f"key 'num_train_epochs' must be > 0 when max_steps is not set, got {cfg.num_train_epochs}")

@@ -2,6 +2,9 @@
 
 Packed or not, every eval example is scored once; the per-token outputs of the jitted eval step are
 grouped per example (row, segment) on the host, so packed and unpacked eval give the same numbers.
+When the eval data's answers carry loss weights (`weights` in the batches), eval_loss is the training
+objective, `sum(w * ce) / sum(w)`, and each example's accuracy is `sum(w * correct) / sum(w)` over its
+label tokens (then the mean over examples, as LF does); `eval_label_tokens` stays a count of tokens.
 """
 
 from __future__ import annotations
@@ -17,36 +20,42 @@ from jaxsft.runtime import host_array
 from jaxsft.sharding import global_batch
 
 
-def example_sums(out: dict[str, np.ndarray], segment_ids: np.ndarray) -> tuple[float, float, list[float]]:
-    """(loss sum, label tokens, per-example accuracies) of one eval batch."""
+def example_sums(out: dict[str, np.ndarray], segment_ids: np.ndarray, weights: np.ndarray | None = None
+                 ) -> tuple[float, float, list[float], float]:
+    """(loss sum, label tokens, per-example accuracies, loss denominator) of one eval batch; with per-token
+    `weights`, the loss sum and accuracies are weighted and the denominator is the sum of the weights (else
+    the label tokens)."""
     loss, valid, correct = out["loss"], out["valid"], out["correct"]
+    w = valid.astype(np.float64) if weights is None else np.where(valid, weights, 0.0).astype(np.float64)
     accuracies = []
     for r in range(segment_ids.shape[0]):
         segs = segment_ids[r]
         n_segments = int(segs.max())
         if n_segments == 0:
             continue  # an all-padding filler row
-        counts = np.bincount(segs, weights=valid[r], minlength=n_segments + 1)[1:]
-        hits = np.bincount(segs, weights=correct[r], minlength=n_segments + 1)[1:]
+        counts = np.bincount(segs, weights=w[r], minlength=n_segments + 1)[1:]
+        hits = np.bincount(segs, weights=w[r] * correct[r], minlength=n_segments + 1)[1:]
         # LF's compute_accuracy: the mean over label positions of each example, then over examples.
         accuracies.extend((hits[counts > 0] / counts[counts > 0]).tolist())
-    return float(loss[valid].sum()), float(valid.sum()), accuracies
+    loss_sum = loss[valid].sum() if weights is None else (w * loss)[valid].sum()
+    return float(loss_sum), float(valid.sum()), accuracies, float(w.sum())
 
 
 def evaluate(eval_step: Callable, trainable, frozen, batches: Iterable[dict[str, np.ndarray]], mesh,
              prefix: str = "eval") -> dict[str, float]:
-    loss_sum, tokens, accuracies = 0.0, 0.0, []
+    loss_sum, tokens, accuracies, denominator = 0.0, 0.0, [], 0.0
     for local in batches:
         batch = global_batch(local, mesh)
         out = {k: host_array(v) for k, v in eval_step(trainable, frozen, batch).items()}
         segments = host_array(batch["segment_ids"])  # all processes' rows, in the order of `out`
-        ls, n, acc = example_sums(out, segments)
-        loss_sum, tokens = loss_sum + ls, tokens + n
+        weights = host_array(batch["weights"]) if "weights" in batch else None
+        ls, n, acc, d = example_sums(out, segments, weights)
+        loss_sum, tokens, denominator = loss_sum + ls, tokens + n, denominator + d
         accuracies.extend(acc)
     if tokens == 0:
         raise InputError("the evaluation data has no label tokens (every target is masked); check cutoff_len "
                          "and train_on_prompt/mask_history, or the eval dataset's response column")
-    return {f"{prefix}_loss": loss_sum / tokens, f"{prefix}_accuracy": float(np.mean(accuracies)),
+    return {f"{prefix}_loss": loss_sum / denominator, f"{prefix}_accuracy": float(np.mean(accuracies)),
             f"{prefix}_examples": len(accuracies), f"{prefix}_label_tokens": int(tokens)}
 
 

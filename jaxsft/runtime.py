@@ -325,7 +325,7 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None, abstract: bool 
                          loss_chunk=cfg.loss_chunk_size, remat_policy=cfg.remat_policy,
                          compute_dtype=DTYPES[cfg.compute_dtype],
                          lora_scale=lora_scale, lora_dropout=cfg.lora_dropout if lora_scale is not None else 0.0,
-                         aux_loss_coef=aux_loss_coef(cfg, model_cfg))
+                         aux_loss_coef=aux_loss_coef(cfg, model_cfg), neftune_alpha=cfg.neftune_noise_alpha or 0.0)
     model = Model(model_cfg, runner, partition, trainable, frozen, axes)
     t_shard, f_shard = model.shardings(mesh)
     if abstract:

@@ -3,7 +3,9 @@
 State is a plain dict: `step` (updates done), `trainable` (flat param dict), `opt_state`, `rng`.
 Frozen params travel beside it, never differentiated. A batch holds `[A, R, T]` arrays: A
 micro-batches of R rows, accumulated inside the step with `lax.scan`. The loss is the sum of
-cross entropy over label tokens divided by the label tokens of the whole global batch.
+cross entropy over label tokens divided by the label tokens of the whole global batch; a batch with
+`weights` (per-token loss weights) gives `sum(w * ce) / sum(w)` over the global batch, and token accuracy
+is weighted alike.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from jaxsft.model.transformer import hidden_states, lm_logits
 from jaxsft.params import Flat, Partition, merge
 
 
+NEFTUNE_STREAM = 1  # folded into a micro-batch's key: NEFTune's draws, apart from LoRA dropout's
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRunner:
     """Everything static the forward needs besides params and the batch."""
@@ -32,6 +37,7 @@ class ModelRunner:
     compute_dtype: Any = jnp.float32
     lora_scale: float | None = None
     lora_dropout: float = 0.0  # applied only when logits() gets a dropout rng (training)
+    neftune_alpha: float = 0.0  # NEFTune noise on the embeddings, only when given a dropout rng (training)
     mesh: Any = None  # where the arrays live: fused attention kernels run per shard of it
     interpret_kernels: bool = False  # Pallas kernels through the interpreter (tests on CPU)
 
@@ -46,6 +52,8 @@ class ModelRunner:
         kwargs = {"lora_scale": self.lora_scale} if self.lora_scale is not None else {}
         if dropout_rng is not None and self.lora_dropout > 0:
             kwargs.update(lora_dropout=self.lora_dropout, dropout_rng=dropout_rng)
+        if dropout_rng is not None and self.neftune_alpha > 0:
+            kwargs.update(neftune=(self.neftune_alpha, jax.random.fold_in(dropout_rng, NEFTUNE_STREAM)))
         h_BTD = hidden_states(params, self.model, batch["input_ids"], batch["positions"], batch["segment_ids"],
                               attention_impl=self.attention_impl, remat_policy=self.remat_policy,
                               compute_dtype=self.compute_dtype, mesh=self.mesh,
@@ -64,11 +72,12 @@ class ModelRunner:
         `router_stats`, (those sums, the MoE router stats per layer)."""
         params, h_BTD, stats = self._hidden(trainable, frozen, batch, dropout_rng)
         replay_BT = batch.get("replay")  # replay runs: their tokens' loss is also summed apart
+        weights_BT = batch.get("weights")  # answers with loss weights: sum(w * ce) / sum(w)
         if self.loss_chunk <= 0:
-            sums = loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"], replay_BT)
+            sums = loss_sums(lm_logits(params, self.model, h_BTD), batch["targets"], replay_BT, weights_BT)
         else:
             sums = chunked_loss_sums(h_BTD, lambda h: lm_logits(params, self.model, h), batch["targets"],
-                                     self.loss_chunk, replay_BT)
+                                     self.loss_chunk, replay_BT, weights_BT)
         return (sums, stats) if router_stats else sums
 
     def token_losses(self, trainable: Flat, frozen: Flat, batch: dict[str, jax.Array]):
@@ -95,6 +104,14 @@ def _tree_add(a, b):
 
 def _real_tokens(batch: dict[str, jax.Array]) -> jax.Array:
     return (batch["segment_ids"] != 0).sum().astype(jnp.float32)
+
+
+def _loss_weight(batch: dict[str, jax.Array]) -> jax.Array:
+    """The denominator of the batch's loss: its label tokens, or the sum of their loss weights."""
+    valid = batch["targets"] != -100
+    if "weights" in batch:
+        return jnp.where(valid, batch["weights"], 0.0).sum().astype(jnp.float32)
+    return valid.sum().astype(jnp.float32)
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: Callable,
@@ -137,19 +154,21 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
             return _tree_add(carry, (grads, sums)), None
 
         zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        totals = ((batch["targets"] != -100).sum().astype(jnp.float32).clip(1.0),
-                  (cfg.num_layers * _real_tokens(batch)).clip(1.0))
+        weighted = "weights" in batch
+        totals = (_loss_weight(batch).clip(1e-6 if weighted else 1.0), (cfg.num_layers * _real_tokens(batch)).clip(1.0))
         replay = "replay" in batch  # replay runs report the SFT and replay losses apart
-        zero_sums = {k: jnp.zeros((), jnp.float32)
-                     for k in stat_keys + (("replay_loss_sum", "replay_tokens") if replay else ())}
+        extra = (("weight_sum",) if weighted else ()) + (("replay_loss_sum", "replay_tokens") if replay else ()) \
+            + (("replay_weight_sum",) if weighted and replay else ())
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in stat_keys + extra}
         if moe:
             zero_sums.update({k: jnp.zeros((cfg.num_experts,), jnp.float32) for k in ("expert_tokens", "expert_prob")})
-        dropout_keys = None  # one key per micro-batch, only when there is dropout to draw
-        if runner.lora_dropout > 0:
+        dropout_keys = None  # one key per micro-batch, only when there is dropout or noise to draw
+        if runner.lora_dropout > 0 or runner.neftune_alpha > 0:
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2)
             dropout_keys = jax.random.split(step_key, jax.tree_util.tree_leaves(batch)[0].shape[0])
         (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (batch, dropout_keys))
-        label_tokens = jnp.maximum(sums["label_tokens"], 1.0)
+        # the loss's denominator: label tokens, or the sum of their weights
+        label_tokens = jnp.maximum(sums["weight_sum"], 1e-6) if weighted else jnp.maximum(sums["label_tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / label_tokens, grads)
         loss = sums["loss_sum"] / label_tokens
         grad_norm = optax.tree.norm(grads)
@@ -170,11 +189,14 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
             "label_tokens": sums["label_tokens"],
             "finite": finite,
         }
-        if replay:
-            sft_tokens = sums["label_tokens"] - sums["replay_tokens"]
-            metrics.update(sft_loss=(sums["loss_sum"] - sums["replay_loss_sum"]) / jnp.maximum(sft_tokens, 1.0),
-                           replay_loss=sums["replay_loss_sum"] / jnp.maximum(sums["replay_tokens"], 1.0),
+        if replay:  # each part over its own denominator (label tokens, or their weights' sum)
+            replay_den = sums["replay_weight_sum"] if weighted else sums["replay_tokens"]
+            metrics.update(sft_loss=(sums["loss_sum"] - sums["replay_loss_sum"])
+                           / jnp.maximum(label_tokens - replay_den, 1e-6 if weighted else 1.0),
+                           replay_loss=sums["replay_loss_sum"] / jnp.maximum(replay_den, 1e-6 if weighted else 1.0),
                            replay_tokens=sums["replay_tokens"])
+        if weighted:  # steps are averaged by this in logs (the weighted objective's denominator)
+            metrics["weight_sum"] = sums["weight_sum"]
         if moe:
             metrics["aux_loss"] = load_balancing_loss(sums["expert_tokens"], sums["expert_prob"], sums["router_rows"])
             metrics["expert_load"] = sums["expert_tokens"] / jnp.maximum(sums["router_rows"] * cfg.num_experts_per_tok, 1.0)

@@ -424,9 +424,11 @@ def _check_finite(fetched: list[dict], first_step: int, skip: bool) -> None:
 
 def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops: float,
                peak: float | None) -> dict[str, Any]:
-    label_tokens = sum(float(m["label_tokens"]) for m in fetched)
-    loss = sum(float(m["loss"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
-    accuracy = sum(float(m["accuracy"]) * float(m["label_tokens"]) for m in fetched) / max(label_tokens, 1)
+    # each step's loss is weighted by its denominator: label tokens, or their loss weights' sum
+    denominators = [float(m.get("weight_sum", m["label_tokens"])) for m in fetched]
+    total = sum(denominators)
+    loss = sum(float(m["loss"]) * d for m, d in zip(fetched, denominators)) / (total if total > 0 else 1)
+    accuracy = sum(float(m["accuracy"]) * d for m, d in zip(fetched, denominators)) / (total if total > 0 else 1)
     tokens_per_sec = tokens / max(elapsed, 1e-9)
     mfu = flops / max(elapsed, 1e-9) / (peak * jax.device_count()) if peak else None
     return {"loss": round(loss, 4), "accuracy": round(accuracy, 4), "lr": float(fetched[-1]["lr"]),

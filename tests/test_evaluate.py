@@ -98,3 +98,43 @@ def test_eval_loss_and_accuracy_equal_transformers_packed_or_not(tiny):
     assert unpacked["eval_accuracy"] == pytest.approx(hf_accuracy, abs=1e-9)
     assert packed["eval_accuracy"] == pytest.approx(unpacked["eval_accuracy"], abs=1e-9)
     assert 0 < hf_accuracy < 1  # random but not degenerate
+
+
+def test_weighted_eval_equals_transformers_packed_or_not(tiny):
+    """examples/data/weighted_chat (answers marked train: false / weight: w): eval_loss is sum(w * ce) / sum(w)
+    and each example's accuracy is weighted alike, as transformers' logits give them, packed or not."""
+    from jaxsft.data.packing import weights_of
+
+    model, directory = tiny
+    results = {}
+    for packing in (False, True):
+        cfg = build_config({
+            "model_name_or_path": str(directory), "eval_dataset": "weighted_chat",
+            "dataset_dir": str(REPO / "examples" / "data"), "template": "llama3", "cutoff_len": 256,
+            "packing": packing, "do_eval": True, "per_device_eval_batch_size": 1, "finetuning_type": "full",
+            "output_dir": str(directory / "out")})
+        data = build_datasets(DataArgs.from_config(cfg), AutoTokenizer.from_pretrained(str(directory)), train=False)
+        mesh = build_mesh(cfg)
+        loaded = load_model(cfg, mesh)
+        step = jit_eval_step(make_eval_step(loaded.runner), loaded, mesh)
+        results[packing] = evaluate(step, loaded.trainable, loaded.frozen,
+                                    data.eval_batches(rows_per_process(cfg, mesh, 1)), mesh)
+    assert sum(getattr(e, "weights", None) is not None for e in data.eval) >= 4
+    num = den = 0.0
+    accuracies = []
+    for example in data.eval:
+        ids, labels = example
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids.tolist()], dtype=torch.long)).logits[0].double()
+        ce = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(np.maximum(labels[1:], 0).tolist()),
+                                               reduction="none").numpy()
+        w = weights_of(example)[1:].astype(np.float64)
+        right = logits[:-1].argmax(-1).numpy() == labels[1:]
+        num, den = num + float((w * ce).sum()), den + float(w.sum())
+        accuracies.append(float((w * right).sum() / w.sum()))
+    for packing in (False, True):
+        assert results[packing]["eval_loss"] == pytest.approx(num / den, rel=1e-5)
+        assert results[packing]["eval_accuracy"] == pytest.approx(float(np.mean(accuracies)), abs=1e-6)
+        assert results[packing]["eval_examples"] == len(data.eval)
+    plain = sum(float((labels[1:] != -100).sum()) for _, labels in data.eval)
+    assert results[False]["eval_label_tokens"] == plain  # a count of tokens, not of weight

@@ -117,3 +117,54 @@ def test_replay_tokens_are_summed_apart_chunked_or_not():
     for key in whole:
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-6, err_msg=key)
     assert "replay_tokens" not in loss_sums(h_BTD @ w_DV, targets_BT)  # no marker, no extra sums
+
+
+def test_weighted_sums_chunked_and_whole_and_ones_equal_unweighted():
+    from jaxsft.loss import chunked_loss_sums
+
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(2, 10, 8)).astype(np.float32))
+    w_out = jnp.asarray(rng.normal(size=(8, 13)).astype(np.float32))
+    targets = rng.integers(0, 13, size=(2, 10)).astype(np.int32)
+    targets[:, :3] = IGNORE_INDEX
+    weights = np.where(targets != IGNORE_INDEX, rng.choice([0.5, 1.0, 3.0], size=targets.shape), 7.0)  # 7: ignored
+    logits = h @ w_out
+    whole = loss_sums(logits, jnp.asarray(targets), weights_BT=jnp.asarray(weights, jnp.float32))
+    loss, valid, correct = (np.asarray(x, np.float64) for x in token_losses(logits, jnp.asarray(targets)))
+    w = np.where(valid > 0, weights, 0.0)
+    np.testing.assert_allclose(float(whole["loss_sum"]), (w * loss).sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(whole["correct"]), (w * correct).sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(whole["weight_sum"]), w.sum(), rtol=1e-6)
+    assert float(whole["label_tokens"]) == valid.sum()  # still a count
+    chunked = chunked_loss_sums(h, lambda x: x @ w_out, jnp.asarray(targets), 4,
+                                weights_BT=jnp.asarray(weights, jnp.float32))
+    for k in whole:
+        np.testing.assert_allclose(float(chunked[k]), float(whole[k]), rtol=1e-6, err_msg=k)
+    ones = loss_sums(logits, jnp.asarray(targets), weights_BT=jnp.ones(targets.shape, jnp.float32))
+    plain = loss_sums(logits, jnp.asarray(targets))
+    for k in plain:
+        assert float(ones[k]) == float(plain[k]), k
+    assert float(ones["weight_sum"]) == float(plain["label_tokens"])
+
+
+def test_weighted_replay_sums_split_the_weighted_objective():
+    from jaxsft.loss import chunked_loss_sums
+
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(2, 11, 8)), jnp.float32)
+    w_out = jnp.asarray(rng.normal(size=(8, 17)), jnp.float32)
+    targets = jnp.asarray(np.where(rng.random((2, 11)) < 0.3, IGNORE_INDEX, rng.integers(0, 17, (2, 11))), jnp.int32)
+    replay = jnp.asarray(rng.random((2, 11)) < 0.5, jnp.int32)
+    weights = jnp.asarray(np.where(np.asarray(replay) == 1, 1.0, rng.choice([0.5, 2.0], size=(2, 11))), jnp.float32)
+    whole = loss_sums(h @ w_out, targets, replay, weights)
+    loss, valid, _ = (np.asarray(x, np.float64) for x in token_losses(h @ w_out, targets))
+    w = np.where(valid > 0, np.asarray(weights), 0.0)
+    mask = (np.asarray(replay) == 1) & (valid > 0)
+    np.testing.assert_allclose(float(whole["replay_loss_sum"]), (w * loss)[mask].sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(whole["replay_weight_sum"]), w[mask].sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(whole["loss_sum"] - whole["replay_loss_sum"]), (w * loss)[~mask].sum(),
+                               rtol=1e-5)
+    chunked = chunked_loss_sums(h, lambda x: x @ w_out, targets, 4, replay, weights)
+    assert set(chunked) == set(whole)
+    for key in whole:
+        np.testing.assert_allclose(float(chunked[key]), float(whole[key]), rtol=1e-6, err_msg=key)

@@ -153,3 +153,40 @@ def test_step_lowers_loss_and_skips_nonfinite(rows):
     assert int(new_state["step"]) == int(state["step"]) + 1
     np.testing.assert_array_equal(new_state["trainable"]["layers/mlp/up_proj/kernel"],
                                   bad["layers/mlp/up_proj/kernel"])
+
+
+def test_weighted_loss_is_the_same_packed_unpacked_and_accumulated(rows):
+    """Per-token loss weights: loss = sum(w * ce) / sum(w) over the global batch, whatever the packing and
+    the accumulation, and equal to that sum over each example run alone."""
+    from jaxsft.data.packing import WeightedExample, make_row, stack_rows, weights_of
+    from jaxsft.loss import token_losses
+
+    rng = np.random.default_rng(1)
+    examples, members = [], []
+    for row in rows:
+        members.append(list(range(len(examples), len(examples) + len(row))))
+        for ids, labels in row:
+            w = np.where(labels != -100, rng.choice([0.25, 1.0, 2.0, 3.5], size=len(labels)), 0.0)
+            examples.append(WeightedExample(ids.astype(np.int32), labels.astype(np.int32), w.astype(np.float32)))
+    packed = stack_rows([make_row(examples, m, T, 0, weighted=True) for m in members])          # 8 rows
+    unpacked = stack_rows([make_row(examples, [i], T, 0, weighted=True) for i in range(len(examples))])
+    unpacked = {k: v[:16] for k, v in unpacked.items()}  # whole micro-batches of 4 (the 18 examples' first 16)
+    keep = [i for m in members for i in m][:16]
+    packed_16 = stack_rows([make_row(examples, [i for i in m if i in keep], T, 0, weighted=True) for m in members])
+    runner, optimizer, schedule, trainable, frozen = setup({"optim": "sgd", "learning_rate": 0.1})
+    _, m_packed = run_step(runner, optimizer, schedule, trainable, frozen, {k: v[None] for k, v in packed_16.items()})
+    _, m_acc = run_step(runner, optimizer, schedule, trainable, frozen,
+                        {k: v.reshape(4, 4, T) for k, v in unpacked.items()})
+    # the reference: each example alone, its own forward, sum(w * ce) / sum(w) in float64
+    num = den = 0.0
+    ce_of = jax.jit(lambda row: token_losses(runner.logits(trainable, frozen, row), row["targets"])[0])
+    for i in keep:
+        ce = np.asarray(ce_of({k: jnp.asarray(v[None]) for k, v in make_row(examples, [i], T, 0).items()}),
+                        np.float64)[0]
+        w = np.zeros(T)
+        w[:len(examples[i][0]) - 1] = weights_of(examples[i])[1:]
+        num, den = num + float((w * ce).sum()), den + float(w.sum())
+    assert float(m_packed["weight_sum"]) == pytest.approx(den, rel=1e-6)
+    np.testing.assert_allclose(float(m_packed["loss"]), num / den, rtol=1e-6)
+    np.testing.assert_allclose(float(m_acc["loss"]), num / den, rtol=1e-6)
+    np.testing.assert_allclose(float(m_acc["grad_norm"]), float(m_packed["grad_norm"]), rtol=1e-5)

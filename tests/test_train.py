@@ -217,3 +217,26 @@ def test_rerun_loads_compiled_steps_from_the_compilation_cache(tmp_path):
     (warm_loaded, warm_stored), = lines[1]
     assert cold_loaded == "0" and int(cold_stored) >= 1, lines
     assert int(warm_loaded) >= int(cold_stored) and warm_stored == "0", lines  # nothing compiled again
+
+
+def test_cli_trains_on_weighted_messages_with_neftune(tmp_path):
+    """`python -m jaxsft.main --config` on the embedded weighted_chat data (answers marked train: false /
+    weight: w, mixed with identity) with NEFTune: it trains, evaluates and logs finite figures."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("\n".join(f"{k}: {v}" for k, v in {
+        **BASE, "dataset": "identity,weighted_chat", "output_dir": str(out), "finetuning_type": "full",
+        "max_steps": 4, "save_steps": 1000, "neftune_noise_alpha": 5, "val_size": 0.1, "do_eval": True,
+        "eval_strategy": "steps", "eval_steps": 2}.items()) + "\n")
+    result = subprocess.run([sys.executable, "-m", "jaxsft.main", "--config", str(cfg)], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) and v > 0 for v in losses.values())
+    evals = [r for r in log_lines(out) if "eval_loss" in r]
+    assert [r["current_steps"] for r in evals] == [2] and np.isfinite(evals[0]["eval_loss"])
+    assert re.search(r"train data: [1-9]\d* of \d+ examples carry per-token loss weights", result.stderr), \
+        result.stderr[-3000:]
+    final = json.loads((out / "all_results.json").read_text())
+    assert np.isfinite(final["eval_loss"]) and np.isfinite(final["train_loss"])

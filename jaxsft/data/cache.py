@@ -3,8 +3,9 @@
 An entry is keyed by everything the examples depend on: the data files (path, size, modification time),
 the tokenizer's files, the data arguments (template, cutoff_len, masking, mixing, split, seed, ...) and
 the source of the code that encodes them. Anything changed is a new key (the old entries age out: the
-newest `KEEP` stay). Entries are flat numpy arrays (ids, labels, offsets per split) and the split
-statistics, written to a temporary folder and renamed, so a reader never sees half an entry.
+newest `KEEP` stay). Entries are flat numpy arrays (ids, labels, offsets per split; per-token loss
+weights and which examples carry them, when any does) and the split statistics, written to a temporary
+folder and renamed, so a reader never sees half an entry.
 Datasets read from the hub are not cached (nothing local says whether they changed).
 """
 
@@ -23,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxsft.data.packing import Example
+from jaxsft.data.packing import Example, WeightedExample, is_weighted, weights_of
 
 logger = logging.getLogger(__name__)
 KEEP = 8  # entries kept per cache folder (the most recently used)
+LAYOUT = 2  # of an entry's arrays; part of the key (2: per-token loss weights)
 # Data arguments that change where or how fast examples are made, not which examples.
 _NOT_IN_KEY = ("preprocessing_num_workers", "tokenized_path", "data_cache_dir", "overwrite_cache", "buffer_size",
                "streaming", "retention_dataset", "replay_dataset", "replay_ratio")
@@ -57,7 +59,7 @@ def cache_key(args: Any, attrs: list, tokenizer, train: bool) -> str | None:
     here = Path(__file__).parent
     digest = hashlib.sha256()
     digest.update(json.dumps({
-        "options": options, "train": train,
+        "options": options, "train": train, "layout": LAYOUT,
         "data": [[dataclasses.asdict(a), _files_of(Path(a.path))] for a in attrs],
         "tokenizer_special": sorted(map(str, tokenizer.all_special_tokens)),
     }, sort_keys=True, default=str).encode())
@@ -74,14 +76,23 @@ def cache_key(args: Any, attrs: list, tokenizer, train: bool) -> str | None:
 
 def _pack(examples: list[Example]) -> dict[str, np.ndarray]:
     lengths = np.fromiter((len(ids) for ids, _ in examples), np.int64, len(examples))
-    return {"ids": np.concatenate([ids for ids, _ in examples]) if examples else np.zeros(0, np.int32),
-            "labels": np.concatenate([lab for _, lab in examples]) if examples else np.zeros(0, np.int32),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)])}
+    arrays = {"ids": np.concatenate([ids for ids, _ in examples]) if examples else np.zeros(0, np.int32),
+              "labels": np.concatenate([lab for _, lab in examples]) if examples else np.zeros(0, np.int32),
+              "offsets": np.concatenate([[0], np.cumsum(lengths)])}
+    if is_weighted(examples):
+        arrays["weights"] = np.concatenate([weights_of(e) for e in examples])
+        arrays["weighted"] = np.array([getattr(e, "weights", None) is not None for e in examples])
+    return arrays
 
 
 def _unpack(arrays) -> list[Example]:
     ids, labels, offsets = arrays["ids"], arrays["labels"], arrays["offsets"]
-    return [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    spans = zip(offsets[:-1].tolist(), offsets[1:].tolist())
+    if "weights" not in arrays:
+        return [(ids[a:b], labels[a:b]) for a, b in spans]
+    weights, weighted = arrays["weights"], arrays["weighted"]
+    return [WeightedExample(ids[a:b], labels[a:b], weights[a:b]) if weighted[i] else (ids[a:b], labels[a:b])
+            for i, (a, b) in enumerate(spans)]
 
 
 def load(cache_dir: str, key: str) -> tuple[list[Example], list[Example] | None, dict] | None:

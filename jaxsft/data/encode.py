@@ -23,8 +23,8 @@ from jaxsft.data import sources
 from jaxsft.data.args import DataArgs
 from jaxsft.data.batch_tokenize import TextTokenizer, prefetch
 from jaxsft.data.formats import InvalidExample, row_place, to_conversation
-from jaxsft.data.packing import Example
-from jaxsft.data.supervised import IGNORE_INDEX, encode_supervised, encode_text
+from jaxsft.data.packing import Example, WeightedExample
+from jaxsft.data.supervised import IGNORE_INDEX, encode_text, encode_weighted
 from jaxsft.data.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
@@ -181,22 +181,25 @@ CHUNK = 1024
 
 def supervised_examples(rows: Iterable[Row], template, tokenizer, args: DataArgs,
                         counts: Counts, chunk: int = 1) -> Iterator[Example]:
-    """Training examples (ids, labels as int32) of the rows; rows with no label token left are dropped.
-    `chunk`: see `encode_each`."""
+    """Training examples (ids, labels as int32; a `WeightedExample` when answers carry loss weights) of the
+    rows; rows with no label token left are dropped. `chunk`: see `encode_each`."""
     sizes: dict = {}
 
     def encode(conversation, tok):
         if conversation.plain:
-            return encode_text(conversation.messages[0].content, tok, args.cutoff_len, sizes, args.template)
-        return encode_supervised(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
-                                 args.mask_history, args.preserve_thinking, sizes)
+            return (*encode_text(conversation.messages[0].content, tok, args.cutoff_len, sizes, args.template), None)
+        return encode_weighted(conversation, tok, template, args.cutoff_len, args.train_on_prompt,
+                               args.mask_history, args.preserve_thinking, sizes)
 
-    for path, row_no, (ids, labels) in encode_each(rows, args, counts, encode, tokenizer, chunk):
+    for path, row_no, (ids, labels, weights) in encode_each(rows, args, counts, encode, tokenizer, chunk):
         example = (np.asarray(ids, np.int32), np.asarray(labels, np.int32))
+        if weights is not None:
+            example = WeightedExample(*example, weights)
         n_learned = learned(example[1])
         if n_learned == 0:
             why = (f"no label tokens left after truncation to cutoff_len={args.cutoff_len}" if sizes["full"] > len(ids)
-                   else "no label tokens: the template learns nothing of this row")
+                   else "no label tokens: every answer is marked train: false (or weight 0)"
+                   if sizes.get("unlearned_answers") else "no label tokens: the template learns nothing of this row")
             counts.drop(f"{row_place(path, row_no)}: {why}", path, row_no)
             counts.no_labels += 1
             if len(counts.unlearned) < MAX_REASONS:

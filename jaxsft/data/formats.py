@@ -5,6 +5,11 @@ role and content tags, LF defaults `from` / `value` / `human` / `gpt` / `observa
 `system`; OpenAI-style `messages` with `role` / `content` / `user` / `assistant` is sharegpt with other
 tags), and `openai` (LF's OpenAI converter: `tool_calls`, `tool` turns merged).
 
+Per-message training control (sharegpt and openai, a jaxsft extension): an assistant (or function-call) turn
+may carry `"train": false` (its tokens are never learned) or `"weight": w` (its tokens' loss is scaled by
+w >= 0); the keys are the `train_tag` / `weight_tag` of `dataset_info.json` `tags`. They become
+`Message.weight` (0 for `train: false`, which wins over a weight); see `supervised.encode_weighted`.
+
 Two kinds of bad rows:
 - rows LF itself drops with a warning (turns out of order, an odd number of turns, no response, an empty
   conversation): always dropped and counted, reason `kind="dropped"`;
@@ -13,6 +18,7 @@ Two kinds of bad rows:
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,7 @@ ROLES = ("user", "assistant", "system", "function", "observation")
 class Message:
     role: str  # one of ROLES
     content: str
+    weight: float = 1.0  # loss weight of an assistant/function turn's tokens (0: not learned)
 
 
 @dataclass
@@ -154,10 +161,35 @@ def convert_sharegpt(row: dict[str, Any], attr: DatasetAttr, file: str, index: i
         content = _text(turn[attr.content_tag], where, f"{attr.messages}[{k + first}].{attr.content_tag}", False)
         if tag == attr.function_tag:
             _check_json(content, where, f"{attr.messages}[{k + first}].{attr.content_tag}", "a function call")
-        messages.append(Message(tag_to_role[tag], content))
+        weight = _weight(turn, attr, where, f"{attr.messages}[{k + first}]", tag_to_role[tag])
+        messages.append(Message(tag_to_role[tag], content, weight))
     _check_count(messages, attr, where)
     tools = _tools(row.get(attr.tools), where, attr.tools) if attr.tools else ""
     return Conversation(system, tools, messages)
+
+
+def _weight(turn: dict[str, Any], attr: DatasetAttr, where: tuple[str, int], name: str, role: str) -> float:
+    """The loss weight a turn's `train_tag` / `weight_tag` keys give it (1 without them; `train: false` -> 0,
+    winning over a weight). Only answers (assistant / function-call turns) may carry them; a key that is null
+    (a column other rows fill) counts as absent."""
+    weight = 1.0
+    for tag in (attr.train_tag, attr.weight_tag):
+        if not tag or turn.get(tag) is None:
+            continue
+        value, field_name = turn[tag], f"{name}.{tag}"
+        if role not in ("assistant", "function"):
+            raise InvalidExample(*where, field_name, f"only assistant turns can carry {tag!r} (this turn's role is "
+                                                     f"{role!r}); remove it from this turn")
+        if tag == attr.train_tag:
+            if not isinstance(value, bool):
+                raise InvalidExample(*where, field_name, f"expected true or false, got {_short(value)}")
+            weight = weight if value else 0.0
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise InvalidExample(*where, field_name, f"expected a number >= 0, got {_short(value)}")
+            weight = float(value) if weight else 0.0
+    return weight
 
 
 def _check_count(messages: list[Message], attr: DatasetAttr, where: tuple[str, int]) -> None:
@@ -181,6 +213,7 @@ def convert_openai(row: dict[str, Any], attr: DatasetAttr, file: str, index: int
         system = _text(row.get(attr.system), where, attr.system) if attr.system else ""
     messages: list[Message] = []
     tool_responses: list[str] = []
+    skipped = len(row[attr.messages]) - len(turns)  # a leading system turn
     for k, turn in enumerate(turns):
         tag, content = turn[attr.role_tag], turn[attr.content_tag]
         if tag in (attr.assistant_tag, attr.function_tag) and turn.get("tool_calls"):
@@ -191,6 +224,7 @@ def convert_openai(row: dict[str, Any], attr: DatasetAttr, file: str, index: int
             content = json.dumps([call["function"] for call in calls], ensure_ascii=False)
             tag = attr.function_tag
         if tag == attr.observation_tag:
+            _weight(turn, attr, where, f"{attr.messages}[{k + skipped}]", "observation")
             tool_responses.append(_text(content, where, f"{attr.messages}[{k}].{attr.content_tag}"))
             continue
         if tool_responses:
@@ -198,7 +232,9 @@ def convert_openai(row: dict[str, Any], attr: DatasetAttr, file: str, index: int
             tool_responses = []
         if tag not in tag_to_role:
             raise InvalidExample(*where, f"{attr.messages}[{k}].{attr.role_tag}", f"unknown role {tag!r}", "dropped")
-        messages.append(Message(tag_to_role[tag], _text(content, where, f"{attr.messages}[{k}].{attr.content_tag}")))
+        weight = _weight(turn, attr, where, f"{attr.messages}[{k + skipped}]", tag_to_role[tag])
+        messages.append(Message(tag_to_role[tag], _text(content, where, f"{attr.messages}[{k}].{attr.content_tag}"),
+                                weight))
     for k, message in enumerate(messages):
         allowed = (("user", "observation"), ("assistant", "function"))[k % 2]
         if message.role not in allowed:

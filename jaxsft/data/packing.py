@@ -1,4 +1,5 @@
-"""Greedy knapsack packing and the row layout of `docs/internals.md` (input_ids, targets, segment_ids, positions).
+"""Greedy knapsack packing and the row layout of `docs/internals.md` (input_ids, targets, segment_ids, positions,
+and `weights` when a dataset's answers carry loss weights).
 
 `greedy_knapsack` makes the same choices as LLaMA-Factory's (sort ascending; fill each bin by repeatedly
 taking the largest length that still fits; among equal lengths the last one seen goes first) in
@@ -16,7 +17,32 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 IGNORE_INDEX = -100
-Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), int32, same length
+Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), int32, same length; or a WeightedExample
+
+
+class WeightedExample(tuple):
+    """An example whose label tokens carry loss weights other than 1: unpacks as `(input_ids, labels)` like
+    any example; `weights` is float32 per position, aligned with labels (0 where the label is IGNORE_INDEX).
+    Only such examples carry weights, so data without weights costs nothing more."""
+
+    def __new__(cls, input_ids: np.ndarray, labels: np.ndarray, weights: np.ndarray):
+        self = super().__new__(cls, (input_ids, labels))
+        self.weights = weights
+        return self
+
+    def __reduce__(self):
+        return WeightedExample, (self[0], self[1], self.weights)
+
+
+def weights_of(example: Example) -> np.ndarray:
+    """Per-position loss weights of an example's labels: its own, else 1 on every label token."""
+    weights = getattr(example, "weights", None)
+    return weights if weights is not None else (np.asarray(example[1]) != IGNORE_INDEX).astype(np.float32)
+
+
+def is_weighted(examples) -> bool:
+    """Whether any example carries loss weights (then its batches carry a `weights` array)."""
+    return any(getattr(e, "weights", None) is not None for e in examples or ())
 
 
 def greedy_knapsack(
@@ -58,12 +84,15 @@ def greedy_knapsack(
     return bins, too_long
 
 
-def make_row(examples: Sequence[Example], members: Sequence[int], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One row of length `seq_len` holding `examples[m]` for m in members, back to back, then padding."""
+def make_row(examples: Sequence[Example], members: Sequence[int], seq_len: int, pad_id: int,
+             weighted: bool = False) -> dict[str, np.ndarray]:
+    """One row of length `seq_len` holding `examples[m]` for m in members, back to back, then padding.
+    `weighted`: the row also has `weights` (float32, the loss weight of each target; 0 on padding)."""
     input_ids = np.full(seq_len, pad_id, np.int32)
     targets = np.full(seq_len, IGNORE_INDEX, np.int32)
     segment_ids = np.zeros(seq_len, np.int32)
     positions = np.zeros(seq_len, np.int32)
+    weights = np.zeros(seq_len, np.float32) if weighted else None
     start = 0
     for segment, m in enumerate(members, 1):
         ids, labels = examples[m]
@@ -74,8 +103,13 @@ def make_row(examples: Sequence[Example], members: Sequence[int], seq_len: int, 
         targets[start:start + n - 1] = labels[1:]  # the last token of an example predicts nothing
         segment_ids[start:start + n] = segment
         positions[start:start + n] = np.arange(n, dtype=np.int32)
+        if weighted:
+            weights[start:start + n - 1] = weights_of(examples[m])[1:]
         start += n
-    return {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    row = {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    if weighted:
+        row["weights"] = weights
+    return row
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -116,13 +150,14 @@ def fit_width(batch: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str
         if have > width and (batch["segment_ids"][..., width:] != 0).any():
             raise ValueError(f"a row holds more than {width} tokens")
         return {k: v[..., :width] for k, v in batch.items()}
-    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "segment_ids": 0, "positions": 0, "replay": 0}
+    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "segment_ids": 0, "positions": 0, "replay": 0,
+            "weights": 0.0}
     pad = [(0, 0)] * (batch["input_ids"].ndim - 1) + [(0, width - have)]
     return {k: np.pad(v, pad, constant_values=fill[k]) for k, v in batch.items()}
 
 
-def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    return make_row([], [], seq_len, pad_id)
+def empty_row(seq_len: int, pad_id: int, weighted: bool = False) -> dict[str, np.ndarray]:
+    return make_row([], [], seq_len, pad_id, weighted)
 
 
 def eval_batches(examples: Sequence[Example], seq_len: int, pad_id: int, packing: bool, rows_per_process: int,
@@ -130,9 +165,11 @@ def eval_batches(examples: Sequence[Example], seq_len: int, pad_id: int, packing
                  ) -> Iterator[dict[str, np.ndarray]]:
     """Every example once (packed when training is), in order; short batches padded with empty rows (all
     targets IGNORE_INDEX), the same number of batches on every process. Each global batch is padded to the
-    smallest of `buckets` holding its longest row (None: `seq_len`)."""
+    smallest of `buckets` holding its longest row (None: `seq_len`). Rows carry `weights` when any example
+    does."""
     if not examples:
         return
+    weighted = is_weighted(examples)
     lengths = [len(ids) for ids, _ in examples]
     plan = greedy_knapsack(lengths, seq_len)[0] if packing else [[i] for i in range(len(lengths))]
     mine = plan[process_index::process_count]
@@ -141,8 +178,8 @@ def eval_batches(examples: Sequence[Example], seq_len: int, pad_id: int, packing
                           list(buckets) if buckets else [seq_len])
     for b in range(-(-per_process // rows_per_process)):
         members = mine[b * rows_per_process:(b + 1) * rows_per_process]
-        rows = [make_row(examples, m, widths[b], pad_id) for m in members]
-        rows += [empty_row(widths[b], pad_id)] * (rows_per_process - len(rows))
+        rows = [make_row(examples, m, widths[b], pad_id, weighted) for m in members]
+        rows += [empty_row(widths[b], pad_id, weighted)] * (rows_per_process - len(rows))
         yield stack_rows(rows)
 
 

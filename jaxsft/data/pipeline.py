@@ -24,8 +24,8 @@ from jaxsft.data import cache, sources
 from jaxsft.data import replay as replay_mod
 from jaxsft.data.args import DataArgs
 from jaxsft.data.encode import Counts, encode_rows, learned, make_template, report_dropped, report_truncated
-from jaxsft.data.packing import (Example, batch_widths, efficiency, eval_batches, greedy_knapsack, make_row,
-                                 plan_epoch, stack_rows)
+from jaxsft.data.packing import (Example, WeightedExample, batch_widths, efficiency, eval_batches, greedy_knapsack,
+                                 is_weighted, make_row, plan_epoch, stack_rows, weights_of)
 from jaxsft.data.streaming import StreamingSFTData
 from jaxsft.errors import ConfigError, InputError
 
@@ -115,6 +115,7 @@ class SFTData:
 
     def __post_init__(self) -> None:
         self.lengths = [len(ex[0]) for ex in self.train]
+        self.weighted = is_weighted(self.train)  # batches carry `weights` (answers with loss weights)
 
 
 class _EpochRows(Sequence):
@@ -148,7 +149,7 @@ class _EpochRows(Sequence):
         d = self.data
         plan, widths, replay = self._plan(epoch)
         g = j * d.process_count + d.process_index
-        row = make_row(d.train, plan[g], widths[j // self.rows_per_batch], d.pad_id)
+        row = make_row(d.train, plan[g], widths[j // self.rows_per_batch], d.pad_id, d.weighted)
         return replay.fill(row, g) if replay is not None else row
 
 
@@ -159,7 +160,8 @@ def _split_stats(name: str, examples: list[Example], counts: Counts, seq_len: in
             f"{name}_dropped_reasons": counts.reasons, f"{name}_tokens": counts.tokens,
             f"{name}_label_tokens": counts.label_tokens, f"{name}_packed_rows": rows,
             f"{name}_truncated": counts.truncated, f"{name}_truncated_tokens": counts.truncated_tokens,
-            f"{name}_packing_efficiency": efficiency(lengths, rows, seq_len)}
+            f"{name}_packing_efficiency": efficiency(lengths, rows, seq_len),
+            f"{name}_weighted_examples": sum(getattr(e, "weights", None) is not None for e in examples)}
 
 
 def build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_index: int = 0,
@@ -300,6 +302,11 @@ def _build_datasets(args: DataArgs, tokenizer, *, train: bool = True, process_in
         counts_of["eval"] = eval_counts
         report_dropped("eval", eval_counts)
         report_truncated("eval", eval_counts, seq_len)
+    for split in ("train", "eval"):
+        if stats.get(f"{split}_weighted_examples"):
+            logger.info("%s data: %d of %d examples carry per-token loss weights (answers marked weight: w); the "
+                        "loss is sum(w * ce) / sum(w)", split, stats[f"{split}_weighted_examples"],
+                        stats[f"{split}_examples"])
     if key:
         cache.save(args.data_cache_dir, key, train_examples, evals, stats)
     if tokenized_path and train:
@@ -335,7 +342,8 @@ def _counts_of(examples: list[Example]) -> Counts:
 def save_tokenized(path: str, train: list[Example], evals: list[Example] | None) -> None:
     """LLaMA-Factory's tokenized layout: a DatasetDict (train / validation) of input_ids, attention_mask, labels,
     typed as `datasets` types LF's Python lists (int32, int8, int64), built from flat arrays one column at a
-    time, not row by row."""
+    time, not row by row; and jaxsft's `weights` column (float32 per-token loss weights) when answers carry
+    weights."""
     import datasets
 
     splits = {"train": datasets.Dataset(_arrow_table(train))}
@@ -367,8 +375,11 @@ def _arrow_table(examples: list[Example]):
 
     ids = np.concatenate([i for i, _ in examples]) if examples else np.zeros(0, np.int32)
     labels = np.concatenate([lab for _, lab in examples]) if examples else np.zeros(0, np.int32)
-    return pa.table({"input_ids": column(ids, np.int32), "attention_mask": column(np.ones(len(ids)), np.int8),
-                     "labels": column(labels, np.int64)})
+    columns = {"input_ids": column(ids, np.int32), "attention_mask": column(np.ones(len(ids)), np.int8),
+               "labels": column(labels, np.int64)}
+    if is_weighted(examples):
+        columns["weights"] = column(np.concatenate([weights_of(e) for e in examples]), np.float32)
+    return pa.table(columns)
 
 
 def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
@@ -392,7 +403,12 @@ def load_tokenized(path: str) -> tuple[list[Example], list[Example] | None]:
         table = split.with_format("arrow")[:]  # whole columns, not row by row
         ids, labels = (table.column(name).combine_chunks() for name in ("input_ids", "labels"))
         cuts = np.asarray(ids.offsets)[1:-1]
-        return list(zip(np.split(np.asarray(ids.flatten(), np.int32), cuts),
-                        np.split(np.asarray(labels.flatten(), np.int32), cuts)))
+        pairs = list(zip(np.split(np.asarray(ids.flatten(), np.int32), cuts),
+                         np.split(np.asarray(labels.flatten(), np.int32), cuts)))
+        if "weights" not in table.column_names:
+            return pairs
+        weights = np.split(np.asarray(table.column("weights").combine_chunks().flatten(), np.float32), cuts)
+        return [WeightedExample(*pair, w) if not np.array_equal(w, weights_of(pair)) else pair
+                for pair, w in zip(pairs, weights)]
 
     return examples(saved["train"]), (examples(saved["validation"]) if "validation" in saved else None)

@@ -56,6 +56,8 @@ class DatasetAttr:
     observation_tag: str | None = "observation"
     function_tag: str | None = "function_call"
     system_tag: str | None = "system"
+    train_tag: str | None = "train"  # jaxsft: an answer turn's key for `train: false` (None: not read)
+    weight_tag: str | None = "weight"  # jaxsft: an answer turn's key for its loss weight (None: not read)
 
     named_columns: dict[str, str] = field(default_factory=dict)  # role -> column, as the registry names them
 
@@ -79,6 +81,8 @@ class DatasetAttr:
             for key in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
                         "system_tag"):
                 setattr(self, key, info["tags"].get(key))
+            for key in ("train_tag", "weight_tag"):  # jaxsft's own: absent keeps the default
+                setattr(self, key, info["tags"].get(key, getattr(DatasetAttr, key)))
         if self.formatting not in ("alpaca", "sharegpt", "openai"):
             raise InputError(f"dataset {self.name!r}: unknown formatting {self.formatting!r} "
                              "(use alpaca, sharegpt or openai)")
@@ -195,7 +199,7 @@ ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos",
                "audios", "chosen", "rejected", "kto_tag")
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
-            "system_tag")
+            "system_tag", "train_tag", "weight_tag")
 
 
 def _unknown(key: str, known: tuple[str, ...]) -> str:

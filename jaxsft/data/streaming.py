@@ -6,8 +6,10 @@ Differences from the in-memory path (and from LF streaming): examples are shuffl
 across the dataset; `interleave_*` draws sources with a seeded RNG per (seed, epoch) (not HF's interleave
 order). `val_size` must be a count: the eval split is the first N rows of epoch 0's stream, held by their
 identity (source, row number), and training skips exactly those rows in every epoch, wherever a later
-epoch's mix puts them. With several processes, the rows of a buffer past the last multiple of
-`process_count` are skipped so every process gets the same number of rows.
+epoch's mix puts them. Rows always carry `weights` (per-token loss weights; a stream cannot know ahead
+whether a later answer carries one, and a run's batches keep one layout). With several processes, the rows
+of a buffer past the last multiple of `process_count` are skipped so every process gets the same number of
+rows.
 
 The training iterator goes from epoch to epoch until the loop stops: the planned steps are counted from
 epoch 0 (`batches_per_epoch`), and an interleaved mix holds a different number of rows each epoch, so a
@@ -120,7 +122,7 @@ class _StreamIterator(grain.DatasetIterator):
                 self._emitted += 1
                 if g % d.process_count == d.process_index:
                     self._gave_rows = True
-                    return make_row(self._examples, self._bins[g], d.seq_len, d.pad_id)
+                    return make_row(self._examples, self._bins[g], d.seq_len, d.pad_id, weighted=True)
                 continue
             self._consumed += self._read
             self._emitted = 0
@@ -162,6 +164,7 @@ class StreamingSFTData:
     retention: list[Example] | None = None  # `retention_dataset`, in memory (replay needs in-memory data)
     replay = None
     streaming = True
+    weighted = True  # rows carry per-token loss weights (see the module docstring)
 
     @property
     def seq_len(self) -> int:

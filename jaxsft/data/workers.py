@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft.data.packing import WeightedExample, is_weighted, weights_of
+
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -45,20 +47,30 @@ def run(jobs: list[tuple[Any, ...]], threads: int) -> list[Any]:
         return list(pool.map(one, jobs))
 
 
-def flatten(examples: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(all ids, all labels, lengths): three arrays that pickle in one piece each."""
+def flatten(examples: list) -> tuple:
+    """(all ids, all labels, lengths[, all weights, which examples carry weights]): arrays that pickle in one
+    piece each; the weights only when some example carries loss weights."""
     lengths = np.fromiter((len(ids) for ids, _ in examples), np.int64, len(examples))
     if not examples:
         return np.zeros(0, np.int32), np.zeros(0, np.int32), lengths
-    return (np.concatenate([ids for ids, _ in examples]), np.concatenate([labels for _, labels in examples]),
+    flat = (np.concatenate([ids for ids, _ in examples]), np.concatenate([labels for _, labels in examples]),
             lengths)
+    if not is_weighted(examples):
+        return flat
+    return (*flat, np.concatenate([weights_of(e) for e in examples]),
+            np.array([getattr(e, "weights", None) is not None for e in examples]))
 
 
-def unflatten(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> list:
+def unflatten(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
+              weighted: np.ndarray | None = None) -> list:
     if not len(lengths):
         return []
     cuts = np.cumsum(lengths)[:-1]
-    return list(zip(np.split(ids, cuts), np.split(labels, cuts)))
+    pairs = list(zip(np.split(ids, cuts), np.split(labels, cuts)))
+    if weights is None:
+        return pairs
+    return [WeightedExample(*pair, w) if flag else pair
+            for pair, w, flag in zip(pairs, np.split(weights, cuts), weighted)]
 
 
 def _work(rows, template, tokenizer, args):

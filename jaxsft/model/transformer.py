@@ -255,6 +255,19 @@ def embed(params: dict, input_ids_BT: jax.Array, compute_dtype, cfg: ModelConfig
     return x_BTD
 
 
+def neftune_noise(key: jax.Array, segment_ids_BT: jax.Array, hidden_size: int, alpha: float) -> jax.Array:
+    """NEFTune (Jain et al. 2023) noise [B, T, D] fp32: U(-1, 1) * alpha / sqrt(L * d) per token, with L the
+    length of the token's own example (its segment: packed examples each get their own scale) and d the
+    hidden size; 0 on padding (segment 0). transformers' hook uses the padded length of the batch instead
+    and noises padding too."""
+    B, T = segment_ids_BT.shape
+    counts_BS = jax.vmap(lambda s: jnp.bincount(s, length=T + 1))(segment_ids_BT)
+    length_BT = jnp.take_along_axis(counts_BS, segment_ids_BT, axis=1).astype(jnp.float32)
+    scale_BT = jnp.where(segment_ids_BT > 0, alpha / jnp.sqrt(jnp.maximum(length_BT, 1.0) * hidden_size), 0.0)
+    u_BTD = jax.random.uniform(key, (B, T, hidden_size), jnp.float32, minval=-1.0, maxval=1.0)
+    return u_BTD * scale_BT[..., None]
+
+
 def final_norm(params: dict, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
     return rms_norm(x_BTD, params["norm"]["scale"], cfg.rms_norm_eps, cfg.norm_plus_one)
 
@@ -268,13 +281,18 @@ def hidden_states(
     *,
     compute_dtype=jnp.float32,
     router_stats: bool = False,
+    neftune: tuple[float, jax.Array] | None = None,
     **kwargs,
 ):
     """Final-normed hidden states [B, T, D] in compute_dtype (with `router_stats`, also the MoE router
     stats [L, E]). kwargs (attention_impl, remat_policy, lora_scale, lora_dropout, dropout_rng, mesh,
     interpret_kernels) go to `run_layers`; LoRA dropout runs only given `dropout_rng`; fused attention
-    kernels run per shard of `mesh`."""
+    kernels run per shard of `mesh`. `neftune` = (alpha, key): NEFTune noise on the embeddings
+    (`neftune_noise`; training only, the step passes it)."""
     x_BTD = embed(params, input_ids_BT, compute_dtype, cfg)
+    if neftune is not None:
+        alpha, key = neftune
+        x_BTD = (x_BTD + neftune_noise(key, segment_ids_BT, x_BTD.shape[-1], alpha)).astype(compute_dtype)
     x_BTD, _, stats = run_layers(params, cfg, x_BTD, segment_ids_BT, positions_BT, router_stats=True, **kwargs)
     h_BTD = final_norm(params, cfg, x_BTD)
     return (h_BTD, stats) if router_stats else h_BTD
