@@ -4,7 +4,8 @@
 Subcommands: `train` runs the stages the config asks for (do_train, do_eval, do_predict, export_dir), as
 `llamafactory-cli train` does; `eval`, `predict` and `export` run only that stage; `chat` talks to the
 model; `inspect` writes the data report (`data_report.html`: counts, dropped rows, learned share, template
-flags) and prints its summary; `version` and `env` print versions for bug reports. Without a subcommand the configured stages run, as with `train`.
+flags) and prints its summary; `version` and `env` print versions for bug reports. Without a subcommand the
+configured stages run, as with `train`.
 
 Reads and validates the config, says what it will run, checks the paths, template, data and devices
 (`jaxsft.preflight.validate_run`, before anything compiles or loads weights), then runs the configured

@@ -90,6 +90,7 @@ class SplitAudit:
     learned: np.ndarray  # learned targets per kept example
     weight_sum: float | None = None  # the loss weights of the learned targets summed, when any example has weights
     keys: list[bytes] = field(default_factory=list, repr=False)  # one per example: its token ids (duplicates)
+    weight_tokens: dict[float, int] = field(default_factory=dict)  # loss weight -> learned tokens carrying it
 
     @property
     def duplicates(self) -> int:
@@ -146,10 +147,15 @@ def split_audit(name: str, examples: Sequence, counts: Counts) -> SplitAudit:
     masks = [learned_mask(parts(ex)[1]) for ex in examples]
     learned = np.array([int(m.sum()) for m in masks], np.int64)
     weights = [parts(ex)[2] for ex in examples]  # examples without their own weights learn each target at 1
-    weight_sum = (sum(float(m.sum()) if w is None else float(np.asarray(w)[m].sum()) for w, m in zip(weights, masks))
-                  if any(w is not None for w in weights) else None)
+    weight_sum, weight_tokens = None, {}
+    if any(w is not None for w in weights):
+        learned_weights = np.concatenate([np.ones(int(m.sum())) if w is None else np.asarray(w, np.float64)[m]
+                                          for w, m in zip(weights, masks)])
+        weight_sum = float(learned_weights.sum())
+        values, counts_ = np.unique(learned_weights, return_counts=True)
+        weight_tokens = {float(v): int(n) for v, n in zip(values, counts_)}
     keys = [hashlib.blake2b(np.asarray(parts(ex)[0], np.int32).tobytes(), digest_size=16).digest() for ex in examples]
-    return SplitAudit(name, counts, lengths, learned, weight_sum, keys)
+    return SplitAudit(name, counts, lengths, learned, weight_sum, keys, weight_tokens)
 
 
 def overlap(train: SplitAudit, evals: SplitAudit) -> int:

@@ -60,6 +60,8 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
             ("duplicate examples (same tokens as an earlier one)", f"{split.duplicates}")]
     if split.weight_sum is not None:
         rows.append(("learned tokens, weighted (sum of loss weights)", f"{split.weight_sum:.6g}"))
+        per_weight = ", ".join(f"{w:g}: {n}" for w, n in split.weight_tokens.items())
+        rows.append(("learned tokens per loss weight", per_weight))
     for name, values in (("example length", split.lengths), ("learned per example", split.learned)):
         if len(values):
             rows.append((f"{name} min / median / max", f"{values.min()} / {int(np.median(values))} / {values.max()}"))
@@ -67,11 +69,11 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
 
 
 def fill_rows(fill: Fill) -> list[tuple[str, str]]:
+    left = fill.rows - fill.batches * fill.batch_rows
     rows = [("global batch", f"{fill.batch_rows} rows"),
             ("rows per epoch", f"{fill.rows} {'packed rows' if fill.packing else 'examples'}, {fill.batches} full "
-                               f"batches" + (f" ({plural(fill.rows - fill.batches * fill.batch_rows, 'row')} left out of "
-                                              f"this epoch's last, incomplete batch)"
-                                              if fill.rows > fill.batches * fill.batch_rows else ""))]
+                               f"batches" + (f" ({plural(left, 'row')} left out of this epoch's last, incomplete "
+                                              f"batch)" if left else ""))]
     if fill.packing:
         rows.append(("packing fill (tokens / rows x cutoff_len)", f"{100 * fill.knapsack:.1f}%"))
     if fill.replay_tokens:

@@ -4,6 +4,7 @@ The page is checked twice: parsed with html.parser (always; sections, findings, 
 and opened in headless Chromium (screenshot, DOM, no console errors) where Chromium is installed.
 """
 
+import collections
 import html
 import json
 import re
@@ -318,3 +319,33 @@ def test_retention_and_replay_data_are_counted_beside_the_training_data(tmp_path
     assert "<th>train</th><th>retention</th><th>replay</th>" in text
     assert "replay share (replay tokens / tokens): 2" in out  # about 25%
     assert ("ok", "No problems found") in Page(text).findings  # plain text learns every token: no prompt flag
+
+
+def test_per_token_weights_are_counted_and_shown(tmp_path, capsys):
+    """Answers weighted in the data (examples/data/weighted_chat.json: "weight": w, "train": false): the sum of
+    loss weights is counted, and each rendered example shows the weights its learned tokens carry."""
+    from jaxsft.config import load_config
+    from jaxsft.data.args import DataArgs
+    from jaxsft.data.audit import learned_mask
+    from jaxsft.data.packing import weights_of
+    from jaxsft.data.pipeline import build_datasets
+    from jaxsft.runtime import load_tokenizer
+
+    config = _config(tmp_path, dataset="weighted_chat", val_size=0.0, per_device_train_batch_size=1)
+    out, text = _inspect(capsys, config, "--examples", "20")
+    cfg = load_config(str(config))
+    data = build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg))
+    total = sum(float(weights_of(ex)[learned_mask(ex[1])].sum()) for ex in data.train)
+    assert any(getattr(ex, "weights", None) is not None for ex in data.train)
+    assert f"learned tokens, weighted (sum of loss weights): {total:.6g}" in out
+    per_weight = collections.Counter(float(w) for ex in data.train for w in weights_of(ex)[learned_mask(ex[1])])
+    assert "learned tokens per loss weight: " + ", ".join(f"{w:g}: {per_weight[w]}" for w in sorted(per_weight)) \
+        in out and len(per_weight) > 2
+    badges = [re.findall(r"<span class=w>w=([^<]+)</span>", example)
+              for example in text.split("<div class=ex>")[2:]]  # after the probe
+    assert len(badges) == len(data.train)
+    for example, shown in zip(data.train, badges):
+        weights = getattr(example, "weights", None)
+        expected = set() if weights is None else {f"{w:g}" for w in np.asarray(weights)[learned_mask(example[1])]}
+        assert set(shown) == expected
+    assert any(len(set(shown)) > 1 for shown in badges)  # an example whose answers differ in weight
