@@ -82,7 +82,7 @@ class Config:
                                            "data files, tokenizer, template and data keys loads its examples "
                                            "instead of tokenizing; null disables it.")
     preprocessing_num_workers: Optional[int] = _field(None, "Worker processes that tokenize (used from 2000 rows per "
-                                                                  "worker on).")
+                                                                  "worker on; each gets cores / N tokenizer threads).")
     max_samples: Optional[int] = _field(None, "Keep at most this many examples per dataset.")
     val_size: float = _field(0.0, "Held-out evaluation split: a fraction (< 1) or a count.")
     packing: Optional[bool] = _field(None, "Pack examples into rows of cutoff_len (always block-diagonal).")
