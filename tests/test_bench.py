@@ -75,3 +75,17 @@ def test_bench_data_reports_examples_per_second_and_the_cost_of_each_stage(capsy
     split = record["split_s"]
     assert list(split) == ["read", "convert", "tokenize", "mask", "pack", "save_tokenized_path", "save_cache"]
     assert all(v >= 0 for v in split.values()) and split["tokenize"] > 0
+
+
+def test_bench_data_unique_copies_repeat_no_row(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_data
+
+    source = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
+    overrides = bench_data.unique_copies(source, 3, tmp_path)
+    rows = json.loads((tmp_path / "alpaca_en_demo_unique_x3.json").read_text())
+    original = json.loads(source.read_text())
+    assert len(rows) == 3 * len(original) and rows[:len(original)] == original
+    distinct = {json.dumps(r, sort_keys=True) for r in rows}
+    assert len(distinct) == 3 * len({json.dumps(r, sort_keys=True) for r in original})
+    assert overrides == ["dataset=alpaca_en_demo_unique_x3", f"dataset_dir={tmp_path}"]
