@@ -280,7 +280,8 @@ def _case_missing_dataset_dir(tmp_path):
 def _case_unknown_dataset(tmp_path):
     return dict(dataset="identiy"), InputError, (
         f"Unknown dataset 'identiy': not an entry of {DATA}/dataset_info.json and no file or folder at that path. "
-        f"Did you mean identity? Datasets present in {DATA}: general_replay, general_text, identity.")
+        f"Did you mean identity? Datasets present in {DATA}: "
+        f"{', '.join(sorted(json.loads((Path(DATA) / 'dataset_info.json').read_text())))}.")
 
 
 def _case_registry_file_missing(tmp_path):
