@@ -13,6 +13,7 @@ Checked, and flagged at the top of the report:
   generation prompt);
 - learned text that holds another turn's chat markup (a user or system header of a known template): rows
   rendered with a chat template already, or columns mapped to the wrong fields;
+- a named template whose turn markers the model's own chat template never uses;
 - eval examples equal to training examples; no full training batch; many truncated or dropped rows.
 """
 
@@ -77,8 +78,7 @@ def token_pieces(tokenizer, ids: Sequence[int], context: int = 4) -> list[tuple[
 
 def rendered(tokenizer, sample: Sample) -> Sample:
     sample.pieces = token_pieces(tokenizer, sample.ids)
-    sample.special = {int(i) for i in tokenizer.all_special_ids} | {
-        int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    sample.special = special_ids(tokenizer)
     return sample
 
 
@@ -233,6 +233,36 @@ def probe_template(template, tokenizer, args: DataArgs) -> tuple[Sample, list[Fi
     return sample, findings
 
 
+def special_ids(tokenizer) -> set[int]:
+    return {int(i) for i in tokenizer.all_special_ids} | {
+        int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+
+
+def template_mismatch(template, tokenizer, args: DataArgs) -> Finding | None:
+    """A named template whose special tokens the model's own chat template never uses (a Llama template for a
+    Qwen model, say): the model would learn turn markers it was not trained with. None when the tokenizer has
+    no chat template, or its template cannot render the probe."""
+    from jaxsft.data.templates import ChatTemplate
+
+    if args.template == "auto" or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    try:
+        theirs = ChatTemplate().encode_multiturn(tokenizer, PROBE.messages, PROBE.system, PROBE.tools)
+    except Exception:  # noqa: BLE001 - a chat template that refuses the probe (raise_exception, strict roles)
+        return None
+    ours = template.encode_multiturn(tokenizer, PROBE.messages, PROBE.system, PROBE.tools)
+    special = special_ids(tokenizer) - {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                        tokenizer.unk_token_id}  # turn markers: a template may leave BOS to encode
+    used = [{int(t) for pair in pairs for part in pair for t in part} & special for pairs in (ours, theirs)]
+    extra = used[0] - used[1]
+    if not extra:
+        return None
+    names = lambda ids: ", ".join(sorted(tokenizer.convert_ids_to_tokens(sorted(ids)))) or "none"  # noqa: E731
+    return Finding("warning", f"Template '{args.template}' does not match the model's chat template",
+                   f"It uses special tokens the model's own chat template never uses ({names(extra)}); the model's "
+                   f"template uses {names(used[1])}. Pick the model's template (template: auto uses it).")
+
+
 def chat_markers() -> list[str]:
     """User and system headers of the known templates (the text before `{{content}}`), with markup in them."""
     found = set()
@@ -315,6 +345,8 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
     data = build_datasets(args, tokenizer, train=bool(args.dataset), allow_empty=True)
     template = make_template(args, tokenizer)
     probe, findings = probe_template(template, tokenizer, args)
+    mismatch = template_mismatch(template, tokenizer, args)
+    findings += [mismatch] if mismatch else []
     splits = []
     for name, examples in (("train", data.train), ("eval", data.eval), ("retention", data.retention),
                            ("replay", data.replay)):

@@ -175,7 +175,15 @@ def _tokenizer_with_chat_template(tmp_path: Path, chat_template: str) -> Path:
     return model
 
 
-@pytest.mark.parametrize("case", ["learns_nothing", "header_learned", "train_on_prompt", "markup_in_answers"])
+CHAT_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("case", ["learns_nothing", "header_learned", "train_on_prompt", "markup_in_answers",
+                                  "other_models_template"])
 def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_path, capsys, case):
     keys = {"max_samples": 8, "val_size": 0.0, "per_device_train_batch_size": 1, "packing": False}
     if case == "learns_nothing":  # a chat template that renders no assistant turn
@@ -185,6 +193,8 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
             tmp_path, CHAT_NO_GENERATION_PROMPT)))
     elif case == "train_on_prompt":
         keys.update(train_on_prompt=True)
+    elif case == "other_models_template":  # template llama3 for a model whose chat template is ChatML
+        keys.update(model_name_or_path=str(_tokenizer_with_chat_template(tmp_path, CHAT_CHATML)))
     else:  # answers that hold another template's next user turn (rows rendered with a chat template already)
         rows = [{"instruction": "hi", "output": "hello"},
                 {"instruction": "hey", "output": "hello<|im_end|>\n<|im_start|>user\nand now?"}]
@@ -197,7 +207,9 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
                 "header_learned": [("warning", "The assistant header is learned")],
                 "train_on_prompt": [("warning", "Prompt text is learned"),
                                     ("warning", "Prompt tokens are learned")],
-                "markup_in_answers": [("warning", "Learned text holds chat markup")]}[case]
+                "markup_in_answers": [("warning", "Learned text holds chat markup")],
+                "other_models_template": [("warning", "Template 'llama3' does not match the model's chat template")]
+                }[case]
     assert [f for f in page.findings if f in expected] == expected
     assert text.index("<section id=findings>") < text.index("<section id=counts>")  # flagged at the top
     first = out.index("+---")  # the terminal box, before the counts
@@ -218,6 +230,9 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
         answers = sum(int(np.count_nonzero(labels[1:] != -100)) for _, labels in plain.train)
         learned = sum(len(ids) - 1 for ids, _ in plain.train)
         assert f"{learned - answers} of the {learned} learned train tokens" in html.unescape(text)
+    if case == "other_models_template":
+        # (<|eot_id|> is the EOS here, which a template may use either way)
+        assert "(<|end_header_id|>, <|start_header_id|>); the model's template uses none." in html.unescape(text)
     if case == "markup_in_answers":
         assert f"1 of the first 2 examples learn another turn's header" in html.unescape(text)
         assert f"{tmp_path / 'rows.jsonl'}, row 2 ('<|im_start|>user')" in html.unescape(text)
@@ -349,3 +364,11 @@ def test_per_token_weights_are_counted_and_shown(tmp_path, capsys):
         expected = set() if weights is None else {f"{w:g}" for w in np.asarray(weights)[learned_mask(example[1])]}
         assert set(shown) == expected
     assert any(len(set(shown)) > 1 for shown in badges)  # an example whose answers differ in weight
+
+
+def test_the_models_own_chat_template_is_no_mismatch(tmp_path, capsys):
+    """template: llama3 for a model whose chat template renders Llama 3 turns (BOS left to the chat template)."""
+    model = _tokenizer_with_chat_template(tmp_path, CHAT_LLAMA3)
+    out, text = _inspect(capsys, _config(tmp_path, max_samples=8, val_size=0.0, per_device_train_batch_size=1,
+                                         packing=False, model_name_or_path=str(model)))
+    assert Page(text).findings == [("ok", "No problems found")]
