@@ -170,7 +170,8 @@ def _guarded(attr, row_no: int, args: DataArgs, counts: Counts, make: Callable[[
         counts.drop(str(e), e.file, e.row)
     except ValueError as e:  # a function_call / tools field that is not the JSON LF expects
         if not args.skip_invalid_examples:
-            raise InvalidExample(attr.path, row_no, attr.messages or "", str(e)) from None
+            field = attr.messages if attr.formatting != "alpaca" and attr.messages else "<row>"
+            raise InvalidExample(attr.path, row_no, field, str(e)) from None
         counts.drop(f"{row_place(attr.path, row_no)}: {e}", attr.path, row_no)
     return _DROPPED
 

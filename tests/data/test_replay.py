@@ -139,6 +139,6 @@ def test_plain_text_rows_have_nothing_to_predict(tokenizer):
     from jaxsft.data.prompts import build_prompts
 
     args = DataArgs(eval_dataset="general_text", dataset_dir=DATA, template="llama3", data_cache_dir=None)
-    with pytest.raises(InvalidExample, match=r"general_text.jsonl, row 1, .*a plain-text row \(a prompt column and "
+    with pytest.raises(InvalidExample, match=r"general_text.jsonl, row 1, field '<row>': a plain-text row \(a prompt column and "
                                              r"no response\) has no answer to predict"):
         build_prompts(args, tokenizer)
