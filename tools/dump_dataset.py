@@ -8,7 +8,8 @@ Shows, per example: the full text, the learned text (labels that are not -100, d
 the masked ones in brackets. Then the preprocessing counts (dropped rows with reasons, packing efficiency).
 With --out, writes one JSON object per example in dataset order, unshuffled: {"input_ids", "labels"};
 with --packed, one per packed row (in packing order): {"input_ids", "labels", "segment_ids", "positions"},
-where labels are unshifted (-100 on padding and prompts), as LLaMA-Factory stores them.
+where labels are unshifted (-100 on padding and prompts), as LLaMA-Factory stores them. Data whose answers
+carry loss weights (`weight: w`, docs/data.md) adds "weights": the weight of each label, aligned with labels.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxsft.data.packing import greedy_knapsack, make_row  # noqa: E402
+from jaxsft.data.packing import greedy_knapsack, is_weighted, make_row, weights_of  # noqa: E402
 from jaxsft.data.args import DataArgs  # noqa: E402
 from jaxsft.data.pipeline import build_datasets  # noqa: E402
 from jaxsft.data.supervised import IGNORE_INDEX  # noqa: E402
@@ -60,22 +61,27 @@ def _masked(ids, labels) -> str:
     return " ".join(str(i) if lab != IGNORE_INDEX else f"[{i}]" for i, lab in zip(ids, labels))
 
 
-def _row_labels(row: dict) -> list[int]:
-    """Packed row -> unshifted labels (the label of token i is the target at i - 1 in its segment)."""
-    labels = [IGNORE_INDEX] + row["targets"][:-1].tolist()
-    return [lab if seg and i and row["segment_ids"][i - 1] == seg else IGNORE_INDEX
+def _row_labels(row: dict, key: str = "targets") -> list:
+    """Packed row -> unshifted labels (the label of token i is the target at i - 1 in its segment); with
+    key "weights", the labels' loss weights the same way (0 where nothing is learned)."""
+    none = IGNORE_INDEX if key == "targets" else 0.0
+    labels = [none] + row[key][:-1].tolist()
+    return [lab if seg and i and row["segment_ids"][i - 1] == seg else none
             for i, (lab, seg) in enumerate(zip(labels, row["segment_ids"].tolist()))]
 
 
 def write_jsonl(data, path: str, packed: bool, limit: int | None) -> int:
     """Examples (or packed rows) in dataset order, no shuffling; returns the number of lines."""
+    weighted = is_weighted(data.train)
     if packed:
         bins, _ = greedy_knapsack([len(ids) for ids, _ in data.train], data.seq_len)
         records = ({"input_ids": row["input_ids"].tolist(), "labels": _row_labels(row),
-                    "segment_ids": row["segment_ids"].tolist(), "positions": row["positions"].tolist()}
-                   for row in (make_row(data.train, b, data.seq_len, data.pad_id) for b in bins))
+                    "segment_ids": row["segment_ids"].tolist(), "positions": row["positions"].tolist(),
+                    **({"weights": _row_labels(row, "weights")} if weighted else {})}
+                   for row in (make_row(data.train, b, data.seq_len, data.pad_id, weighted) for b in bins))
     else:
-        records = ({"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in data.train)
+        records = ({"input_ids": e[0].tolist(), "labels": e[1].tolist(),
+                    **({"weights": weights_of(e).tolist()} if weighted else {})} for e in data.train)
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for record in records:

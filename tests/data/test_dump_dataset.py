@@ -37,3 +37,12 @@ def test_examples_then_packed_rows_hold_the_same_tokens(tmp_path):
             learned += sum(row["labels"][i] != -100 for i in at)
     assert sorted(unpacked) == by_content  # each example exactly once
     assert learned == sum(sum(x != -100 for x in e["labels"]) for e in examples)
+
+
+def test_weighted_data_dumps_its_weights(tmp_path):
+    examples = dump(tmp_path, "dataset=weighted_chat")
+    assert all(len(e["weights"]) == len(e["labels"]) for e in examples)
+    assert all((w > 0) == (lab != -100) for e in examples for w, lab in zip(e["weights"], e["labels"]))
+    assert {0.25, 0.5, 1.0, 1.5, 2.0} <= {w for e in examples for w in e["weights"]}
+    rows = dump(tmp_path, "dataset=weighted_chat", "--packed")
+    assert sorted(w for r in rows for w in r["weights"] if w) == sorted(w for e in examples for w in e["weights"] if w)
