@@ -117,7 +117,8 @@ class Config:
                                                         "input embeddings in training (never in eval or predict); L "
                                                         "is each example's own length (packed or not), d the hidden "
                                                         "size; padding gets none. LLaMA-Factory suggests 5.")
-    lora_target: str = _field("all", "'all' (every linear layer but lm_head) or a comma list of module names.")
+    lora_target: str = _field("all", "'all' (every linear layer but lm_head) or a comma list of module names; add "
+                              "'experts' (e.g. 'all,experts') for LoRA on an MoE's routed experts.")
     additional_target: Optional[str] = _field(None, "Modules trained fully beside LoRA (e.g. embed_tokens,lm_head).")
     use_rslora: bool = _field(False, "Scale LoRA by alpha / sqrt(rank).")
     create_new_adapter: bool = _field(False, "Start a fresh adapter on top of adapter_name_or_path.")
@@ -426,6 +427,13 @@ def _validate_methods(cfg: Config) -> None:
         raise ConfigError(f"key 'loraplus_lr_ratio' must be > 0, got {cfg.loraplus_lr_ratio}")
     if cfg.use_dora and cfg.pissa_init:
         raise ConfigError("use_dora and pissa_init cannot be combined (PEFT refuses it too); choose one")
+    targets = cfg.lora_target if isinstance(cfg.lora_target, (list, tuple)) else str(cfg.lora_target).split(",")
+    experts = "experts" in [str(t).strip() for t in targets]
+    for key, used in {"lora_dropout": cfg.lora_dropout > 0, "use_dora": cfg.use_dora,
+                      "pissa_init": cfg.pissa_init}.items():
+        if experts and used and cfg.finetuning_type == "lora":
+            raise ConfigError(f"key '{key}' cannot be combined with LoRA on the experts (lora_target: experts), "
+                              f"which PEFT's adapters on expert parameters (target_parameters) do not support")
     if cfg.pissa_iter < -1:
         raise ConfigError(f"key 'pissa_iter' must be -1 (exact SVD) or >= 0, got {cfg.pissa_iter}")
     if cfg.use_llama_pro:

@@ -124,7 +124,9 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
                         modules_to_save: list[str] | tuple = (), lora_dropout: float = 0.0,
                         dtype: str | None = None, init_lora_weights: bool | str = True) -> Path:
     """A PEFT LoRA adapter `PeftModel.from_pretrained(base, out_dir)` loads: adapter_config.json and
-    adapter_model.safetensors with PEFT's names and shapes (adapters, plus `modules_to_save` weights)."""
+    adapter_model.safetensors with PEFT's names and shapes (adapters, plus `modules_to_save` weights).
+    Adapted routed experts (target `experts`) go in as PEFT's `target_parameters` on transformers' fused
+    3-D expert parameters."""
     out = Path(out_dir)
     adapted = lora.adapted_modules(params)
     if sorted(adapted) != sorted(targets):
@@ -141,7 +143,8 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": _peft_targets(model_cfg, targets),
+        "target_modules": _peft_targets(model_cfg, [t for t in targets if t != lora.EXPERTS]),
+        "target_parameters": list(lora.PEFT_EXPERT_PARAMETERS) if lora.EXPERTS in targets else None,
         "use_rslora": use_rslora,
         "lora_dropout": lora_dropout,
         "bias": "none",

@@ -3,6 +3,12 @@
 Adapters live beside the kernel they adapt (docs/internals.md): `lora_a [L, in, r]`, `lora_b
 [L, r, out]`; the model's `dense` adds `scale * (x @ A) @ B`. PEFT stores the same matrices as
 `lora_A.weight [r, in]` and `lora_B.weight [out, r]` per layer, so the mapping is a transpose.
+
+Routed MoE experts (opt-in: `experts` in `lora_target`) are adapted as PEFT adapts transformers' fused
+3-D expert parameters (`LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])`):
+per expert, one LoRA on the fused [gate | up] projection (so gate and up share A) and one on down_proj:
+`experts/gate_up_proj/{lora_a [L, E, D, r], lora_b [L, E, r, 2F]}` (no kernel: it adds to gate_proj's and
+up_proj's outputs) and `experts/down_proj/{lora_a [L, E, F, r], lora_b [L, E, r, D]}` beside its kernel.
 """
 
 from __future__ import annotations
@@ -32,14 +38,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HF_ORDER = ALL_LINEAR_MODULES  # the family table's module names, in HF order (for messages and `all`)
 MOE_NOT_ADAPTED = ("experts", "gate", "shared_expert_gate")
+EXPERTS = "experts"  # the lora_target name of the routed experts (not part of `all`, as in PEFT's all-linear)
+EXPERT_GATE_UP = "gate_up_proj"  # the adapter-only node of the fused [gate | up] expert projection
+# PEFT's target_parameters, in the order transformers registers them (which fixes PEFT's nesting).
+PEFT_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(?:lora_([AB])\.weight|lora_magnitude_(vector))")
 
 
 def _linear_modules(params: dict) -> dict[str, tuple[str, ...]]:
     """Module name -> tree path of every per-layer linear layer (a dict with a `kernel`), in HF's order.
     lm_head is not among them: it sits outside the layer stack, as PEFT's `all-linear` leaves it out.
-    Nor are an MoE's router (`gate`), shared-expert gate and routed experts (LoRA on experts is not
-    supported yet); a shared expert's projections are."""
+    Nor are an MoE's router (`gate`), shared-expert gate and routed experts (those are the opt-in
+    target `experts`, see `expert_path`); a shared expert's projections are."""
     found: dict[str, tuple[str, ...]] = {}
 
     def walk(node: dict, path: tuple[str, ...]):
@@ -62,22 +72,34 @@ def csv_names(text: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in items if t.strip()))
 
 
+def expert_path(params: dict) -> tuple[str, ...] | None:
+    """Tree path of the routed experts (`layers/mlp/experts`), or None for a dense model."""
+    mlp = params.get(LAYERS, {}).get("mlp", {})
+    return (LAYERS, "mlp", EXPERTS) if EXPERTS in mlp else None
+
+
 def target_modules(params: dict, lora_target: str) -> list[str]:
     """Module names LoRA adapts: `all` (every linear layer but lm_head, i.e. PEFT's `all-linear`) or a
-    comma list such as `q_proj,v_proj`."""
+    comma list such as `q_proj,v_proj`; `experts` (alone or beside them, e.g. `all,experts`) adds the
+    routed experts of an MoE model."""
     available = _linear_modules(params)
     names = csv_names(lora_target)
     if not names:
         raise ConfigError("lora_target is empty; use 'all' or a comma list of modules, e.g. q_proj,v_proj")
+    experts = [EXPERTS] if EXPERTS in names else []
+    if experts and expert_path(params) is None:
+        raise ConfigError("lora_target: 'experts' names the routed experts of a mixture-of-experts model; "
+                          "this model has none")
+    names = [n for n in names if n != EXPERTS]
     if "all" in names:
-        return list(available)
+        return list(available) + experts
     for name in names:
         if name not in available:
             hint = (f"; LoRA on {name} is not supported, train it fully with additional_target: {name}"
                     if name in ("lm_head", "embed_tokens") else "")
             raise ConfigError(f"lora_target: module '{name}' not found in the model; choose 'all' or from "
                               f"{', '.join(available)}{hint}")
-    return [name for name in available if name in names]
+    return [name for name in available if name in names] + experts
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> dict:
@@ -104,6 +126,9 @@ def add_adapters(params: dict, targets: list[str], rank: int, rng: jax.Array, dt
     available = _linear_modules(params)
     out = _copy(params)
     for i, name in enumerate(targets):
+        if name == EXPERTS and expert_path(out) is not None:
+            _add_expert_adapters(_get(out, expert_path(out)), rank, jax.random.fold_in(rng, i), dtype)
+            continue
         if name not in available:
             raise ConfigError(f"LoRA target '{name}' not found; choose from {', '.join(available)}")
         module = _get(out, available[name])
@@ -115,6 +140,20 @@ def add_adapters(params: dict, targets: list[str], rank: int, rng: jax.Array, dt
         module["lora_a"] = a_LIR.astype(dtype)
         module["lora_b"] = jnp.zeros((L, rank, fan_out), dtype)
     return out
+
+
+def _add_expert_adapters(experts: dict, rank: int, rng: jax.Array, dtype) -> None:
+    """Per-expert adapters on the fused [gate | up] projection and on down_proj, initialised as PEFT's
+    ParamWrapper does (A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0)."""
+    if "lora_a" in experts["down_proj"]:
+        raise ValueError("the experts already hold adapters; merge them first")
+    L, E, D, F = experts["gate_proj"]["kernel"].shape
+    for j, (node, fan_in, fan_out) in enumerate(((EXPERT_GATE_UP, D, 2 * F), ("down_proj", F, D))):
+        bound = 1.0 / math.sqrt(fan_in)
+        a_LEIR = jax.random.uniform(jax.random.fold_in(rng, j), (L, E, fan_in, rank), jnp.float32, -bound, bound)
+        module = experts.setdefault(node, {})
+        module["lora_a"] = a_LEIR.astype(dtype)
+        module["lora_b"] = jnp.zeros((L, E, rank, fan_out), dtype)
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -166,6 +205,15 @@ def merge_adapters(params: dict, scale: float) -> dict:
     """Fold `scale * A @ B` (DoRA: and the magnitudes) into each adapted kernel (in fp32, stored back in the kernel's dtype) and
     drop the adapters. A tree without adapters comes back unchanged."""
     out = _copy(params)
+    path = expert_path(out)
+    if path is not None and EXPERT_GATE_UP in _get(out, path):  # fused [gate | up] delta, split in two
+        experts = _get(out, path)
+        node = experts.pop(EXPERT_GATE_UP)
+        delta = jnp.einsum("leir,lero->leio", jnp.asarray(node["lora_a"], jnp.float32),
+                           jnp.asarray(node["lora_b"], jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        for name, part in zip(("gate_proj", "up_proj"), jnp.split(delta, 2, axis=-1)):
+            kernel = experts[name]["kernel"]
+            experts[name]["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * part).astype(kernel.dtype)
 
     def walk(node: dict):
         for value in node.values():
@@ -173,7 +221,7 @@ def merge_adapters(params: dict, scale: float) -> dict:
                 if "lora_a" in value:
                     kernel = value["kernel"]
                     a, b = value.pop("lora_a"), value.pop("lora_b")
-                    delta_LIO = jnp.einsum("lir,lro->lio", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                    delta_LIO = jnp.einsum("...ir,...ro->...io", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                                            precision=jax.lax.Precision.HIGHEST)
                     merged_LIO = jnp.asarray(kernel, jnp.float32) + scale * delta_LIO
                     if "lora_magnitude" in value:  # DoRA: columns rescaled to the learned magnitudes
@@ -336,15 +384,24 @@ def _load_modules_to_save(out: dict, saved: dict[str, np.ndarray], model_cfg: Mo
             node[leaf] = jnp.asarray(value, current.dtype)
 
 
+def _experts_adapted(params: dict) -> bool:
+    path = expert_path(params)
+    return path is not None and EXPERT_GATE_UP in _get(params, path)
+
+
 def adapted_modules(params: dict) -> list[str]:
-    """Names of the modules that hold adapters, in tree order."""
-    return [name for name, path in _linear_modules(params).items() if "lora_a" in _get(params, path)]
+    """Names of the modules that hold adapters, in tree order (`experts` last, for the routed experts)."""
+    return ([name for name, path in _linear_modules(params).items() if "lora_a" in _get(params, path)]
+            + ([EXPERTS] if _experts_adapted(params) else []))
 
 
 def adapter_rank(params: dict) -> int:
     """The rank of the adapters the params hold (they all share one)."""
     modules = _linear_modules(params)
-    ranks = {_get(params, modules[n])["lora_a"].shape[-1] for n in adapted_modules(params)}
+    ranks = {_get(params, modules[n])["lora_a"].shape[-1] for n in adapted_modules(params) if n != EXPERTS}
+    if _experts_adapted(params):
+        experts = _get(params, expert_path(params))
+        ranks |= {experts[n]["lora_a"].shape[-1] for n in (EXPERT_GATE_UP, "down_proj")}
     if len(ranks) != 1:
         raise ValueError(f"expected adapters of one rank, found ranks {sorted(ranks) or 'none'}")
     return ranks.pop()
@@ -357,7 +414,11 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
     cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
     state: dict[str, np.ndarray] = {}
     modules = _linear_modules(params)
+    if _experts_adapted(params):
+        state.update(_peft_expert_state(params, model_cfg, cast))
     for name in adapted_modules(params):
+        if name == EXPERTS:
+            continue
         module = _get(params, modules[name])
         a_LIR, b_LRO = cast(module["lora_a"]), cast(module["lora_b"])
         hf_module = ".".join(modules[name][1:])
@@ -385,4 +446,27 @@ def peft_state_dict(params: dict, model_cfg: ModelConfig, modules_to_save: list[
             state[PEFT_PREFIX + name] = value
         if model_cfg.tie_word_embeddings and "embed_tokens" in names:  # PEFT's ensure_weight_tying layout
             state[PEFT_PREFIX + "lm_head.weight"] = state[PEFT_PREFIX + "model.embed_tokens.weight"]
+    return state
+
+
+def _peft_expert_state(params: dict, model_cfg: ModelConfig, cast) -> dict[str, np.ndarray]:
+    """The experts' adapters as PEFT's ParamWrapper saves them for a 3-D parameter [E, out, in] of
+    transformers (nested wrappers on one module: the first registered parameter, gate_up_proj, is the
+    inner one, named `experts.base_layer.lora_*`; down_proj the outer, `experts.lora_*`). lora_A.weight is
+    [E * r, in] with row e * r + j; lora_B.weight is [out, r * E] with column j * E + e (ParamWrapper
+    reshapes it to [out, r, E]). The delta per expert is scale * B_e @ A_e, as ours is scale * a_e @ b_e."""
+    path = expert_path(params)
+    experts = _get(params, path)
+    module = ".".join(path[1:])
+    state: dict[str, np.ndarray] = {}
+    nodes = [experts[EXPERT_GATE_UP], experts["down_proj"]]
+    for depth, node in enumerate(nodes):
+        a_LEIR, b_LERO = cast(node["lora_a"]), cast(node["lora_b"])
+        L, E, I, R = a_LEIR.shape
+        O = b_LERO.shape[-1]
+        nest = "base_layer." * (len(nodes) - 1 - depth)
+        for i in range(L):
+            base = f"{PEFT_PREFIX}{model_cfg.peft_prefix}layers.{i}.{module}.{nest}"
+            state[base + "lora_A.weight"] = np.ascontiguousarray(a_LEIR[i].transpose(0, 2, 1).reshape(E * R, I))
+            state[base + "lora_B.weight"] = np.ascontiguousarray(b_LERO[i].transpose(2, 1, 0).reshape(O, R * E))
     return state

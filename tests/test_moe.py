@@ -22,7 +22,7 @@ from jaxsft.export import export_hf, export_peft_adapter
 from jaxsft.flops import matmul_params
 from jaxsft.model import hf, transformer
 from jaxsft.model.moe import load_balancing_loss
-from jaxsft.params import Partition, flatten, full_partition, merge, split
+from jaxsft.params import Partition, flatten, full_partition, merge, split, unflatten
 from jaxsft.runtime import ROUTER, _partition
 from jaxsft.step import ModelRunner, init_state, make_train_step
 
@@ -234,8 +234,64 @@ def test_lora_on_attention_and_shared_expert_exports_to_peft(tiny, tmp_path):
     assert np.abs(_torch_logits(_load(tmp_path / "merged"), ids) - want).max() < 1e-4
 
 
+def test_lora_on_experts_exports_to_peft_target_parameters(tiny, tmp_path):
+    """LoRA on the routed experts (lora_target `experts`), trained one step: the PEFT adapter (transformers'
+    fused 3-D expert parameters, PEFT's target_parameters) and the merged export give our logits."""
+    name, _, path, cfg, params = tiny
+    targets = lora.target_modules(params, "q_proj,experts")
+    assert targets == ["q_proj", "experts"] and "experts" not in lora.target_modules(params, "all")
+    adapted = lora.add_adapters(params, targets, 4, jax.random.key(0))
+    experts = adapted["layers"]["mlp"]["experts"]
+    assert experts["gate_up_proj"]["lora_a"].shape == (2, 4, 64, 4)
+    assert experts["gate_up_proj"]["lora_b"].shape == (2, 4, 4, 96)
+    assert experts["down_proj"]["lora_a"].shape == (2, 4, 48, 4)
+    part = lora.lora_partition(flatten(adapted))
+    assert "layers/mlp/experts/down_proj/lora_b" in part.trainable and ROUTER not in part.trainable
+    scale = lora.lora_scale(8, 4)
+    ids, _, seg, pos, targets_ = _rows([T, T])
+    _, neg = _sgd_step(cfg, adapted, part, _batch(ids, seg, pos, targets_), 0.01, scale)
+    for leaf in ("gate_up_proj/lora_b", "down_proj/lora_b"):  # every expert's adapter got a gradient
+        g = np.asarray(neg[f"layers/mlp/experts/{leaf}"])
+        assert (np.abs(g).reshape(g.shape[0] * g.shape[1], -1).max(-1) > 0).all()
+    tuned = merge({k: flatten(adapted)[k] + 30 * neg[k] for k in neg}, split(flatten(adapted), part)[1], part)
+    want = np.asarray(transformer.forward(tuned, cfg, ids, pos, seg, lora_scale=scale))
+    only_q = unflatten({k: v for k, v in flatten(tuned).items() if "experts/" not in k or "lora" not in k})
+    assert np.abs(want - np.asarray(transformer.forward(only_q, cfg, ids, pos, seg, lora_scale=scale))).max() > 0.05
+    export_peft_adapter(tuned, cfg, tmp_path / "adapter", rank=4, alpha=8, targets=targets)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj"]
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    peft_model = PeftModel.from_pretrained(_load(path), str(tmp_path / "adapter")).eval()
+    assert np.abs(_torch_logits(peft_model, ids) - want).max() < 1e-4
+    export_hf(tuned, cfg, path, tmp_path / "merged", dtype="float32", lora_scale=scale)
+    assert np.abs(_torch_logits(_load(tmp_path / "merged"), ids) - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("key", [{"lora_dropout": 0.1}, {"use_dora": True}, {"pissa_init": True}])
+def test_lora_on_experts_refuses_what_peft_cannot_load(key):
+    """PEFT's adapters on expert parameters refuse dropout, DoRA and PiSSA; so does the config, by key."""
+    from jaxsft.config import ConfigError
+
+    base = {"model_name_or_path": "x", "dataset": "x", "template": "llama3", "output_dir": "x",
+            "finetuning_type": "lora", "lora_target": "q_proj,experts"}
+    with pytest.raises(ConfigError, match=f"key '{next(iter(key))}' cannot be combined with LoRA on the experts"):
+        build_config({**base, **key})
+    assert build_config({**base, "lora_target": "q_proj", **key}).lora_target == "q_proj"
+
+
+def test_lora_target_experts_on_a_dense_model_is_refused():
+    from jaxsft.config import ConfigError
+    from jaxsft.model.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=8, intermediate_size=8, num_layers=1,
+                      num_heads=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ConfigError, match="'experts' names the routed experts.*this model has none"):
+        lora.target_modules(transformer.init_params(cfg, jax.random.key(0)), "all,experts")
+
+
 def test_cli_run_logs_aux_loss_and_expert_load(tmp_path):
-    """A LoRA run of a tiny Qwen3-MoE through run(): trainer_log.jsonl has aux_loss and expert_load."""
+    """A LoRA run (attention and experts) of a tiny Qwen3-MoE through run(): trainer_log.jsonl has aux_loss and
+    expert_load, and the exported adapter holds the trained experts' adapters in PEFT's layout."""
     from jaxsft.main import run
 
     _, path = save_tiny_model("qwen3_moe", tmp_path / "model", vocab_size=1024)
@@ -245,8 +301,14 @@ def test_cli_run_logs_aux_loss_and_expert_load(tmp_path):
         "model_name_or_path": str(path), "dataset": "identity", "dataset_dir": str(REPO / "examples" / "data"),
         "template": "llama3", "cutoff_len": 128, "packing": True, "do_train": True, "finetuning_type": "lora",
         "per_device_train_batch_size": 2, "max_steps": 2, "logging_steps": 1, "report_to": "none",
-        "moe_aux_loss_coef": 0.01, "output_dir": str(tmp_path / "out")})
+        "moe_aux_loss_coef": 0.01, "output_dir": str(tmp_path / "out"), "lora_target": "all,experts",
+        "export_dir": str(tmp_path / "adapter"), "export_adapter": True})
     run(cfg)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "np") as f:
+        b = f.get_tensor("base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight")
+        assert b.shape == (96, 4 * 8) and np.abs(b).max() > 0  # [2F, r * E], trained from zero
     lines = [json.loads(x) for x in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     train = [r for r in lines if "loss" in r]
     assert len(train) == 2

@@ -10,7 +10,9 @@ and count in neither the load statistics nor the load-balancing loss.
 Param layout per layer (stacked on [L] like every layer leaf, experts on a second axis):
 `gate/kernel [D, E]` (the router), `experts/{gate_proj,up_proj}/kernel [E, D, F]`,
 `experts/down_proj/kernel [E, F, D]`, and for Qwen2-MoE `shared_expert/{gate,up,down}_proj` and
-`shared_expert_gate/kernel [D, 1]`.
+`shared_expert_gate/kernel [D, 1]`. LoRA on the experts (PEFT's target_parameters layout, jaxsft/lora.py):
+`experts/gate_up_proj/{lora_a [E, D, r], lora_b [E, r, 2F]}` and `experts/down_proj/{lora_a, lora_b}`; their
+updates run as grouped matmuls too, through the rank-r bottleneck.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def route(x_ND: jax.Array, router_DE: jax.Array, cfg: ModelConfig) -> tuple[jax.
 
 
 def moe_mlp(h_BTD: jax.Array, mlp: dict, cfg: ModelConfig, valid_BT: jax.Array, act: Callable,
-            lin: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
+            lin: Callable, lora_scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sparse block's output [B, T, D] and this layer's router statistics over real tokens:
     `expert_tokens [E]` (top-k assignments per expert) and `expert_prob [E]` (summed router probability),
     the two sums transformers' `load_balancing_loss_func` is made of. `lin` runs the shared expert's
@@ -55,10 +57,22 @@ def moe_mlp(h_BTD: jax.Array, mlp: dict, cfg: ModelConfig, valid_BT: jax.Array, 
     xs_MD = x_ND[token_M]
     experts = mlp["experts"]
 
-    def grouped(x, name):
-        return jax.lax.ragged_dot(x, experts[name]["kernel"].astype(x.dtype), group_sizes_E)
+    def ragged(x, w):
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
 
-    y_MD = grouped(act(grouped(xs_MD, "gate_proj")) * grouped(xs_MD, "up_proj"), "down_proj")
+    def lora_update(x, node):  # scale * (x @ A_e) @ B_e for each row's expert e
+        if lora_scale is None:
+            raise ValueError("the experts hold LoRA adapters but no lora_scale was given")
+        return lora_scale * ragged(ragged(x, node["lora_a"]), node["lora_b"])
+
+    gate_MF, up_MF = ragged(xs_MD, experts["gate_proj"]["kernel"]), ragged(xs_MD, experts["up_proj"]["kernel"])
+    if "gate_up_proj" in experts:  # one adapter on the fused [gate | up] projection, as PEFT's
+        d_gate_MF, d_up_MF = jnp.split(lora_update(xs_MD, experts["gate_up_proj"]), 2, axis=-1)
+        gate_MF, up_MF = gate_MF + d_gate_MF, up_MF + d_up_MF
+    h_MF = act(gate_MF) * up_MF
+    y_MD = ragged(h_MF, experts["down_proj"]["kernel"])
+    if "lora_a" in experts["down_proj"]:
+        y_MD = y_MD + lora_update(h_MF, experts["down_proj"])
     y_MD = y_MD * top_w_NK.reshape(-1)[order_M][:, None]
     out_ND = jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
