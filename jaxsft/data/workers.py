@@ -81,8 +81,9 @@ def _work(rows, template, tokenizer, args):
 
 
 def _main() -> None:
-    out = sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing but the result goes to the parent's pipe
+    out = os.fdopen(os.dup(1), "wb")  # the result's pipe; anything else printed, by Python or a C library,
+    os.dup2(2, 1)  # goes to stderr
+    sys.stdout = sys.stderr
     job = pickle.load(sys.stdin.buffer)
     try:
         result = (True, _work(*job))
