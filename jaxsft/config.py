@@ -44,6 +44,8 @@ REMAT_POLICIES = ("none", "full", "full_keep_attention",
                   "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+# device mesh axes, in mesh order; `expert` shards MoE experts and, like data and fsdp, splits batch rows
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclasses.dataclass
@@ -209,7 +211,9 @@ class Config:
 
     # --- jaxsft: parallelism, kernels, numerics ---
     mesh: dict = _field(dict(DEFAULT_MESH),
-                        "Device mesh axis sizes; -1 takes the remaining devices.")
+                        "Device mesh axis sizes (data, fsdp, expert, tensor); -1 takes the remaining devices. "
+                        "`expert` shards MoE experts (it must divide the model's experts) and, like data and "
+                        "fsdp, splits the batch rows.")
     attention_impl: str = _field("auto", "Attention kernel.", ATTENTION_IMPLS)
     remat_policy: Optional[str] = _field(None, "Rematerialization (default: full_keep_attention = full, but an "
                                                "attention kernel's named outputs are kept so its forward is not "
@@ -509,7 +513,7 @@ def _deepspeed_mesh(cfg: Config) -> tuple[dict, str]:
 
 
 def _validate_mesh(mesh: dict) -> None:
-    axes = ("data", "fsdp", "tensor")
+    axes = MESH_AXES
     for axis, size in mesh.items():
         if axis not in axes:
             close = difflib.get_close_matches(str(axis), axes, n=1)

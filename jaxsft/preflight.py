@@ -39,7 +39,7 @@ def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) 
     check_datasets(cfg, read_rows)
     check_output_dir(cfg)
     if devices:
-        check_devices(cfg)
+        check_devices(cfg, model_dir)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -278,11 +278,16 @@ def check_output_dir(cfg: Config) -> None:
             raise MissingPath(f"resume_from_checkpoint: no complete checkpoint in {target}; {instead}")
 
 
-def check_devices(cfg: Config) -> None:
-    """The mesh fits the devices and the batches split over processes (starts JAX, compiles nothing)."""
+def check_devices(cfg: Config, model_dir: Path | None = None) -> None:
+    """The mesh fits the devices (and the local model's experts) and the batches split over processes
+    (starts JAX, compiles nothing)."""
+    from jaxsft.model.hf import load_hf_config
     from jaxsft.runtime import build_mesh, init_distributed, rows_per_process
+    from jaxsft.sharding import check_expert_axis
 
     init_distributed(cfg)
     mesh = build_mesh(cfg)
+    if model_dir is not None:
+        check_expert_axis(mesh, load_hf_config(model_dir).num_experts)
     rows_per_process(cfg, mesh, cfg.per_device_train_batch_size)
     rows_per_process(cfg, mesh, cfg.per_device_eval_batch_size)

@@ -19,7 +19,7 @@ from jaxsft.model.config import ModelConfig
 from jaxsft.model.hf import load_hf_config, load_hf_params, resolve_model_path
 from jaxsft.model.transformer import init_params, param_logical_axes
 from jaxsft.params import Flat, Partition, flatten, freeze_partition, full_partition, merge, split
-from jaxsft.sharding import make_mesh, tree_shardings
+from jaxsft.sharding import check_expert_axis, make_mesh, tree_shardings
 from jaxsft.step import ModelRunner
 
 logger = logging.getLogger("jaxsft")
@@ -301,6 +301,7 @@ def load_model(cfg: Config, mesh, *, params: dict | None = None, abstract: bool 
     `abstract`: no weights are read; trainable and frozen hold `jax.ShapeDtypeStruct`s with their
     shardings on the mesh (ahead-of-time compilation, `--compile_for`); LoRA adapters are fresh."""
     model_cfg = load_hf_config(cfg.model_name_or_path)
+    check_expert_axis(mesh, model_cfg.num_experts)
     param_dtype = DTYPES[cfg.param_dtype]
     lora_scale = None
     if abstract:

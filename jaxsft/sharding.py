@@ -13,10 +13,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft.config import ConfigError
+from jaxsft.config import MESH_AXES, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over both data-parallel axes
+# rows of a batch are split over the data-parallel axes; the expert axis shares the batch too (as in
+# MaxText), so its devices hold different experts and different rows
+BATCH_AXES = ("data", "fsdp", "expert")
+EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"  # heads, MLP width and vocab
 
 # logical axis -> mesh axes (in order of preference); None = replicated.
@@ -30,7 +32,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "head_dim": None,
     "lora_rank": None,
-    "expert": None,  # MoE experts: replicated (no expert mesh axis yet)
+    "expert": (EXPERT_AXIS,),  # MoE experts
 }
 
 
@@ -51,11 +53,20 @@ def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg: dict[str, int], devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (jax.make_mesh picks a topology-aware order)."""
+    """A (data, fsdp, expert, tensor) mesh over all devices (jax.make_mesh picks a topology-aware order)."""
     auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings propagate through jit; we annotate edges only
     if devices is None:
         return jax.make_mesh(mesh_shape(mesh_cfg, jax.device_count()), MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(mesh_shape(mesh_cfg, len(devices))), MESH_AXES, axis_types=auto)
+
+
+def check_expert_axis(mesh: Mesh, num_experts: int) -> None:
+    """The expert axis must split the experts evenly (a dense model has none to split: there the axis
+    only shares the batch)."""
+    size = mesh.shape[EXPERT_AXIS]
+    if size > 1 and num_experts and num_experts % size:
+        raise ConfigError(f"mesh axis 'expert' ({size}) does not divide the model's {num_experts} experts; "
+                          f"use a divisor of {num_experts}")
 
 
 def data_parallel_size(mesh: Mesh) -> int:

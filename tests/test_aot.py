@@ -52,7 +52,7 @@ def test_train_step_compiles_for_tpu(tmp_path, topology, mesh, impl):
     (train,) = plan["steps"]
     assert plan["chips"] == 4 and plan["device_kind"].startswith("TPU v5")
     assert plan["mesh"] == {"data": 2 if mesh == "data_fsdp" else 1, "fsdp": 2 if mesh != "fsdp" else 4,
-                            "tensor": 2 if mesh == "fsdp_tensor" else 1}
+                            "expert": 1, "tensor": 2 if mesh == "fsdp_tensor" else 1}
     # memory per chip: the state (params, Adam moments) is an argument, donated back as output
     assert train["argument"] > 0 and train["output"] > 0 and train["alias"] > 0 and train["temp"] >= 0
     assert train["argument"] <= train["total"] < plan["hbm_bytes"]

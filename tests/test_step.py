@@ -81,7 +81,8 @@ def rows():
 
 
 @pytest.mark.parametrize("mesh_cfg", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2},
-                                      {"data": 2, "fsdp": 2, "tensor": 2}])
+                                      {"data": 2, "fsdp": 2, "tensor": 2},
+                                      {"fsdp": 2, "expert": 4}])  # dense: expert only shares the batch
 def test_mesh_gives_same_step(rows, mesh_cfg):
     # SGD, because Adam's first update is ~lr * sign(g): it turns reduction-order noise in near-zero
     # gradient entries into lr-sized differences, which says nothing about the mesh.

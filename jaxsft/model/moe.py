@@ -17,10 +17,12 @@ updates run as grouped matmuls too, through the rank-r bottleneck.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsft.model.config import ModelConfig
 
@@ -38,24 +40,54 @@ def route(x_ND: jax.Array, router_DE: jax.Array, cfg: ModelConfig) -> tuple[jax.
 
 
 def moe_mlp(h_BTD: jax.Array, mlp: dict, cfg: ModelConfig, valid_BT: jax.Array, act: Callable,
-            lin: Callable, lora_scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            lin: Callable, lora_scale: float | None = None,
+            mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sparse block's output [B, T, D] and this layer's router statistics over real tokens:
     `expert_tokens [E]` (top-k assignments per expert) and `expert_prob [E]` (summed router probability),
     the two sums transformers' `load_balancing_loss_func` is made of. `lin` runs the shared expert's
-    dense layers (with their LoRA)."""
+    dense layers (with their LoRA). With a `mesh`, the experts run per shard (`_expert_parallel`)."""
     B, T, D = h_BTD.shape
     E, K = cfg.num_experts, cfg.num_experts_per_tok
     x_ND = h_BTD.reshape(B * T, D)
     valid_N = valid_BT.reshape(B * T)
     probs_NE, top_w_NK, top_i_NK = route(x_ND, mlp["gate"]["kernel"], cfg)
+    experts = mlp["experts"]
+    if mesh is None or mesh.size == 1:
+        out_ND = _local_experts(x_ND, top_w_NK, top_i_NK, valid_N, experts, act, lora_scale, 0)
+    else:
+        out_ND = _expert_parallel(x_ND, top_w_NK, top_i_NK, valid_N, experts, act, lora_scale, mesh, B)
 
-    # (token, slot) pairs sorted by expert; padding's pairs get group E, past the last real group.
+    if "shared_expert" in mlp:  # Qwen2-MoE
+        shared = mlp["shared_expert"]
+        s_ND = lin(act(lin(x_ND, shared["gate_proj"])) * lin(x_ND, shared["up_proj"]), shared["down_proj"])
+        gate_N1 = jax.nn.sigmoid(x_ND @ mlp["shared_expert_gate"]["kernel"].astype(x_ND.dtype))
+        out_ND = out_ND + gate_N1 * s_ND
+
+    real_N = valid_N.astype(jnp.float32)
     expert_M = jnp.where(valid_N[:, None], top_i_NK, E).reshape(-1)
+    stats = {
+        "expert_tokens": jnp.bincount(expert_M, length=E + 1)[:E].astype(jnp.float32),
+        "expert_prob": (probs_NE * real_N[:, None]).sum(axis=0),
+    }
+    return out_ND.reshape(B, T, D), stats
+
+
+def _local_experts(x_ND: jax.Array, top_w_NK: jax.Array, top_i_NK: jax.Array, valid_N: jax.Array, experts: dict,
+                   act: Callable, lora_scale: float | None, first: jax.Array | int) -> jax.Array:
+    """Sum over each token's k experts that `experts` holds (leaves [E_local, ...], experts `first` to
+    `first + E_local - 1`) of weight x FFN (with the experts' LoRA); the other experts' pairs, and padding's,
+    contribute nothing."""
+    E_local = experts["gate_proj"]["kernel"].shape[0]
+    K = top_i_NK.shape[1]
+    # (token, slot) pairs sorted by local expert; pairs of padding or of other experts get group E_local,
+    # past the last real group, where ragged_dot writes zeros.
+    local_NK = top_i_NK - first
+    mine_NK = valid_N[:, None] & (local_NK >= 0) & (local_NK < E_local)
+    expert_M = jnp.where(mine_NK, local_NK, E_local).reshape(-1)
     order_M = jnp.argsort(expert_M, stable=True)
     token_M = order_M // K
-    group_sizes_E = jnp.bincount(expert_M, length=E + 1)[:E].astype(jnp.int32)
+    group_sizes_E = jnp.bincount(expert_M, length=E_local + 1)[:E_local].astype(jnp.int32)
     xs_MD = x_ND[token_M]
-    experts = mlp["experts"]
 
     def ragged(x, w):
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
@@ -74,20 +106,41 @@ def moe_mlp(h_BTD: jax.Array, mlp: dict, cfg: ModelConfig, valid_BT: jax.Array, 
     if "lora_a" in experts["down_proj"]:
         y_MD = y_MD + lora_update(h_MF, experts["down_proj"])
     y_MD = y_MD * top_w_NK.reshape(-1)[order_M][:, None]
-    out_ND = jnp.zeros_like(x_ND).at[token_M].add(y_MD)
+    return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
-    if "shared_expert" in mlp:  # Qwen2-MoE
-        shared = mlp["shared_expert"]
-        s_ND = lin(act(lin(x_ND, shared["gate_proj"])) * lin(x_ND, shared["up_proj"]), shared["down_proj"])
-        gate_N1 = jax.nn.sigmoid(x_ND @ mlp["shared_expert_gate"]["kernel"].astype(x_ND.dtype))
-        out_ND = out_ND + gate_N1 * s_ND
 
-    real_N = valid_N.astype(jnp.float32)
-    stats = {
-        "expert_tokens": group_sizes_E.astype(jnp.float32),
-        "expert_prob": (probs_NE * real_N[:, None]).sum(axis=0),
-    }
-    return out_ND.reshape(B, T, D), stats
+def _expert_parallel(x_ND, top_w_NK, top_i_NK, valid_N, experts, act, lora_scale, mesh: Mesh,
+                     rows: int) -> jax.Array:
+    """The experts per device: each device keeps its own rows (over the batch axes that divide the batch)
+    and its experts (over `expert`). Within an expert group the devices all-gather their tokens, each
+    runs its experts on the pairs routed to them, and a reduce-scatter sums the k contributions back
+    to each token's device. Without an expert axis this is data parallelism with local sorting (GSPMD
+    would sort the global batch and run every expert on every device)."""
+    from jaxsft.sharding import BATCH_AXES, EXPERT_AXIS
+
+    batch_axes = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+    while batch_axes and rows % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes.pop()
+    ep = mesh.shape[EXPERT_AXIS]
+    spec_rows = P(tuple(batch_axes) or None)
+    spec_experts = jax.tree.map(lambda w: P(EXPERT_AXIS if ep > 1 else None, *(None,) * (w.ndim - 1)), experts)
+
+    def per_shard(x, w, i, valid, local_experts):
+        first = 0
+        if ep > 1:
+            first = jax.lax.axis_index(EXPERT_AXIS) * local_experts["gate_proj"]["kernel"].shape[0]
+            if EXPERT_AXIS in batch_axes:  # the expert group's tokens
+                x, w, i, valid = (jax.lax.all_gather(a, EXPERT_AXIS, tiled=True) for a in (x, w, i, valid))
+        out = _local_experts(x, w, i, valid, local_experts, act, lora_scale, first)
+        if ep == 1:
+            return out
+        if EXPERT_AXIS in batch_axes:
+            return jax.lax.psum_scatter(out, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(out, EXPERT_AXIS)
+
+    run = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec_rows, spec_rows, spec_rows, spec_rows, spec_experts),
+                        out_specs=spec_rows)
+    return run(x_ND, top_w_NK, top_i_NK, valid_N, experts)
 
 
 def load_balancing_loss(expert_tokens_E: jax.Array, expert_prob_E: jax.Array, rows: jax.Array) -> jax.Array:

@@ -179,7 +179,7 @@ def decoder_layer(
         h_BTD = norm(x_BTD, layer["post_attention_layernorm"])
     stats = {}
     if cfg.is_moe:
-        m_BTD, stats = moe_mlp(h_BTD, mlp, cfg, seg_BT != 0, act, lin, lora_scale)
+        m_BTD, stats = moe_mlp(h_BTD, mlp, cfg, seg_BT != 0, act, lin, lora_scale, mesh)
     else:
         if cfg.fused_gate_up:  # Phi-3: [gate | up] along the output axis
             gate_BTF, up_BTF = jnp.split(lin(h_BTD, mlp["gate_up_proj"]), 2, axis=-1)
