@@ -1,5 +1,6 @@
 """The `expert` mesh axis: experts sharded over it, the batch shared with it. Losses of a few training
-steps of a tiny Qwen3-MoE through the CLI on 1 device equal those on expert-parallel meshes."""
+steps of a tiny Qwen3-MoE (LoRA on attention and on the experts) through the CLI on 1 device equal those
+on expert-parallel meshes."""
 
 import json
 import os
@@ -29,8 +30,9 @@ def moe_path(tmp_path_factory) -> Path:
 def _args(path: Path, out: Path, mesh: dict, rows_per_device: int) -> list[str]:
     values = {
         "model_name_or_path": path, "dataset": "identity", "dataset_dir": REPO / "examples" / "data",
-        "template": "llama3", "cutoff_len": 64, "packing": True, "do_train": True, "finetuning_type": "full",
-        "learning_rate": 1e-3, "per_device_train_batch_size": rows_per_device, "max_steps": 2,
+        "template": "llama3", "cutoff_len": 64, "packing": True, "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all,experts", "lora_rank": 4, "learning_rate": 1e-2,
+        "per_device_train_batch_size": rows_per_device, "max_steps": 2,
         "logging_steps": 1, "report_to": "none", "disable_tqdm": True, "moe_aux_loss_coef": 0.01,
         "save_strategy": "no", "output_dir": out, "mesh": json.dumps(mesh)}
     return [f"{k}={v}" for k, v in values.items()]
