@@ -42,14 +42,15 @@ def init_distributed(cfg: Config) -> None:
 
 def use_compilation_cache(directory: str | None) -> None:
     """Compiled executables are written to and read from `directory` (JAX's persistent cache: keyed by the
-    program, devices and flags, so a changed step recompiles). Only compilations of 0.2 s and more are stored.
-    The directory is fixed for the process once the first step is compiled."""
+    program, devices and flags, so a changed step recompiles). Every compilation is stored, however quick: with
+    a threshold, a small program near it was stored or not depending on the machine's load, and an unchanged
+    rerun compiled it again. The directory is fixed for the process once the first step is compiled."""
     if not directory:
         return
     path = os.path.abspath(os.path.expanduser(directory))
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if not _CACHE_EVENTS:
         _CACHE_EVENTS.update(hits=0, misses=0)
 
