@@ -42,6 +42,7 @@ EXPERTS = "experts"  # the lora_target name of the routed experts (not part of `
 EXPERT_GATE_UP = "gate_up_proj"  # the adapter-only node of the fused [gate | up] expert projection
 # PEFT's target_parameters, in the order transformers registers them (which fixes PEFT's nesting).
 PEFT_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_PEFT_EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(base_layer\.)?lora_([AB])\.weight")
 _PEFT_LORA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(?:lora_([AB])\.weight|lora_magnitude_(vector))")
 
 
@@ -262,7 +263,7 @@ def read_adapter_config(path: Path) -> dict:
     unsupported = {
         "bias": ("none", None), "fan_in_fan_out": (False, None),
         "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
-        "layers_to_transform": (None,), "layer_replication": (None,), "target_parameters": (None, []),
+        "layers_to_transform": (None,), "layer_replication": (None,),
         "trainable_token_indices": (None,), "use_qalora": (False, None),
     }
     init = config.get("init_lora_weights", True)
@@ -270,6 +271,10 @@ def read_adapter_config(path: Path) -> dict:
         raise InputError(f"{config_file}: init_lora_weights={init!r}: an unconverted PiSSA adapter applies to a residual "
                          f"base that PEFT recomputes on load, which jaxsft does not do; load the converted adapter "
                          f"(LLaMA-Factory's and jaxsft's `pissa_converted` directory, written with pissa_convert: true)")
+    if config.get("target_parameters") and sorted(config["target_parameters"]) != sorted(PEFT_EXPERT_PARAMETERS):
+        raise InputError(f"{config_file}: target_parameters={config['target_parameters']!r} is not supported by jaxsft "
+                         f"(supported: {list(PEFT_EXPERT_PARAMETERS)!r}, LoRA on the routed experts); merge this "
+                         f"adapter with PEFT first")
     for key, allowed in unsupported.items():
         if config.get(key, allowed[0]) not in allowed:
             raise InputError(f"{config_file}: {key}={config[key]!r} is not supported by jaxsft "
@@ -306,12 +311,18 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
     out = _copy(params)
     pieces: dict[tuple[tuple[str, ...], str], dict[int, np.ndarray]] = {}
     saved: dict[str, np.ndarray] = {}
+    expert_pieces: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu), safe_open(weights, framework="flax") as f:  # flax reads bf16
         for name in f.keys():
             short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
             if short.startswith(model_cfg.peft_prefix):  # a multimodal model's text tower: as a text model's
                 short = "model." + short[len(model_cfg.peft_prefix):]
+            expert = _PEFT_EXPERT_NAME.fullmatch(short)
+            if expert is not None and config.get("target_parameters"):
+                node = EXPERT_GATE_UP if expert[2] else "down_proj"  # gate_up_proj is the inner wrapper
+                expert_pieces.setdefault((node, expert[3]), {})[int(expert[1])] = np.asarray(f.get_tensor(name))
+                continue
             match = _PEFT_LORA_NAME.fullmatch(short)
             if match is None:
                 saved[short] = np.asarray(f.get_tensor(name))
@@ -345,9 +356,37 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
                 name = "lora_magnitude_vector" if other == "M" else f"lora_{other}"
                 raise InputError(f"{weights}: {'.'.join(module_path[1:])} has adapter weights but no {name}")
 
+    if config.get("target_parameters"):
+        _load_expert_adapters(out, expert_pieces, rank, L, weights, dtype)
     if saved:
         _load_modules_to_save(out, saved, model_cfg, config, weights)
     return out, scale
+
+
+def _load_expert_adapters(out: dict, pieces: dict[tuple[str, str], dict[int, np.ndarray]], rank: int, L: int,
+                          weights: Path, dtype) -> None:
+    """The experts' adapters of a PEFT target_parameters adapter (layout: `_peft_expert_state`) into the tree."""
+    path = expert_path(out)
+    if path is None:
+        raise InputError(f"{weights}: the adapter targets expert parameters but this model has no routed experts")
+    experts = _get(out, path)
+    _, E, D, F = experts["gate_proj"]["kernel"].shape
+    shapes = {EXPERT_GATE_UP: (D, 2 * F), "down_proj": (F, D)}
+    for node, (fan_in, fan_out) in shapes.items():
+        want = {"A": (E * rank, fan_in), "B": (fan_out, rank * E)}
+        for which in ("A", "B"):
+            by_layer = pieces.get((node, which), {})
+            if sorted(by_layer) != list(range(L)):
+                raise InputError(f"{weights}: lora_{which} of mlp.experts.{node} is missing for layer(s) "
+                                 f"{sorted(set(range(L)) - set(by_layer))}")
+            for layer, value in by_layer.items():
+                if value.shape != want[which]:
+                    raise InputError(f"{weights}: layer {layer} mlp.experts.{node} lora_{which} has shape "
+                                     f"{value.shape}, expected {want[which]} (E={E}, r={rank})")
+        dtype_ = dtype or experts["down_proj"]["kernel"].dtype
+        a = np.stack([pieces[(node, "A")][i].reshape(E, rank, fan_in).transpose(0, 2, 1) for i in range(L)])
+        b = np.stack([pieces[(node, "B")][i].reshape(fan_out, rank, E).transpose(2, 1, 0) for i in range(L)])
+        experts.setdefault(node, {}).update(lora_a=jnp.asarray(a, dtype_), lora_b=jnp.asarray(b, dtype_))
 
 
 def _load_modules_to_save(out: dict, saved: dict[str, np.ndarray], model_cfg: ModelConfig, config: dict,

@@ -261,7 +261,11 @@ def _add_lora(params: dict, cfg: Config, model_cfg: ModelConfig, param_dtype) ->
     from jaxsft import lora
 
     if cfg.adapter_name_or_path and not cfg.create_new_adapter:
-        return lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
+        params, scale = lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
+        if lora.EXPERTS in lora.adapted_modules(params) and cfg.lora_dropout > 0:
+            raise ConfigError(f"adapter_name_or_path {cfg.adapter_name_or_path} adapts the experts, where lora_dropout "
+                              f"is not supported (PEFT refuses it too); set lora_dropout: 0")
+        return params, scale
     if cfg.adapter_name_or_path:  # fold the old adapter in, then start a fresh one
         params, scale = lora.load_peft_adapter(cfg.adapter_name_or_path, params, model_cfg)
         params = lora.merge_adapters(params, scale)

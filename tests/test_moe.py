@@ -18,6 +18,7 @@ from tiny_models import MOE_MODELS, save_tiny_model
 
 from jaxsft import lora
 from jaxsft.config import build_config
+from jaxsft.errors import InputError
 from jaxsft.export import export_hf, export_peft_adapter
 from jaxsft.flops import matmul_params
 from jaxsft.model import hf, transformer
@@ -265,6 +266,22 @@ def test_lora_on_experts_exports_to_peft_target_parameters(tiny, tmp_path):
     assert np.abs(_torch_logits(peft_model, ids) - want).max() < 1e-4
     export_hf(tuned, cfg, path, tmp_path / "merged", dtype="float32", lora_scale=scale)
     assert np.abs(_torch_logits(_load(tmp_path / "merged"), ids) - want).max() < 1e-4
+    loaded, loaded_scale = lora.load_peft_adapter(tmp_path / "adapter", params, cfg)  # and read back
+    assert loaded_scale == scale and lora.adapted_modules(loaded) == targets
+    for k, v in flatten(tuned).items():
+        np.testing.assert_array_equal(np.asarray(flatten(loaded)[k]), np.asarray(v), err_msg=k)
+    from jaxsft.config import ConfigError
+    from jaxsft.runtime import _add_lora
+
+    run_cfg = build_config({"model_name_or_path": str(path), "dataset": "x", "template": "llama3", "output_dir": "x",
+                            "finetuning_type": "lora", "adapter_name_or_path": str(tmp_path / "adapter"),
+                            "lora_dropout": 0.1})
+    with pytest.raises(ConfigError, match="adapts the experts, where lora_dropout is not supported"):
+        _add_lora(params, run_cfg, cfg, jnp.float32)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": [
+        "mlp.experts.down_proj"]}))
+    with pytest.raises(InputError, match=r"target_parameters=\['mlp.experts.down_proj'\] is not supported"):
+        lora.load_peft_adapter(tmp_path / "adapter", params, cfg)
 
 
 @pytest.mark.parametrize("key", [{"lora_dropout": 0.1}, {"use_dora": True}, {"pissa_init": True}])
