@@ -216,7 +216,8 @@ def test_rerun_loads_compiled_steps_from_the_compilation_cache(tmp_path):
     (cold_loaded, cold_stored), = lines[0]
     (warm_loaded, warm_stored), = lines[1]
     assert cold_loaded == "0" and int(cold_stored) >= 1, lines
-    assert int(warm_loaded) >= int(cold_stored) and warm_stored == "0", lines  # nothing compiled again
+    # nothing compiled again (the warm run may need fewer programs: the forgetting meter's base figure is cached)
+    assert int(warm_loaded) >= 1 and warm_stored == "0", lines
 
 
 def test_cli_trains_on_weighted_messages_with_neftune(tmp_path):
