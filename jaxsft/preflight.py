@@ -166,7 +166,8 @@ def check_template(name: str, tool_format: str | None, model_dir: Path | None) -
 def check_datasets(cfg: Config, read_rows: bool = False) -> None:
     """Every name in dataset / eval_dataset resolves (registry entry or path) and its file exists; with
     `read_rows`, the first rows of the local ones have the registry's columns and convert."""
-    from jaxsft.data.sources import REGISTRY, resolve
+    from jaxsft.data.registry import REGISTRY
+    from jaxsft.data.sources import resolve
 
     tokenized = Path(cfg.tokenized_path) if cfg.tokenized_path else None
     if tokenized is not None and tokenized.exists() and not tokenized.is_dir():

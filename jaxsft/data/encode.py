@@ -24,6 +24,7 @@ from jaxsft.data.args import DataArgs
 from jaxsft.data.batch_tokenize import TextTokenizer, prefetch
 from jaxsft.data.formats import InvalidExample, row_place, to_conversation
 from jaxsft.data.packing import Example, WeightedExample
+from jaxsft.data.registry import DatasetAttr
 from jaxsft.data.supervised import IGNORE_INDEX, encode_text, encode_weighted
 from jaxsft.data.templates import Template, get_template
 
@@ -33,7 +34,7 @@ MAX_LISTED = 1000  # dropped rows kept with file, row and reason (the data repor
 MAX_SAMPLES = 100  # (file, row) of the first kept examples; the first rows that learn nothing
 # Below this many rows per worker, starting worker processes costs more than it saves.
 MIN_ROWS_PER_WORKER = 2000
-Row = tuple[sources.DatasetAttr, int, Any]  # (source, row number in its file, the row)
+Row = tuple[DatasetAttr, int, Any]  # (source, row number in its file, the row)
 
 
 @dataclass
@@ -110,7 +111,7 @@ def learned(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
 
 
-def rows_at(rows_of: Sequence[Sequence], attrs: Sequence[sources.DatasetAttr],
+def rows_at(rows_of: Sequence[Sequence], attrs: Sequence[DatasetAttr],
             refs: Iterable[sources.RowRef]) -> Iterator[Row]:
     """The referenced rows of in-memory datasets, with their row numbers in the files."""
     for ref in refs:

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxsft.data.sources import DatasetAttr
+from jaxsft.data.registry import DatasetAttr
 from jaxsft.errors import InputError
 
 ROLES = ("user", "assistant", "system", "function", "observation")

@@ -1,9 +1,8 @@
-"""Where rows come from: `dataset_info.json` entries, local files, saved HF datasets, the hub.
+"""Where rows come from: `dataset_info.json` entries (`jaxsft.data.registry`), local files, saved HF datasets,
+the hub.
 
-`dataset: a,b` names entries of `<dataset_dir>/dataset_info.json` (LLaMA-Factory's registry: `file_name`,
-`hf_hub_url`, `formatting`, `columns`, `tags`, `split`, `num_samples`) or paths to json / jsonl / csv /
-parquet / arrow files or to a folder saved with `datasets.Dataset.save_to_disk`. Paths named by the registry
-must stay inside `dataset_dir`; the user's own config may name any absolute path.
+`dataset: a,b` names registry entries or paths to json / jsonl / csv / parquet / arrow files or to a folder
+saved with `datasets.Dataset.save_to_disk`.
 
 Mixing and splitting reuse Hugging Face `datasets` on index tables, so `interleave_*` and `val_size` pick
 exactly the rows LLaMA-Factory picks for the same seed.
@@ -14,108 +13,19 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxsft.config import hub_offline
+from jaxsft.data.registry import (COLUMN_KEYS, REGISTRY, DatasetAttr, check_entry, inside, is_saved_dataset,
+                                  local_path, present_datasets, read_registry, split_names)
 from jaxsft.errors import ConfigError, InputError, MissingPath, UserError
 
-REGISTRY = "dataset_info.json"
 FILE_TYPES = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
-
-
-@dataclass
-class DatasetAttr:
-    """One dataset: where it is and how its columns map (LF's `parser.DatasetAttr`, text-only)."""
-
-    name: str
-    load_from: str  # "file" | "disk" | "hf_hub"
-    path: str
-    formatting: str = "alpaca"
-    ranking: bool = False
-    subset: str | None = None
-    split: str = "train"
-    folder: str | None = None
-    num_samples: int | None = None
-    system: str | None = None
-    tools: str | None = None
-    prompt: str | None = "instruction"
-    query: str | None = "input"
-    response: str | None = "output"
-    history: str | None = None
-    messages: str | None = "conversations"
-    role_tag: str | None = "from"
-    content_tag: str | None = "value"
-    user_tag: str | None = "human"
-    assistant_tag: str | None = "gpt"
-    observation_tag: str | None = "observation"
-    function_tag: str | None = "function_call"
-    system_tag: str | None = "system"
-    train_tag: str | None = "train"  # jaxsft: an answer turn's key for `train: false` (None: not read)
-    weight_tag: str | None = "weight"  # jaxsft: an answer turn's key for its loss weight (None: not read)
-
-    named_columns: dict[str, str] = field(default_factory=dict)  # role -> column, as the registry names them
-
-    @property
-    def is_text(self) -> bool:
-        """Plain text (LLaMA-Factory's pre-training layout, `columns: {prompt: text}`): alpaca with a prompt
-        column and no response, query or history; every token is learned, no template."""
-        return self.formatting == "alpaca" and bool(self.prompt) and not (self.response or self.query or
-                                                                           self.history)
-
-    def join(self, info: dict[str, Any]) -> None:
-        """Apply a registry entry's `formatting`, `columns`, `tags`, ... (LF's `DatasetAttr.join`)."""
-        for key, default in (("formatting", "alpaca"), ("ranking", False), ("subset", None), ("split", "train"),
-                             ("folder", None), ("num_samples", None)):
-            setattr(self, key, info.get(key, default))
-        if "columns" in info:  # LF sets every column, absent ones to None
-            for key in ("prompt", "query", "response", "history", "messages", "system", "tools"):
-                setattr(self, key, info["columns"].get(key))
-            self.named_columns = {k: v for k, v in info["columns"].items() if isinstance(v, str) and v}
-        if "tags" in info:
-            for key in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
-                        "system_tag"):
-                setattr(self, key, info["tags"].get(key))
-            for key in ("train_tag", "weight_tag"):  # jaxsft's own: absent keeps the default
-                setattr(self, key, info["tags"].get(key, getattr(DatasetAttr, key)))
-        if self.formatting not in ("alpaca", "sharegpt", "openai"):
-            raise InputError(f"dataset {self.name!r}: unknown formatting {self.formatting!r} "
-                             "(use alpaca, sharegpt or openai)")
-
-
-def split_names(value: str | Sequence[str] | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return [str(item).strip() for item in value]
-
-
-def _read_registry(dataset_dir: str) -> dict[str, Any] | None:
-    path = Path(dataset_dir) / REGISTRY
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from None
-
-
-def _inside(base: Path, relative: str, what: str) -> Path:
-    """`base / relative` for a path the registry names. The path text is checked (relative, no '..'),
-    not where a symlink in dataset_dir points: linking big files into the data folder is fine."""
-    if os.path.isabs(relative) or Path(relative).is_absolute():
-        raise InputError(f"{what}: absolute path {relative!r} in {REGISTRY}; registry paths are relative to "
-                         f"dataset_dir ({base}). Put an absolute path in your own config instead.")
-    if ".." in Path(relative.replace("\\", "/")).parts:
-        raise InputError(f"{what}: path {relative!r} escapes dataset_dir ({base}); '..' is not allowed in "
-                         f"{REGISTRY}. Put an absolute path in your own config instead.")
-    return (base / relative).absolute()
 
 
 def _detect(attr: DatasetAttr, head: list[dict[str, Any]]) -> None:
@@ -146,36 +56,36 @@ def _detect(attr: DatasetAttr, head: list[dict[str, Any]]) -> None:
 def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[DatasetAttr]:
     """Dataset names / paths -> DatasetAttr list, with errors that say what exists."""
     names = split_names(names)
-    registry = _read_registry(dataset_dir) if dataset_dir != "ONLINE" else None
+    registry = read_registry(dataset_dir) if dataset_dir != "ONLINE" else None
     base = Path(dataset_dir)
     attrs = []
     for name in names:
         if registry is not None and name in registry:
             info = registry[name]
             if "file_name" in info:
-                path = _inside(base, info["file_name"], f"dataset {name!r}")
+                path = inside(base, info["file_name"], f"dataset {name!r}")
                 if not path.exists():
                     raise MissingPath(
                         f"dataset {name!r} in {base / REGISTRY} names {info['file_name']!r}, which is not in "
                         f"{base.resolve()}. Add the file there, or use one of the datasets present: "
                         f"{', '.join(present_datasets(dataset_dir)) or '(none)'}."
                     )
-                attr = DatasetAttr(name, "disk" if _is_saved_dataset(path) else "file", str(path))
+                attr = DatasetAttr(name, "disk" if is_saved_dataset(path) else "file", str(path))
             elif "hf_hub_url" in info:
                 attr = DatasetAttr(name, "hf_hub", info["hf_hub_url"])
             else:
                 kinds = ", ".join(k for k in info if k.endswith("_url") or k.endswith("_name")) or "no source"
                 raise InputError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
                                  "(local) and hf_hub_url (online) entries.")
-            _check_entry(name, info, base / REGISTRY)
+            check_entry(name, info, base / REGISTRY)
             attr.join(info)
             if attr.ranking:
                 raise InputError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
             attrs.append(attr)
             continue
-        path = _local_path(name, base)
+        path = local_path(name, base)
         if path is not None:
-            attr = DatasetAttr(name, "disk" if _is_saved_dataset(path) else "file", str(path))
+            attr = DatasetAttr(name, "disk" if is_saved_dataset(path) else "file", str(path))
             _detect(attr, _head(attr))
             attrs.append(attr)
         elif dataset_dir == "ONLINE" or (registry is None and "/" in name and not name.startswith((".", "/"))):
@@ -191,38 +101,6 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
                 + (f"Datasets present in {dataset_dir}: {', '.join(present_datasets(dataset_dir))}." if known else "")
             ).rstrip())
     return attrs
-
-
-# What LLaMA-Factory's dataset_info.json entries may hold (data/README.md of LLaMA-Factory 0.9).
-ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "formatting",
-              "ranking", "subset", "split", "folder", "num_samples", "columns", "tags")
-COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos",
-               "audios", "chosen", "rejected", "kto_tag")
-TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
-            "system_tag", "train_tag", "weight_tag")
-
-
-def _unknown(key: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"unknown key {key!r}" + (f", did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
-
-
-def _check_entry(name: str, info: Any, registry: Path) -> None:
-    """A misspelled key in a registry entry would be ignored (and e.g. the default columns used): refuse it."""
-    where = f"dataset {name!r} in {registry}"
-    if not isinstance(info, dict):
-        raise InputError(f"{where}: expected an object of keys (file_name, formatting, columns, ...), got "
-                         f"{type(info).__name__}")
-    for key in info:
-        if key not in ENTRY_KEYS:
-            raise InputError(f"{where}: {_unknown(key, ENTRY_KEYS)}")
-    for group, known in (("columns", COLUMN_KEYS), ("tags", TAG_KEYS)):
-        value = info.get(group, {})
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: {group!r} must be an object, got {type(value).__name__}")
-        for key in value:
-            if key not in known:
-                raise InputError(f"{where}, {group}: {_unknown(key, known)}")
 
 
 REQUIRED_COLUMNS = ("prompt", "response", "messages")  # without them a row has no conversation
@@ -264,29 +142,6 @@ def _columns_of(rows: Sequence) -> set[str]:
         if isinstance(row, dict):
             columns.update(row)
     return columns
-
-
-def present_datasets(dataset_dir: str) -> list[str]:
-    """Registry entries whose files exist (what a user can train on right now)."""
-    registry = _read_registry(dataset_dir) or {}
-    return sorted(n for n, info in registry.items() if "file_name" in info
-                  and (Path(dataset_dir) / info["file_name"]).exists())
-
-
-def _local_path(name: str, base: Path) -> Path | None:
-    if os.path.isabs(name):
-        return Path(name) if Path(name).exists() else None
-    candidate = base / name
-    if candidate.exists():
-        return _inside(base, name, f"dataset {name!r}")
-    if Path(name).exists():  # relative to the working directory: the user's own path
-        return Path(name).resolve()
-    return None
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                              or (path / "state.json").exists())
 
 
 def _file_type(attr: DatasetAttr) -> tuple[str, list[str]]:

@@ -32,13 +32,14 @@ from jaxsft.data.args import DataArgs
 from jaxsft.data.encode import (Counts, encode_list, encode_rows, report_dropped, report_truncated,
                                  supervised_examples)
 from jaxsft.data.packing import Example, bucket_for, eval_batches, fit_width, greedy_knapsack, make_row, stack_rows
+from jaxsft.data.registry import DatasetAttr
 from jaxsft.errors import ConfigError
 
 RowId = tuple[int, int]  # (source index, row number in that source's stream)
 
 
 def _raw_rows(attrs: list, strategy: str, probs: list[float] | None, seed: int,
-              epoch: int) -> Iterator[tuple[RowId, sources.DatasetAttr, Any]]:
+              epoch: int) -> Iterator[tuple[RowId, DatasetAttr, Any]]:
     """((source, row number), source, row) of the merged stream of one epoch."""
     if len(attrs) == 1 or strategy == "concat":
         for k, attr in enumerate(attrs):
