@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxsft.config import Config, ConfigError, build_config, load_config
+from jaxsft.config import Config, ConfigError
+from jaxsft.config_load import build_config, load_config
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
 
@@ -24,7 +25,7 @@ def chat_config(config: str | None, checkpoint: str | None, overrides: list[str]
     """The YAML (+ overrides); with only a checkpoint, the config it was trained with (+ overrides)."""
     if config is None and checkpoint is not None:
         from jaxsft.checkpoint import Checkpoints, find_checkpoint
-        from jaxsft.config import parse_override
+        from jaxsft.config_load import parse_override
 
         directory, step = find_checkpoint(checkpoint)
         values = Checkpoints(directory, async_save=False).restore_config(step)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import sys
 from typing import Sequence
 
 ENV_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "tokenizers",
@@ -69,7 +68,7 @@ def inspect(argv: Sequence[str]) -> int:
     directory); `--screenshot` renders it with headless Chromium and fails if the page logs to its console."""
     import argparse
 
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.errors import ConfigError, UserError
     from jaxsft.main import parse_args
 

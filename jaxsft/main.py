@@ -23,7 +23,8 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from jaxsft.config import Config, ignored_settings, load_config, met_settings
+from jaxsft.config import Config, ignored_settings, met_settings
+from jaxsft.config_load import load_config
 from jaxsft.errors import UserError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jaxsft.aot import compile_plan, parse_target
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.errors import ConfigError
 from jaxsft.main import cli
 
@@ -126,7 +126,7 @@ def test_every_shipped_config_names_a_slice_and_a_model_shape(monkeypatch):
     results); here, cheaply: every config loads, names a slice jaxsft can lay out (or none: CPU quickstarts,
     checked on v5e-4) and a model whose config.json is at hand, or says in one line why it is no run
     config (tools/bench.py's family configs leave the template to the bench)."""
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.errors import UserError
     from jaxsft.model.hf import load_hf_config
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 from lf_reference import lf_stop_ids
 
-from jaxsft.config import load_config
+from jaxsft.config_load import load_config
 from jaxsft.data.formats import Conversation, Message
 from jaxsft.data.prompts import encode_oneturn
 from jaxsft.data.templates import get_template

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxsft.config import ConfigError, build_config, load_config
+from jaxsft.config import ConfigError
+from jaxsft.config_load import build_config, load_config
 from jaxsft.main import cli, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,8 @@ def test_llamafactory_keys_met_another_way_are_accepted_and_described(tmp_path):
     ("FILE", {"data": -1, "fsdp": 1, "tensor": 1}, "ZeRO-0"),  # a real file's stage wins over its name
 ])
 def test_deepspeed_stage_picks_the_mesh(tmp_path, deepspeed, mesh, says):
-    from jaxsft.config import build_config, met_settings
+    from jaxsft.config import met_settings
+    from jaxsft.config_load import build_config
 
     if deepspeed == "FILE":
         deepspeed = str(tmp_path / "ds_z3_config.json")

@@ -9,7 +9,7 @@ import torch
 from tiny_models import build_tiny_model
 from transformers import AutoTokenizer
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.evaluate import evaluate, jit_eval_step

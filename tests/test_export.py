@@ -18,7 +18,7 @@ from tiny_models import save_tiny_model
 
 from jaxsft import lora
 from jaxsft.checkpoint import Checkpoints
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.export import export_from_config, export_hf, export_peft_adapter, run_export
 from jaxsft.model import hf, transformer
 from jaxsft.optim import build_optimizer

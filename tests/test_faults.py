@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from run_logs import train_losses
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

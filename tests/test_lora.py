@@ -12,7 +12,8 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import build_tiny_model, save_tiny_model
 
 from jaxsft import lora
-from jaxsft.config import ConfigError, build_config
+from jaxsft.config import ConfigError
+from jaxsft.config_load import build_config
 from jaxsft.errors import InputError, MissingPath
 from jaxsft.model import families, hf, transformer
 from jaxsft.optim import build_optimizer

@@ -5,7 +5,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.runtime import build_mesh, load_model
 from jaxsft.sharding import global_batch
 from jaxsft.train import build_train_step

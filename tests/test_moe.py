@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tiny_models import MOE_MODELS, save_tiny_model
 
 from jaxsft import lora
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.errors import InputError
 from jaxsft.export import export_hf, export_peft_adapter
 from jaxsft.flops import matmul_params

@@ -4,13 +4,12 @@ transformers' greedy `generate` on the same prompt ids (with the base model, and
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from lf_reference import lf_stop_ids
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.data.args import DataArgs
 from jaxsft.data.prompts import build_prompts
 from jaxsft.main import cli

@@ -5,22 +5,15 @@ Malformed data and configs are checked message by message; the fault tests train
 """
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from run_logs import log_lines, train_losses
 from transformers import AutoTokenizer
 
 from jaxsft.data.args import DataArgs
-from jaxsft.config import ConfigError, build_config
+from jaxsft.config import ConfigError
+from jaxsft.config_load import build_config
 from jaxsft.data.formats import InvalidExample
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.errors import InputError, MissingPath, UserError

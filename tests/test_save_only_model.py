@@ -6,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsft.checkpoint import holds_optimizer_state, read_trained_params
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.main import cli
 
 REPO = Path(__file__).resolve().parents[1]

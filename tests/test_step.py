@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.transformer import init_params, param_logical_axes
 from jaxsft.optim import build_optimizer

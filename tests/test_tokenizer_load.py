@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from jaxsft.config import load_config
+from jaxsft.config_load import load_config
 from jaxsft.runtime import PLAIN_TOKENIZER_CLASSES, PLAIN_TOKENIZER_MODEL_TYPES, load_tokenizer, plain_fast_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

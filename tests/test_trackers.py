@@ -4,7 +4,7 @@ from pathlib import Path
 
 from run_logs import log_lines, wandb_history
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]

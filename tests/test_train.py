@@ -14,7 +14,7 @@ import pytest
 from run_logs import log_lines, train_losses
 
 from jaxsft.checkpoint import Checkpoints, abstract_like
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.evaluate import run_evaluation
 from jaxsft.flops import matmul_params, train_flops_per_token
 from jaxsft.model.hf import load_hf_config, load_hf_params

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jaxsft.config import load_config  # noqa: E402
+from jaxsft.config_load import load_config  # noqa: E402
 from jaxsft.data.supervised import IGNORE_INDEX  # noqa: E402
 from jaxsft.flops import peak_flops_per_device, train_flops_per_token  # noqa: E402
 from jaxsft.model.hf import load_hf_config  # noqa: E402

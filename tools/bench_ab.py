@@ -26,7 +26,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: data and repo path)
 
-from jaxsft.config import load_config  # noqa: E402
+from jaxsft.config_load import load_config  # noqa: E402
 from jaxsft.model.hf import load_hf_config  # noqa: E402
 from jaxsft.runtime import build_mesh, load_model, rows_per_process  # noqa: E402
 from jaxsft.sharding import global_batch  # noqa: E402

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jaxsft.config import load_config  # noqa: E402
+from jaxsft.config_load import load_config  # noqa: E402
 from jaxsft.data.args import DataArgs  # noqa: E402
 from jaxsft.data.pipeline import build_datasets  # noqa: E402
 from jaxsft.runtime import load_tokenizer  # noqa: E402

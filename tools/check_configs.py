@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.chdir(ROOT)  # shipped configs name paths relative to the checkout
     from jaxsft.aot import GIB, compile_plan, format_plan
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.errors import UserError
 
     failed = 0

@@ -113,7 +113,7 @@ def run_logged(cmd: list[str], log: Path, cwd: str, env: dict) -> float:
 
 _JAXSFT_PREPROCESS = """
 import json, sys, time
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.runtime import load_tokenizer

@@ -40,7 +40,7 @@ def _args(argv: list[str]) -> tuple[object, str, argparse.Namespace]:
         parser.add_argument(f"--{key}", default=None, help=f"(default {default!r})")
     known, overrides = parser.parse_known_args(argv)
     if known.config:
-        from jaxsft.config import load_config
+        from jaxsft.config_load import load_config
 
         cfg = load_config(known.config, overrides)
         tok = known.tokenizer or getattr(cfg, "tokenizer_name_or_path", None) or cfg.model_name_or_path

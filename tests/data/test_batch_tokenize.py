@@ -11,7 +11,7 @@ import pytest
 from jaxsft.data import tool_format
 from jaxsft.data.args import DataArgs
 from jaxsft.data.batch_tokenize import TextTokenizer, encode_texts, prefetch
-from jaxsft.data.encode import Counts, encode_list, make_template, text_tokenizer
+from jaxsft.data.encode import encode_list, make_template, text_tokenizer
 from jaxsft.data.sources import load_rows, resolve
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"

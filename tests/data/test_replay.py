@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxsft.config import ConfigError, build_config
+from jaxsft.config import ConfigError
+from jaxsft.config_load import build_config
 from jaxsft.data.args import DataArgs
 from jaxsft.data.pipeline import build_datasets
 from jaxsft.data.replay import ReplayPlan, replay_tokens

@@ -95,7 +95,7 @@ def _inspect(capsys, config: Path, *extra: str) -> tuple[str, str]:
 
 
 def test_report_of_the_example_data_has_its_sections_counts_and_learned_spans(tmp_path, capsys):
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.data.args import DataArgs
     from jaxsft.data.pipeline import build_datasets
     from jaxsft.runtime import load_tokenizer
@@ -220,7 +220,7 @@ def test_templates_that_learn_nothing_or_prompt_text_are_flagged_at_the_top(tmp_
         assert all("the template learns nothing of this row" in reason for *_, reason in page.dropped)
         assert len(page.examples) == 1 + 5  # the probe, then the first rows that learn nothing
     if case == "train_on_prompt":  # every token but each example's first is learned; the prompts' are counted
-        from jaxsft.config import load_config
+        from jaxsft.config_load import load_config
         from jaxsft.data.args import DataArgs
         from jaxsft.data.pipeline import build_datasets
         from jaxsft.runtime import load_tokenizer
@@ -272,7 +272,7 @@ def test_report_opens_in_headless_chromium_without_console_errors(tmp_path, caps
 def test_batch_fill_is_the_fill_of_the_batches_training_reads(packing, replay):
     """fill_of (the report's figure) against epoch 0's real batches: non-padding positions / all positions,
     and the replay tokens among them."""
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.data.args import DataArgs
     from jaxsft.data.audit import fill_of
     from jaxsft.data.packing import length_buckets
@@ -339,7 +339,7 @@ def test_retention_and_replay_data_are_counted_beside_the_training_data(tmp_path
 def test_per_token_weights_are_counted_and_shown(tmp_path, capsys):
     """Answers weighted in the data (examples/data/weighted_chat.json: "weight": w, "train": false): the sum of
     loss weights is counted, and each rendered example shows the weights its learned tokens carry."""
-    from jaxsft.config import load_config
+    from jaxsft.config_load import load_config
     from jaxsft.data.args import DataArgs
     from jaxsft.data.audit import learned_mask
     from jaxsft.data.packing import weights_of

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsft.config import build_config
+from jaxsft.config_load import build_config
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.transformer import embed, final_norm, hidden_states, init_params, neftune_noise, run_layers
 from jaxsft.optim import build_optimizer
-from jaxsft.params import flatten, full_partition, split, unflatten
+from jaxsft.params import flatten, full_partition, split
 from jaxsft.step import ModelRunner, init_state, make_eval_step, make_train_step
 
 TINY = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
