@@ -61,7 +61,7 @@ def test_other_tokenizers_go_through_autotokenizer(tmp_path):
 
 
 def test_loading_the_tokenizer_does_not_import_torch():
-    code = ("import sys; from jaxsft.config import load_config; from jaxsft.runtime import load_tokenizer; "
+    code = ("import sys; from jaxsft.config_load import load_config; from jaxsft.runtime import load_tokenizer; "
             f"load_tokenizer(load_config(None, ['model_name_or_path={TINY}'])); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
