@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +91,16 @@ def test_bench_data_unique_copies_repeat_no_row(tmp_path):
     distinct = {json.dumps(r, sort_keys=True) for r in rows}
     assert len(distinct) == 3 * len({json.dumps(r, sort_keys=True) for r in original})
     assert overrides == ["dataset=alpaca_en_demo_unique_x3", f"dataset_dir={tmp_path}"]
+
+
+def test_bench_grouped_times_ragged_dot_and_the_blocked_matmul():
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_grouped
+
+    out = StringIO()
+    with redirect_stdout(out):
+        assert bench_grouped.main(["--rows", "256", "--groups", "4", "--k", "16", "--n", "8", "--dtype", "float32",
+                                   "--steps", "1"]) == 0
+    row = json.loads(out.getvalue())
+    assert row["backend"] == "cpu" and row["groups"] == 4
+    assert row["ragged_dot_s"] > 0 and row["grouped_matmul_s"] > 0
