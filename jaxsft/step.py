@@ -195,6 +195,8 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
                            / jnp.maximum(label_tokens - replay_den, 1e-6 if weighted else 1.0),
                            replay_loss=sums["replay_loss_sum"] / jnp.maximum(replay_den, 1e-6 if weighted else 1.0),
                            replay_tokens=sums["replay_tokens"])
+            if weighted:
+                metrics["replay_weight_sum"] = sums["replay_weight_sum"]
         if weighted:  # steps are averaged by this in logs (the weighted objective's denominator)
             metrics["weight_sum"] = sums["weight_sum"]
         if moe:

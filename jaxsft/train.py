@@ -438,16 +438,24 @@ def _summarize(fetched: list[dict], tokens: int, elapsed: float, flops: float,
 
 
 def _replay_summary(fetched: list[dict]) -> dict[str, Any]:
-    """Replay runs: the SFT and replay tokens' losses apart (each token-weighted over the window) and the
-    replay share of the label tokens."""
+    """Replay runs: the SFT and replay tokens' losses apart, each averaged over the window by its own
+    denominator in the steps (label tokens, or loss weights in a weighted run), and the replay share of the
+    label tokens."""
     if "replay_loss" not in fetched[0]:
         return {}
-    replay = [float(m["replay_tokens"]) for m in fetched]
-    sft = [float(m["label_tokens"]) - r for m, r in zip(fetched, replay)]
-    return {"sft_loss": round(sum(float(m["sft_loss"]) * n for m, n in zip(fetched, sft)) / max(sum(sft), 1), 4),
-            "replay_loss": round(sum(float(m["replay_loss"]) * n for m, n in zip(fetched, replay))
-                                 / max(sum(replay), 1), 4),
-            "replay_label_share": round(sum(replay) / max(sum(replay) + sum(sft), 1), 4)}
+    replay_tokens = [float(m["replay_tokens"]) for m in fetched]
+    sft_tokens = [float(m["label_tokens"]) - r for m, r in zip(fetched, replay_tokens)]
+    if "replay_weight_sum" in fetched[0]:
+        replay = [float(m["replay_weight_sum"]) for m in fetched]
+        sft = [float(m["weight_sum"]) - r for m, r in zip(fetched, replay)]
+    else:
+        replay, sft = replay_tokens, sft_tokens
+
+    def mean(key, den):
+        return round(sum(float(m[key]) * n for m, n in zip(fetched, den)) / max(sum(den), 1e-6), 4)
+
+    return {"sft_loss": mean("sft_loss", sft), "replay_loss": mean("replay_loss", replay),
+            "replay_label_share": round(sum(replay_tokens) / max(sum(replay_tokens) + sum(sft_tokens), 1), 4)}
 
 
 def _moe_summary(fetched: list[dict]) -> dict[str, Any]:
