@@ -17,6 +17,7 @@ import sys
 
 from jaxsft.config import Config, ConfigError
 from jaxsft.config_load import build_config, load_config
+from jaxsft.errors import report
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = chat_config(args.config, args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
 
     import jax
 
@@ -78,8 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsft.data.prompts import encode_oneturn
     from jaxsft.data.templates import get_template
     from jaxsft.generate import generate
-    from jaxsft.predict import generation_params, load_for_generation, sampling_of, stop_token_ids
-    from jaxsft.runtime import DTYPES, build_mesh, load_tokenizer, resolve_attention_impl
+    from jaxsft.predict import (
+        generation_params,
+        load_for_generation,
+        sampling_of,
+        stop_token_ids,
+    )
+    from jaxsft.runtime import (
+        DTYPES,
+        build_mesh,
+        load_tokenizer,
+        resolve_attention_impl,
+    )
 
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)

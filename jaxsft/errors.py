@@ -1,8 +1,10 @@
-"""The errors a person must fix. `python -m jaxsft.main` prints their message on one line and exits 2;
-any other exception is a bug in jaxsft and keeps its traceback.
+"""The errors a person must fix. `python -m jaxsft.main` and the tools print their message on one line
+(`report`) and exit 2; any other exception is a bug in jaxsft and keeps its traceback.
 
 Every message says what was wrong, where (file, row, key) and how to fix it.
 """
+
+import sys
 
 
 class UserError(Exception):
@@ -20,3 +22,9 @@ class InputError(UserError, ValueError):
 
 class MissingPath(UserError, FileNotFoundError):
     """A file or directory the config names (directly or through dataset_info.json) is not there."""
+
+
+def report(e: UserError) -> int:
+    """The one line a person sees for a UserError (`error: ...` on stderr); the exit status, 2."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from jaxsft.config import Config, ignored_settings, met_settings
 from jaxsft.config_load import load_config
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, report
 
 
 def _stages() -> dict[str, Callable]:
@@ -153,11 +153,6 @@ def run(cfg: Config, stages: dict[str, Callable] | None = None) -> None:
             trained = result
 
 
-def _user_error(e: UserError) -> int:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (tests and tools swap it)."""
 
@@ -213,7 +208,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         try:
             return getattr(cli_tools, command)(argv[1:])
         except UserError as e:
-            return _user_error(e)
+            return report(e)
     only = None
     if command in SUBCOMMANDS:
         flags, only = SUBCOMMANDS[command]
@@ -223,7 +218,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
-        return _user_error(e)
+        return report(e)
     print(describe(cfg, None if only is None else [only]), flush=True)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
@@ -245,7 +240,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         else:
             _stages()[only](cfg)
     except UserError as e:
-        return _user_error(e)
+        return report(e)
     except KeyboardInterrupt as e:  # outside the training loop (which turns SIGINT/SIGTERM into save-and-stop)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         print(f"error: interrupted ({name}); stopped (checkpoints already written are intact)", file=sys.stderr,

@@ -220,7 +220,7 @@ def test_convert_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
     assert convert_checkpoint.main(["--checkpoint", str(tmp_path / "empty"), "--export_dir", str(tmp_path / "e")]) == 2
-    assert capsys.readouterr().err == f"convert_checkpoint: no complete checkpoint found in {tmp_path / 'empty'}\n"
+    assert capsys.readouterr().err == f"error: no complete checkpoint found in {tmp_path / 'empty'}\n"
     full = Checkpoints(tmp_path / "full", async_save=False)
     full_run = build_config({"model_name_or_path": str(path), "finetuning_type": "full"})
     full.save(1, init_state(flatten(params), build_optimizer(full_run, 10)[0], 0), {}, {}, full_run.to_dict(),

@@ -258,7 +258,7 @@ LF_LLAMA_PRO = LF_LORA_VARIANT.replace("finetuning_type: lora\nlora_rank: 8\nlor
                                        "freeze_trainable_modules: all\nuse_llama_pro: true")
 
 
-def test_llama_pro_example_expands_and_trains_only_the_new_blocks(tmp_path, monkeypatch):
+def test_llama_pro_example_expands_and_trains_only_the_new_blocks(tmp_path, monkeypatch, capsys):
     from safetensors.numpy import load_file
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -271,6 +271,13 @@ def test_llama_pro_example_expands_and_trains_only_the_new_blocks(tmp_path, monk
     original.save_pretrained(tmp_path / "llama3-8b")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER / name, tmp_path / "llama3-8b" / name)
+    missing = tmp_path / "no-such-model"  # a path typo: one line, exit 2 (it was a traceback)
+    capsys.readouterr()
+    assert llama_pro.main(["--model_name_or_path", str(missing), "--num_expand", "8", "--output_dir",
+                           str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"error: {missing} is not a local directory and HF_HUB_OFFLINE is set, so it "
+                                       f"cannot be downloaded; pass a local checkpoint directory or unset "
+                                       f"HF_HUB_OFFLINE\n")
     # expand.sh: python scripts/llama_pro.py --model_name_or_path ... --output_dir models/llama3-8b-pro --num_expand 8
     assert llama_pro.main(["--model_name_or_path", str(tmp_path / "llama3-8b"), "--num_expand", "8",
                            "--output_dir", str(tmp_path / "llama3-8b-pro")]) == 0

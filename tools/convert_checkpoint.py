@@ -15,7 +15,7 @@ import sys
 
 from jaxsft.checkpoint import read_trained_params, trained_lora_scale
 from jaxsft.config import ConfigError
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, report
 from jaxsft.export import export_from_config
 from jaxsft.model.hf import load_hf_config
 
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = trained_lora_scale(cfg) if cfg.finetuning_type == "lora" else None
         out = export_from_config(params, cfg, load_hf_config(cfg.model_name_or_path), scale)
     except UserError as e:  # anything else is a bug and keeps its traceback
-        print(f"convert_checkpoint: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"exported {'adapter' if args.adapter else 'model'} to {out}")
     return 0
 

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxsft.errors import ConfigError  # noqa: E402
+from jaxsft.errors import ConfigError, UserError, report  # noqa: E402
 from jaxsft.export import export_hf  # noqa: E402
 from jaxsft.model.config import ModelConfig  # noqa: E402
 from jaxsft.model.hf import load_hf_config, load_hf_params, resolve_model_path  # noqa: E402
@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         written = json.loads((out / "config.json").read_text())
         written["num_hidden_layers"] = total
         (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # anything else is a bug and keeps its traceback
+        return report(e)
     print(f"expanded {model_cfg.num_layers} -> {total} layers (inserted: {inserted}) into {out}")
     return 0
 
