@@ -3,12 +3,17 @@
 Files are written the way `save_pretrained` writes them: `config.json`, `generation_config.json`,
 `model.safetensors` or `model-00001-of-0000N.safetensors` shards with `model.safetensors.index.json`,
 tokenizer files; `adapter_config.json` + `adapter_model.safetensors` for an adapter.
+
+A kill while exporting never leaves a file that looks finished: each is written under a hidden name and
+renamed into place, and the config (what loaders read first) is removed before and written after the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import logging
 import re
 import shutil
@@ -42,6 +47,27 @@ def _np_dtype(dtype: str) -> np.dtype:
     return NP_DTYPES[dtype]
 
 
+@contextlib.contextmanager
+def written_atomically(path: Path):
+    """Yields a hidden path beside `path` to write; renames it to `path` once the writing returned."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with written_atomically(path) as partial:
+        partial.write_text(text)
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    with written_atomically(path) as partial:
+        save_file(tensors, str(partial), metadata=SAFETENSORS_METADATA)
+
+
 def _hf_order(name: str) -> tuple[int, int]:
     """Layer-major order like a torch state dict: embeddings, layer 0, layer 1, ..., final norm, lm_head."""
     parts = name.split(".")
@@ -60,10 +86,10 @@ def write_safetensors(state: dict[str, np.ndarray], out_dir: Path, shard_size_gb
         state, get_storage_size=lambda x: x.nbytes, filename_pattern=prefix + "{suffix}.safetensors",
         max_shard_size=int(shard_size_gb * 10**9))
     for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, str(out_dir / filename), metadata=SAFETENSORS_METADATA)
+        _save_safetensors({n: state[n] for n in names}, out_dir / filename)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_text(out_dir / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
     return list(split.filename_to_tensors)
 
 
@@ -96,16 +122,17 @@ def export_hf(params: dict, model_cfg: ModelConfig, source_model_dir: str | Path
     state.update(other_tower_tensors(source, model_cfg, np_dtype))
     state = {name: state[name] for name in sorted(state, key=_hf_order)}
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # written last: a folder without it is not a model yet
 
     hf_config = json.loads((source / "config.json").read_text())
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["dtype", "torch_dtype"]
     for key in dtype_keys:
         hf_config[key] = dtype
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
     files = write_safetensors(state, out, shard_size_gb)
     copied = copy_tokenizer(resolve_model_path(tokenizer_dir) if tokenizer_dir else source, out, chat_template)
+    _write_text(out / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     logger.info("exported %d tensors (%s) to %s in %s; tokenizer files: %s", len(state), dtype, out,
                 ", ".join(files), ", ".join(copied) or "none")
     return out
@@ -162,8 +189,9 @@ def export_peft_adapter(params: dict, model_cfg: ModelConfig, out_dir: str | Pat
         "revision": None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(state, str(out / lora.ADAPTER_WEIGHTS), metadata=SAFETENSORS_METADATA)
+    (out / lora.ADAPTER_CONFIG).unlink(missing_ok=True)  # written last, as a model's config.json
+    _save_safetensors(state, out / lora.ADAPTER_WEIGHTS)
+    _write_text(out / lora.ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("exported a LoRA adapter (r=%d, %d tensors) to %s", rank, len(state), out)
     return out
 

@@ -3,7 +3,8 @@
 The loop feeds global batches to the jitted pure step, logs every `logging_steps` (metrics stay on
 device in between, so dispatch never waits), evaluates every `eval_steps`, and saves orbax
 checkpoints that resume exactly (params, optimizer, step, RNG, data iterator position, config).
-SIGTERM/SIGINT finish the current step, save, and exit with a resume hint.
+SIGTERM/SIGINT finish the current step, save a checkpoint (whatever `save_strategy` says) and exit with a
+resume hint; after the last step they wait until the trained model is in `output_dir`, then skip eval/export.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import functools
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from jaxsft.runtime import (Trained, build_mesh, check_token_ids, compilation_ca
                             is_main_process, load_model, load_tokenizer, process_age, rows_per_process)
 from jaxsft.params import merge
 from jaxsft.sharding import global_batch, replicated
+from jaxsft.stopping import StopRequest
 from jaxsft.trackers import Trackers
 from jaxsft.step import init_state, make_eval_step, make_train_step
 
@@ -46,40 +47,6 @@ logger = logging.getLogger("jaxsft")
 
 class NonFiniteLoss(UserError, RuntimeError):
     """Training diverged: the message names the step; the last checkpoint before it is intact."""
-
-
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a decision the loop checks after every step.
-
-    One process: a Python signal handler sets a flag. Several processes must stop at the same step
-    (a checkpoint save is collective), so there JAX's preemption service catches SIGTERM and
-    `reached_preemption_sync_point` tells every process the agreed step; SIGINT is left alone.
-    """
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-        self._multihost = jax.process_count() > 1
-
-    def __enter__(self):
-        signals = (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signum
-
-    def requested(self, step: int) -> bool:
-        if self._multihost:
-            from jax.experimental import multihost_utils
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = signal.SIGTERM
-        return self.signal is not None
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
@@ -301,7 +268,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                 "train_runtime": runtime_before + time.perf_counter() - loop_start}
 
     step = start_step
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         while step < total_steps:
             try:
                 micro = [next(iterator) for _ in range(accumulation)]
@@ -366,38 +333,44 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                                                 data.eval_batches(eval_rows, buckets), mesh))
             if eval_every and step % eval_every == 0 and step < total_steps and not stopping and data.retention:
                 run_log.log_retention(step, retention_figures(score_retention(state["trainable"]), retention_base))
-            if save_now and cfg.save_strategy != "no":
+            interrupted = stopping and step < total_steps  # a signal at the last step: the run is done anyway
+            if (save_now and cfg.save_strategy != "no") or interrupted:  # a stop saves whatever save_strategy says
                 checkpoints.save(step, model_only(state) if cfg.save_only_model else state, frozen,
                                  iterator.get_state(), config_record, model.partition, running_totals())
-            if stopping:
+            if interrupted:
                 checkpoints.close()
                 run_log.close()
-                saved = f"checkpoint saved in {out}. Resume with: resume_from_checkpoint=true" \
-                    if cfg.save_strategy != "no" else "no checkpoint saved (save_strategy: no)"
-                print(f"stopped by signal {stop.signal} after step {step}; {saved}", flush=True)
+                print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in {out}. "
+                      f"Resume with: resume_from_checkpoint=true", flush=True)
                 return {"stopped_at_step": step}, None
-    train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
-    checkpoints.close()
-    run_log.end_progress()
-    results = {
-        "train_runtime": round(train_runtime, 4),
-        "train_samples_per_second": round(examples_seen / train_runtime, 3),
-        "train_steps_per_second": round(step / train_runtime, 3),
-        "train_tokens_per_second": round(total_tokens / train_runtime, 3),
-        "train_loss": round(loss_sum / loss_steps, 4) if loss_steps else float("nan"),
-        "epoch": round(step * accumulation / batches_per_epoch, 4),
-        "total_flos": float(total_flops),
-        "train_padding_share": round(1 - total_tokens / max(total_positions, 1), 4),
-        "train_compiled_shapes": len(compile_seconds),
-        "train_compile_seconds": round(sum(compile_seconds.values()), 2),
-        **{f"train_{k}": v for k, v in truncation.items() if v is not None},
-    }
-    if first_step_at is not None:
-        results["time_to_first_step"] = round(first_step_at, 2)
-    run_log.save_metrics("train", results)
-    if is_main_process() and (cache_line := compilation_cache_summary()):
-        logger.info(cache_line)
-    save_trained_model(merge(state["trainable"], frozen, model.partition), cfg, model.config, model.runner.lora_scale)
+        # a signal from here on waits until the trained model is written, then skips the later stages
+        train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
+        checkpoints.close()
+        run_log.end_progress()
+        results = {
+            "train_runtime": round(train_runtime, 4),
+            "train_samples_per_second": round(examples_seen / train_runtime, 3),
+            "train_steps_per_second": round(step / train_runtime, 3),
+            "train_tokens_per_second": round(total_tokens / train_runtime, 3),
+            "train_loss": round(loss_sum / loss_steps, 4) if loss_steps else float("nan"),
+            "epoch": round(step * accumulation / batches_per_epoch, 4),
+            "total_flos": float(total_flops),
+            "train_padding_share": round(1 - total_tokens / max(total_positions, 1), 4),
+            "train_compiled_shapes": len(compile_seconds),
+            "train_compile_seconds": round(sum(compile_seconds.values()), 2),
+            **{f"train_{k}": v for k, v in truncation.items() if v is not None},
+        }
+        if first_step_at is not None:
+            results["time_to_first_step"] = round(first_step_at, 2)
+        run_log.save_metrics("train", results)
+        if is_main_process() and (cache_line := compilation_cache_summary()):
+            logger.info(cache_line)
+        save_trained_model(merge(state["trainable"], frozen, model.partition), cfg, model.config, model.runner.lora_scale)
+    if (late_signal := stop.agreed()) is not None:
+        run_log.close()
+        print(f"stopped by signal {late_signal} after training (step {step}); the trained model is saved in "
+              f"{cfg.output_dir}; the stages after training (eval, predict, export) did not run", flush=True)
+        return results, None
     if retention_base is not None:  # the forgetting meter at the end, in the log and all_results.json
         final = retention_figures(score_retention(state["trainable"]), retention_base)
         run_log.log_retention(step, final)

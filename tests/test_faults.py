@@ -276,3 +276,61 @@ def test_a_signal_while_the_model_loads_is_one_line_and_no_crash(tmp_path, compi
     assert err.splitlines()[-1] == (f"error: interrupted ({sig.name}); stopped (checkpoints already written are "
                                     f"intact)")
     assert not _committed(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A signal after the last step, while the trained model is written.
+
+def test_a_signal_while_the_trained_model_is_saved_waits_for_it_and_skips_the_later_stages(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """SIGTERM while `output_dir` receives the trained adapter (no checkpoints: save_strategy no): the write
+    finishes (PEFT loads it), then the run stops before eval and export, saying so. The signal used to abort
+    the write: the whole run's training was lost."""
+    import jaxsft.train
+    from jaxsft.main import run
+
+    real_save = jaxsft.train.save_trained_model
+
+    def save_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at once: the handler runs before the write starts
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(jaxsft.train, "save_trained_model", save_with_a_signal)
+    export = tmp_path / "export"
+    cfg = _config(tmp_path, finetuning_type="lora", lora_target="all", max_steps=2, save_strategy="no",
+                  val_size=0.2, do_eval=True, export_dir=str(export), per_device_train_batch_size=2)
+    run(cfg)
+    out = Path(cfg.output_dir)
+    said = capsys.readouterr().out
+    assert f"stopped by signal {int(signal.SIGTERM)} after training (step 2); the trained model is saved in" in said
+    assert not export.exists() and not (out / "eval_results.json").exists()
+    assert not list(out.glob(".*.partial"))
+    from peft import PeftConfig
+    from safetensors.numpy import load_file
+
+    assert PeftConfig.from_pretrained(out).r == cfg.lora_rank
+    assert any("lora_B" in name for name in load_file(out / "adapter_model.safetensors"))
+    assert json.loads((out / "train_results.json").read_text())["epoch"] > 0
+
+
+def test_an_export_killed_while_writing_weights_leaves_no_loadable_half(tmp_path, monkeypatch):
+    """A kill in the middle of writing the weights (a re-export over an earlier one): no config.json, no
+    truncated `model.safetensors`; the earlier config must not pair with missing weights either."""
+    import jaxsft.export as export
+    from jaxsft.model.hf import load_hf_config, load_hf_params
+
+    model_cfg = load_hf_config(TINY)
+    params = load_hf_params(TINY, model_cfg)
+    out = tmp_path / "export"
+    export.export_hf(params, model_cfg, TINY, out)
+    assert (out / "config.json").is_file()
+
+    def killed_mid_write(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)  # part of the file, then the process is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_hf(params, model_cfg, TINY, out)
+    assert not (out / "config.json").exists()
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.partial"))

@@ -94,6 +94,8 @@ def _run_cli(out_dir, *extra, wait=True):
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    """The interrupted run has `save_strategy: no`: the stop saves its checkpoint all the same (it said
+    "no checkpoint saved" and the run's training was lost)."""
     straight = tmp_path / "straight"
     result = _run_cli(straight)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -101,7 +103,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(reference) == list(range(1, 21))
 
     interrupted = tmp_path / "interrupted"
-    proc = _run_cli(interrupted, wait=False)
+    proc = _run_cli(interrupted, "save_strategy=no", wait=False)
     log = interrupted / "trainer_log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
@@ -114,7 +116,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert 5 <= stopped < 20, "the run should have stopped early"
     assert Checkpoints(interrupted, async_save=False).latest_step() == stopped
 
-    result = _run_cli(interrupted, "resume_from_checkpoint=true")
+    result = _run_cli(interrupted, "resume_from_checkpoint=true", "save_strategy=no")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {interrupted.absolute()}/checkpoint_{stopped} at step {stopped}" in result.stdout
     resumed = train_losses(interrupted)

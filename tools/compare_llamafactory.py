@@ -3,6 +3,7 @@
     python tools/compare_llamafactory.py --build_model saves/compare/tiny-4l-256   # build it, then compare
     python tools/compare_llamafactory.py --model DIR [--dataset alpaca_en_demo] [--max_samples 400]
         [--template llama3] [--cutoff_len 1024] [--batch 4] [--epochs 1] [--finetuning_type lora]
+        [--unpacked | --lf_packing]
         [--lf_cli /work/lfvenv/bin/llamafactory-cli | --lf_python VENV/bin/python] [--only lf|jaxsft]
         [--preprocess] [--out saves/compare] [--jaxsft key=value ...]
 
@@ -10,7 +11,8 @@ Writes `lf.yaml` and `jaxsft.yaml` under `--out`, runs LLaMA-Factory (from /tmp,
 its path) and `python -m jaxsft.main`, reads both `train_results.json` and prints train_runtime, tokens/s
 and the ratios as one JSON line (plus a readable table on stderr). jaxsft packs (`packing: true`), or with
 `--unpacked` does not (LF's default, both sides then pad each batch: LF to its longest example, jaxsft to
-that example's length bucket). LF's tokens/s is its `effective_tokens_per_sec`
+that example's length bucket). With `--lf_packing` LLaMA-Factory packs too, at its fastest setting
+(`packing` + `neat_packing`: block-diagonal attention, as jaxsft's segment ids). LF's tokens/s is its `effective_tokens_per_sec`
 (every input token of the dataset x epochs / runtime); jaxsft's is `train_tokens_per_second` (non-pad).
 Neither side saves checkpoints during the run (`save_strategy: "no"`).
 
@@ -82,8 +84,11 @@ def common_keys(args) -> dict:
 
 
 def lf_config(args, out: Path) -> dict:
-    return {**common_keys(args), "output_dir": str((out / "lf").absolute()), "overwrite_cache": True,
+    keys = {**common_keys(args), "output_dir": str((out / "lf").absolute()), "overwrite_cache": True,
             "include_effective_tokens_per_second": True, "bf16": False, "plot_loss": False}
+    if args.lf_packing:  # LF at its fastest: packed rows with block-diagonal attention, as jaxsft packs
+        keys.update(packing=True, neat_packing=True)
+    return keys
 
 
 def jaxsft_config(args, out: Path) -> dict:
@@ -161,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", default="tiny-4l-256", choices=tuple(SHAPES), help="of --build_model")
     parser.add_argument("--unpacked", action="store_true",
                         help="jaxsft without packing too (both sides at LLaMA-Factory's defaults)")
+    parser.add_argument("--lf_packing", action="store_true",
+                        help="LLaMA-Factory with packing + neat_packing (its fastest setting) instead of its default")
     parser.add_argument("--dataset", default="alpaca_en_demo")
     parser.add_argument("--dataset_dir", default=str(DATA))
     parser.add_argument("--template", default="llama3")
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"model": args.model, "dataset": args.dataset, "max_samples": args.max_samples,
                     "template": args.template, "cutoff_len": args.cutoff_len, "batch": args.batch,
                     "epochs": args.epochs, "finetuning_type": args.finetuning_type,
-                    "jaxsft_packing": not args.unpacked,
+                    "jaxsft_packing": not args.unpacked, "lf_packing": args.lf_packing,
                     "lf_yaml": str(lf_yaml), "jaxsft_yaml": str(jx_yaml)}
     if args.only != "jaxsft":
         wall = run_logged(lf_command(args, lf_yaml), out / "lf.log", "/tmp", lf_env)
