@@ -316,7 +316,7 @@ def test_a_signal_while_the_trained_model_is_saved_waits_for_it_and_skips_the_la
 def test_an_export_killed_while_writing_weights_leaves_no_loadable_half(tmp_path, monkeypatch):
     """A kill in the middle of writing the weights (a re-export over an earlier one): no config.json, no
     truncated `model.safetensors`; the earlier config must not pair with missing weights either."""
-    import jaxsft.export as export
+    from jaxsft import export
     from jaxsft.model.hf import load_hf_config, load_hf_params
 
     model_cfg = load_hf_config(TINY)
