@@ -96,7 +96,9 @@ class Config:
     enable_thinking: Optional[bool] = _field(True, "qwen3-style templates: keep the thinking block.")
     preserve_thinking: bool = _field(False, "qwen3-style templates: keep the thoughts of earlier answers (with "
                                             "mask_history, and in predict prompts).")
-    tokenized_path: Optional[str] = _field(None, "Save the tokenized dataset here, or load it if it exists.")
+    tokenized_path: Optional[str] = _field(None, "With do_train: a new or empty folder is filled with the tokenized "
+                                          "dataset and the run stops there (as in LLaMA-Factory); a filled one is "
+                                          "trained from, its data arguments ignored.")
     skip_invalid_examples: bool = _field(False, "Skip (and count) malformed rows instead of stopping.")
 
     # --- fine-tuning method ---
@@ -196,6 +198,9 @@ class Config:
     max_new_tokens: int = _field(1024, "Tokens generated per prompt at most.")
     repetition_penalty: float = _field(1.0, "Only 1.0 (no penalty) is supported.")
     skip_special_tokens: bool = _field(True, "Drop special tokens when decoding.")
+    infer_backend: str = _field("huggingface", "Only huggingface, LLaMA-Factory's default: chat and predict generate "
+                                "with jaxsft's own JAX decoder (vllm, sglang, ktransformers are refused).",
+                                ("huggingface",))
 
     # --- export ---
     export_dir: Optional[str] = _field(None, "Write a Hugging Face model (or PEFT adapter) here after training.")
@@ -249,6 +254,8 @@ class Config:
             changes["compute_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
         if self.export_dtype is None:
             changes["export_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
+        if not self.do_eval and self.eval_strategy != "no" and (self.eval_dataset or self.val_size > 1e-6):
+            changes["do_eval"] = True  # HF's TrainingArguments: evaluating during training evaluates at the end too
         if not self.eval_steps:  # HF: unset or 0 is logging_steps
             changes["eval_steps"] = self.logging_steps
         if self.deepspeed is not None:
@@ -353,6 +360,9 @@ def met_settings(cfg: Config) -> dict[str, str]:
                                       "code is refused by name)")
     if cfg.deepspeed is not None:
         notes["deepspeed"] = _deepspeed_mesh(cfg)[1]
+    if cfg.optim.startswith("adamw") and cfg.optim not in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
+        notes["optim"] = (f"{cfg.optim!r} runs as optax AdamW with float32 moments (no 8-bit, 4-bit or "
+                          f"library-specific variant here)")
     if cfg.save_only_model:
         notes["save_only_model"] = ("checkpoints hold params, step and data position without optimizer state; "
                                     "they export and predict, but a run cannot resume from them")

@@ -80,27 +80,94 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-# What to do instead, for LLaMA-Factory keys people often carry over.
+# What to do instead, for LLaMA-Factory keys jaxsft does not support: the key itself, else the first prefix
+# that matches (a method's keys share one hint: `galore_rank` says what `use_galore` says).
 _UNSUPPORTED_HINTS = {
     "fsdp": "use the `mesh` key, e.g. mesh: {fsdp: -1}",
     "flash_attn": "use attention_impl: auto | xla | cudnn | pallas | splash",
-    "quantization_bit": "quantized (QLoRA) training is not available",
     "use_unsloth": "jaxsft has its own compiled train step",
     "rope_scaling": "jaxsft reads rope scaling from the model's config.json",
-    "use_galore": "GaLore is not available",
     "gradient_checkpointing_kwargs": "use remat_policy",
+    "mixture_of_depths": "Mixture-of-Depths models are not available; remove it to train the model as it is",
+    "use_dft_loss": "the DFT loss is not available; remove it to train with the token cross-entropy LLaMA-Factory's "
+                    "SFT uses by default",
+    "use_adam_mini": "Adam-mini is not available; remove it to train with optim: adamw_torch (or set adafactor)",
+    "use_muon": "Muon is not available; remove it to train with optim: adamw_torch (or set adafactor)",
+    "task": "benchmark evaluation (`llamafactory-cli eval` on MMLU / C-Eval / CMMLU) is not available; `jaxsft eval` "
+            "scores eval_dataset (eval_loss, eval_accuracy) and do_predict generates and scores answers",
 }
+_MULTIMODAL = ("multimodal (image, video, audio) training is not available; jaxsft trains text-only decoder models: "
+               "remove it and use a text dataset")
+_PREFERENCE = "preference training (DPO, KTO, ORPO, SimPO, PPO) is not available; jaxsft runs stage: sft"
+_PREFIX_HINTS = (
+    (("quantization_", "double_quantization"), "quantized (QLoRA) training is not available; remove it to train "
+                                               "LoRA on the bf16/fp32 model"),
+    (("export_quantization_",), "quantized (GPTQ) export is not available; export writes safetensors in "
+                                "export_dtype (remove the export_quantization_* keys)"),
+    (("galore_", "use_galore"), "GaLore is not available; remove the galore keys to train with optim: adamw_torch"),
+    (("apollo_", "use_apollo"), "APOLLO is not available; remove the apollo keys to train with optim: adamw_torch"),
+    (("badam_", "use_badam"), "BAdam is not available; remove the badam keys to train with optim: adamw_torch "
+                              "(finetuning_type: freeze trains a subset of the blocks)"),
+    (("oft_",), "OFT is not available; use finetuning_type: lora"),
+    (("image_", "video_", "audio_", "use_audio_in_video", "crop_to_patches", "media_dir", "freeze_vision_tower",
+      "freeze_multi_modal_projector", "freeze_language_model"), _MULTIMODAL),
+    (("pref_", "ref_model", "reward_model", "ppo_", "kto_", "simpo_", "dpo_", "ld_alpha"), _PREFERENCE),
+    (("ray_", "placement_strategy", "resources_per_worker"),
+     "Ray is not used; jaxsft runs on several hosts through jax.distributed (coordinator_address, num_processes, "
+     "process_id; docs/scaling.md)"),
+    (("vllm_", "sglang_", "kt_", "use_kt", "cpu_infer"),
+     "jaxsft generates with its own JAX decoder (chat, do_predict); remove the inference-engine keys"),
+    (("lang", "n_shot", "task_dir", "save_dir"), _UNSUPPORTED_HINTS["task"]),
+)
+
+# LLaMA-Factory values jaxsft does not have, checked before any key so that the refusal names the cause
+# (a DPO config is refused for `stage: dpo`, not for the `pref_beta` that comes with it).
+_UNSUPPORTED_VALUES = {
+    "stage": {
+        "pt": "continued pre-training (stage: pt) is not available; jaxsft runs stage: sft, which trains a plain-text "
+              "dataset (registry columns {prompt: text}, like c4_demo) on every token, as LLaMA-Factory's pt stage "
+              "does with packing: false",
+        "rm": "reward-model training (stage: rm) is not available; jaxsft runs stage: sft",
+        "ppo": "PPO (stage: ppo) is not available; jaxsft runs stage: sft",
+        "dpo": "preference training (stage: dpo, pref_loss sigmoid / orpo / simpo) is not available; jaxsft runs "
+               "stage: sft",
+        "kto": "KTO (stage: kto) is not available; jaxsft runs stage: sft",
+    },
+    "finetuning_type": {"oft": "OFT (finetuning_type: oft) is not available; use finetuning_type: lora, freeze or "
+                               "full"},
+    "infer_backend": dict.fromkeys(("vllm", "sglang", "ktransformers"),
+                                   "jaxsft generates with its own JAX decoder; use infer_backend: huggingface (the "
+                                   "default) or remove the key"),
+}
+
+
+def unsupported_hint(key: str) -> str:
+    """What to do instead of a LLaMA-Factory key jaxsft does not support."""
+    if key in _UNSUPPORTED_HINTS:
+        return _UNSUPPORTED_HINTS[key]
+    for prefixes, hint in _PREFIX_HINTS:
+        if key.startswith(prefixes):
+            return hint
+    return "remove it (docs/config.md lists what is supported)"
 
 
 def _check_key(key: str) -> None:
     if key in FIELDS:
         return
     if key in LLAMAFACTORY_KEYS:
-        hint = _UNSUPPORTED_HINTS.get(key, "remove it (docs/config.md lists what is supported)")
-        raise ConfigError(f"key '{key}' is a LLaMA-Factory option that jaxsft does not support: {hint}")
+        raise ConfigError(f"key '{key}' is a LLaMA-Factory option that jaxsft does not support: "
+                          f"{unsupported_hint(key)}")
     close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
     hint = f", did you mean '{close[0]}'?" if close else " (see docs/config.md for the keys)"
     raise ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _check_values(values: dict[str, Any]) -> None:
+    """A stage, method or backend jaxsft does not have, named before the keys that come with it."""
+    for key, hints in _UNSUPPORTED_VALUES.items():
+        value = values.get(key)
+        if isinstance(value, str) and value.strip().lower() in hints:
+            raise ConfigError(f"key '{key}': {value!r} is not supported: {hints[value.strip().lower()]}")
 
 
 def _validate(cfg: Config) -> None:
@@ -227,6 +294,13 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
     (e.g. "command-line override 'lora_rank=eight'"); an error about that key starts with it."""
     kwargs: dict[str, Any] = {}
     mesh_updates = {}
+    try:
+        _check_values(values)
+    except ConfigError as e:
+        named = re.match(r"key '([^']+)'", str(e))
+        if origins and named and named.group(1) in origins:
+            raise _Located(f"{origins[named.group(1)]}: {e}") from None
+        raise
     for key, value in values.items():
         if key.startswith("mesh."):
             mesh_updates[key.split(".", 1)[1]] = value

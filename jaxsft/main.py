@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Sequence
 
 from jaxsft.config import Config, ignored_settings, met_settings
@@ -37,6 +38,7 @@ def _stages() -> dict[str, Callable]:
     from jaxsft.train import train
 
     return {
+        "tokenize": tokenize_only,
         "train": lambda cfg, _trained: train(cfg)[1],
         "eval": run_evaluation,
         "predict": run_prediction,
@@ -44,7 +46,31 @@ def _stages() -> dict[str, Callable]:
     }
 
 
+def tokenize_only(cfg: Config, _trained=None) -> None:
+    """LLaMA-Factory's preprocessing run (its examples' `*_preprocess.yaml`): tokenize the data, save it at
+    `tokenized_path` and stop; a later run with the same `tokenized_path` trains from it."""
+    import jax
+
+    from jaxsft.data.args import DataArgs
+    from jaxsft.data.pipeline import build_datasets
+    from jaxsft.runtime import init_distributed, load_tokenizer
+
+    init_distributed(cfg)
+    build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg), process_index=jax.process_index(),
+                   process_count=jax.process_count())
+    print(f"Tokenized dataset is saved at {cfg.tokenized_path}; nothing was trained (as in LLaMA-Factory). "
+          f"Run the config again to train from it.", flush=True)
+
+
+def _tokenizes_first(cfg: Config) -> bool:
+    """do_train with a tokenized_path that holds no dataset yet: LLaMA-Factory tokenizes, saves and exits."""
+    folder = Path(cfg.tokenized_path) if cfg.tokenized_path else None
+    return bool(cfg.do_train and folder is not None and not (folder.is_dir() and any(folder.iterdir())))
+
+
 def planned_stages(cfg: Config) -> list[str]:
+    if _tokenizes_first(cfg):
+        return ["tokenize"]
     stages = []
     if cfg.do_train:
         stages.append("train")

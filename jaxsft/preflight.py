@@ -179,6 +179,12 @@ def check_datasets(cfg: Config, read_rows: bool = False) -> None:
                              f"state.json); point tokenized_path at a new folder to tokenize into it")
         return  # the tokenized data replaces the datasets
     directory = Path(cfg.dataset_dir)
+    named = any(getattr(cfg, key) for key in ("dataset", "eval_dataset", "retention_dataset", "replay_dataset"))
+    if named and str(cfg.dataset_dir).startswith("REMOTE:"):  # LF reads dataset_info.json from a hub repo
+        repo = str(cfg.dataset_dir).removeprefix("REMOTE:")
+        raise ConfigError(f"dataset_dir: {cfg.dataset_dir} is LLaMA-Factory's hub form, which jaxsft does not "
+                          f"download; fetch the repo where there is network (`hf download {repo} --repo-type dataset "
+                          f"--local-dir DIR`) and set dataset_dir: DIR")
     for key in ("dataset", "eval_dataset", "retention_dataset", "replay_dataset"):
         names = getattr(cfg, key)
         if not names:

@@ -143,7 +143,10 @@ def test_overrides_win_and_are_typed(tmp_path):
     ("bf16: maybe\n", "key 'bf16': expected bool"),
     ("learning_rate: fast\n", "key 'learning_rate': expected float"),
     ("lr_scheduler_type: cosine_restarts\n", "key 'lr_scheduler_type': 'cosine_restarts' is not one of"),
-    ("finetuning_type: oft\n", "key 'finetuning_type': 'oft' is not one of"),
+    ("finetuning_type: qlora\n", "key 'finetuning_type': 'qlora' is not one of"),
+    # LLaMA-Factory's own values are named before the keys that come with them (here oft_block_size).
+    ("finetuning_type: oft\noft_block_size: 32\n", "key 'finetuning_type': 'oft' is not supported: OFT"),
+    ("stage: dpo\npref_beta: 0.1\n", "key 'stage': 'dpo' is not supported: preference training"),
     ("fp16: true\n", "key 'fp16': True is not supported, only False; use bf16: true"),
     ("export_legacy_format: true\n", "key 'export_legacy_format': True is not supported, only False: jaxsft "
                                      "exports safetensors only"),

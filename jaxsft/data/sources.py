@@ -81,6 +81,14 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
             attr.join(info)
             if attr.ranking:
                 raise InputError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")
+            columns = info.get("columns") or {}
+            media = [key for key in ("images", "videos", "audios") if columns.get(key)]
+            if media:
+                raise InputError(f"dataset {name!r} has {' and '.join(media)} (columns in {base / REGISTRY}); jaxsft "
+                                 f"trains text-only models: use a text dataset")
+            if columns.get("kto_tag"):
+                raise InputError(f"dataset {name!r} is a KTO dataset (columns.kto_tag in {base / REGISTRY}), which "
+                                 f"LLaMA-Factory's SFT drops; jaxsft has no KTO stage: use an SFT dataset")
             attrs.append(attr)
             continue
         path = local_path(name, base)

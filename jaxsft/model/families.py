@@ -108,6 +108,11 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     model_type = text.get("model_type")
     fam = family_of(model_type)
 
+    quantized = hf.get("quantization_config") or text.get("quantization_config")
+    if quantized:  # GPTQ / AWQ / AQLM / bitsandbytes / FP8 tensors are not the plain weights the param tree holds
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
+        raise ValueError(f"the checkpoint is quantized (quantization_config, quant_method {method}); jaxsft loads "
+                         f"unquantized weights only: use the original bf16/fp16/fp32 model")
     act = text.get(fam.activation_key) or text.get("hidden_act") or fam.activations[0]
     if act not in fam.activations:
         raise ValueError(f"{model_type}: {fam.activation_key} {act!r} is not supported; supported: "
