@@ -253,3 +253,15 @@ def test_preprocess_example_tokenizes_saves_and_stops(tmp_path, models, capsys):
     assert len(saved["train"]) == 16  # identity + alpaca_en_demo, max_samples 8 each
     assert cli(["train", str(cfg), "--dry_run"]) == 0  # the next run trains from it
     assert "jaxsft: stages: train\n" in capsys.readouterr().out
+
+
+def test_inference_example_chats_with_the_adapter(tmp_path, models, monkeypatch, capsys):
+    """examples/inference/qwen3_lora_sft.yaml (infer_backend: huggingface) as `llamafactory-cli chat` takes it."""
+    import io
+
+    cfg = machine_specific("inference/qwen3_lora_sft.yaml", tmp_path, models)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nexit\n"))
+    assert cli(["chat", str(cfg), "do_sample=false", "max_new_tokens=4"]) == 0
+    out = capsys.readouterr().out
+    answer = out.split("Assistant: ", 1)[1].split("\n\nUser: ", 1)[0]
+    assert answer.strip(), out[-500:]  # the random model said something

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO.parent / "shared" / "llamafactory-examples"
 DATA_DIR = REPO.parent / "shared" / "data" / "llamafactory"
 TOKENIZER = Path(__file__).parent / "fixtures" / "data" / "tokenizer"
+FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory_examples"  # LF's examples/ (README there)
 
 
 def tiny_model(family: str, directory: Path) -> Path:
@@ -211,12 +212,12 @@ def _peft_logits(base_dir: Path, adapter_dir: Path, ids: np.ndarray) -> np.ndarr
         return PeftModel.from_pretrained(base, adapter_dir).eval()(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
-def run_variant(tmp_path, method: str) -> tuple[Path, Path]:
+def run_variant(tmp_path, method: str, text: str | None = None, max_samples: int = 32) -> tuple[Path, Path]:
     model = tiny_model("llama", tmp_path / "llama")
-    (tmp_path / "lf.yaml").write_text(LF_LORA_VARIANT.format(method=method))
+    (tmp_path / "lf.yaml").write_text(text or LF_LORA_VARIANT.format(method=method))
     out = tmp_path / "saves" / "sft"
     cfg = machine_specific("lf.yaml", tmp_path, model_name_or_path=str(model), dataset_dir=str(DATA_DIR),
-                           output_dir=str(out), max_samples=32, num_train_epochs=2.0, cutoff_len=128)
+                           output_dir=str(out), max_samples=max_samples, num_train_epochs=2.0, cutoff_len=128)
     jaxsft("train", cfg)
     return model, out
 
@@ -245,8 +246,14 @@ def test_pissa_example_converts_and_the_converted_adapter_matches_in_peft(tmp_pa
 
 
 def test_loraplus_example_trains_and_its_adapter_matches_in_peft(tmp_path, monkeypatch):
+    """examples/extras/loraplus/llama3_lora_sft.yaml as stored, with its eval section (val_size 0.1,
+    eval_strategy: steps): Hugging Face turns do_eval on for it, so LLaMA-Factory leaves eval_results.json."""
     monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", tmp_path)
-    model, out = run_variant(tmp_path, "loraplus_lr_ratio: 16.0")
+    text = (FIXTURES / "extras" / "loraplus" / "llama3_lora_sft.yaml").read_text()
+    assert "loraplus_lr_ratio: 16.0" in text and "eval_strategy: steps" in text
+    model, out = run_variant(tmp_path, "", text, max_samples=40)  # 72 train rows: one step of 8 x 8 per epoch
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_examples"] == 8 and np.isfinite(results["eval_loss"])  # 10% of 80 rows
     expected = _jaxsft_logits(out, IDS)
     got = _peft_logits(model, out, IDS)
     assert np.abs(got - expected).max() < 1e-4
