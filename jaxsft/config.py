@@ -160,7 +160,8 @@ class Config:
     lr_scheduler_type: str = _field("linear", "Learning-rate schedule.", LR_SCHEDULERS)
     lr_scheduler_kwargs: dict = _field({}, "Schedule options, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.")
     warmup_ratio: float = _field(0.0, "Warm-up as a fraction of all steps.")
-    warmup_steps: int = _field(0, "Warm-up steps (wins over warmup_ratio when > 0).")
+    warmup_steps: Union[int, float] = _field(0, "Warm-up steps (wins over warmup_ratio when > 0); a float in (0, 1) "
+                                                "is a fraction of all steps, as transformers 5 reads it.")
     weight_decay: float = _field(0.0, "Decoupled weight decay (never on norms and biases).")
     max_grad_norm: float = _field(1.0, "Global gradient-norm clip (0 disables).")
     logging_steps: float = _field(500, "Log every N steps.")
@@ -256,6 +257,8 @@ class Config:
             changes["export_dtype"] = "bfloat16" if (self.bf16 or self.pure_bf16) else "float32"
         if not self.do_eval and self.eval_strategy != "no" and (self.eval_dataset or self.val_size > 1e-6):
             changes["do_eval"] = True  # HF's TrainingArguments: evaluating during training evaluates at the end too
+        if 0 < self.warmup_steps < 1:  # transformers 5: a fraction of all steps (LF's galore/mod examples: 0.1)
+            changes["warmup_ratio"], changes["warmup_steps"] = float(self.warmup_steps), 0
         if not self.eval_steps:  # HF: unset or 0 is logging_steps
             changes["eval_steps"] = self.logging_steps
         if self.deepspeed is not None:

@@ -93,6 +93,7 @@ _UNSUPPORTED_HINTS = {
                     "SFT uses by default",
     "use_adam_mini": "Adam-mini is not available; remove it to train with optim: adamw_torch (or set adafactor)",
     "use_muon": "Muon is not available; remove it to train with optim: adamw_torch (or set adafactor)",
+    "evaluation_strategy": "transformers renamed it eval_strategy (as LLaMA-Factory 0.9 reads it); use eval_strategy",
     "task": "benchmark evaluation (`llamafactory-cli eval` on MMLU / C-Eval / CMMLU) is not available; `jaxsft eval` "
             "scores eval_dataset (eval_loss, eval_accuracy) and do_predict generates and scores answers",
 }
@@ -200,6 +201,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.do_train and cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError(f"key 'num_train_epochs' must be > 0 when max_steps is not set, got {cfg.num_train_epochs}")
+    if cfg.warmup_steps < 0 or (cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps)):
+        raise ConfigError(f"key 'warmup_steps' must be a step count, or a fraction in (0, 1) of all steps, got "
+                          f"{cfg.warmup_steps}")
     if cfg.warmup_ratio > 1:
         raise ConfigError(f"key 'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
     if not 0 <= cfg.lora_dropout < 1:

@@ -265,3 +265,19 @@ def test_inference_example_chats_with_the_adapter(tmp_path, models, monkeypatch,
     out = capsys.readouterr().out
     answer = out.split("Assistant: ", 1)[1].split("\n\nUser: ", 1)[0]
     assert answer.strip(), out[-500:]  # the random model said something
+
+
+def test_warmup_steps_below_one_is_a_fraction_as_transformers_5_reads_it(tmp_path):
+    """LLaMA-Factory's galore/mod examples write `warmup_steps: 0.1`; transformers 5 (whose TrainingArguments
+    LLaMA-Factory 0.9.4 uses) reads a float in [0, 1) as a fraction of all steps. It was refused as 'expected int'."""
+    from jaxsft.config_load import load_config
+    from jaxsft.errors import ConfigError
+    from jaxsft.optim import warmup_steps
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("warmup_steps: 0.1\n")
+    cfg = load_config(str(path))
+    assert (cfg.warmup_steps, cfg.warmup_ratio, warmup_steps(cfg, 95)) == (0, 0.1, 10)
+    assert warmup_steps(load_config(str(path), ["warmup_steps=5.0"]), 95) == 5
+    with pytest.raises(ConfigError, match="key 'warmup_steps' must be a step count, or a fraction in"):
+        load_config(str(path), ["warmup_steps=2.5"])
