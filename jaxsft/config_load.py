@@ -93,6 +93,7 @@ _UNSUPPORTED_HINTS = {
                     "SFT uses by default",
     "use_adam_mini": "Adam-mini is not available; remove it to train with optim: adamw_torch (or set adafactor)",
     "use_muon": "Muon is not available; remove it to train with optim: adamw_torch (or set adafactor)",
+    "logging_dir": "TensorBoard logs go to output_dir/runs (report_to: tensorboard); remove it",
     "evaluation_strategy": "transformers renamed it eval_strategy (as LLaMA-Factory 0.9 reads it); use eval_strategy",
     "task": "benchmark evaluation (`llamafactory-cli eval` on MMLU / C-Eval / CMMLU) is not available; `jaxsft eval` "
             "scores eval_dataset (eval_loss, eval_accuracy) and do_predict generates and scores answers",
@@ -105,6 +106,7 @@ _PREFIX_HINTS = (
                                                "LoRA on the bf16/fp32 model"),
     (("export_quantization_",), "quantized (GPTQ) export is not available; export writes safetensors in "
                                 "export_dtype (remove the export_quantization_* keys)"),
+    (("fp8",), "FP8 training is not available; remove the fp8 keys to train in bf16 (bf16: true)"),
     (("galore_", "use_galore"), "GaLore is not available; remove the galore keys to train with optim: adamw_torch"),
     (("apollo_", "use_apollo"), "APOLLO is not available; remove the apollo keys to train with optim: adamw_torch"),
     (("badam_", "use_badam"), "BAdam is not available; remove the badam keys to train with optim: adamw_torch "

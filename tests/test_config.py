@@ -147,6 +147,9 @@ def test_overrides_win_and_are_typed(tmp_path):
     # LLaMA-Factory's own values are named before the keys that come with them (here oft_block_size).
     ("finetuning_type: oft\noft_block_size: 32\n", "key 'finetuning_type': 'oft' is not supported: OFT"),
     ("stage: dpo\npref_beta: 0.1\n", "key 'stage': 'dpo' is not supported: preference training"),
+    ("fp8: true\n", "key 'fp8' is a LLaMA-Factory option that jaxsft does not support: FP8 training is not available"),
+    ("evaluation_strategy: steps\n", "transformers renamed it eval_strategy (as LLaMA-Factory 0.9 reads it); use "
+                                     "eval_strategy"),
     ("fp16: true\n", "key 'fp16': True is not supported, only False; use bf16: true"),
     ("export_legacy_format: true\n", "key 'export_legacy_format': True is not supported, only False: jaxsft "
                                      "exports safetensors only"),
