@@ -107,6 +107,12 @@ _PREFIX_HINTS = (
     (("export_quantization_",), "quantized (GPTQ) export is not available; export writes safetensors in "
                                 "export_dtype (remove the export_quantization_* keys)"),
     (("fp8",), "FP8 training is not available; remove the fp8 keys to train in bf16 (bf16: true)"),
+    (("enable_liger_kernel", "use_liger_kernel", "liger_kernel_config"),
+     "jaxsft compiles its own step with XLA and never holds the logits of a whole row (loss_chunk_size); "
+     "remove it"),
+    (("torch_compile",), "jaxsft always compiles its step with XLA; remove it"),
+    (("swanlab_", "use_swanlab"), "SwanLab is not available; use report_to: tensorboard, wandb or mlflow"),
+    (("use_unsloth",), "jaxsft has its own compiled train step"),
     (("galore_", "use_galore"), "GaLore is not available; remove the galore keys to train with optim: adamw_torch"),
     (("apollo_", "use_apollo"), "APOLLO is not available; remove the apollo keys to train with optim: adamw_torch"),
     (("badam_", "use_badam"), "BAdam is not available; remove the badam keys to train with optim: adamw_torch "
