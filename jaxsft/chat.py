@@ -17,7 +17,7 @@ import sys
 
 from jaxsft.config import Config, ConfigError
 from jaxsft.config_load import build_config, load_config
-from jaxsft.errors import report
+from jaxsft.errors import UserError, report
 
 WELCOME = "Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application."
 
@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = chat_config(args.config, args.checkpoint, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        if args.checkpoint is None:  # the model and adapter, checked before any weights load
+            from jaxsft.preflight import check_adapter, check_model_dir
+
+            check_model_dir(cfg.model_name_or_path)
+            check_adapter(cfg)
+    except (UserError, FileNotFoundError) as e:
         return report(e)
 
     import jax

@@ -288,21 +288,28 @@ def adapter_scale(adapter_config: dict) -> float:
                       bool(adapter_config.get("use_rslora", False)))
 
 
-def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelConfig,
-                      dtype=None) -> tuple[dict, float]:
-    """Read a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the tree:
-    adapters beside their kernels (in the kernel's dtype unless `dtype`), `modules_to_save` weights in
-    place of the base ones. Returns (params, lora scale)."""
+def check_adapter_dir(path: str | os.PathLike) -> tuple[Path, dict]:
+    """`adapter_name_or_path` checked before any weights load: one directory, with an adapter_config.json
+    jaxsft applies and safetensors weights. Returns the directory and its config."""
     path = Path(path).expanduser()
     if "," in str(path) and not path.exists():
         raise ConfigError(f"adapter_name_or_path {str(path)!r}: pass one adapter directory (several "
                          "comma-separated adapters are not supported)")
     config = read_adapter_config(path)
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    if not (path / ADAPTER_WEIGHTS).is_file():
         pickled = " (adapter_model.bin holds pickled weights, which are not loaded: unpickling runs code)" \
             if (path / "adapter_model.bin").is_file() else ""
         raise MissingPath(f"no {ADAPTER_WEIGHTS} in {path}{pickled}")
+    return path, config
+
+
+def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelConfig,
+                      dtype=None) -> tuple[dict, float]:
+    """Read a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the tree:
+    adapters beside their kernels (in the kernel's dtype unless `dtype`), `modules_to_save` weights in
+    place of the base ones. Returns (params, lora scale)."""
+    path, config = check_adapter_dir(path)
+    weights = path / ADAPTER_WEIGHTS
     if has_adapters(params):
         raise ValueError("params already hold LoRA adapters; merge them (merge_adapters) before loading another")
     rank, scale = int(config["r"]), adapter_scale(config)

@@ -28,6 +28,9 @@ def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) 
     if cfg.export_dir:
         check_export_dir(cfg)
     if not (cfg.do_train or cfg.do_eval or cfg.do_predict):
+        if cfg.export_dir and cfg.model_name_or_path:  # an export alone (LLaMA-Factory's merge_lora examples)
+            check_model_dir(cfg.model_name_or_path)
+            check_adapter(cfg)
         return
     tokenized = cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir())
     if cfg.do_train and cfg.eval_strategy != "no" and not (cfg.eval_dataset or cfg.val_size > 0 or tokenized
@@ -35,6 +38,7 @@ def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) 
         raise ConfigError(f"eval_strategy: {cfg.eval_strategy} needs evaluation data: set eval_dataset, or val_size "
                           f"to hold out part of dataset, or retention_dataset (or eval_strategy: no)")
     model_dir = check_model_dir(cfg.model_name_or_path)
+    check_adapter(cfg)
     check_template(cfg.template, cfg.tool_format, model_dir)
     check_datasets(cfg, read_rows)
     check_output_dir(cfg)
@@ -88,6 +92,15 @@ def check_model_dir(name_or_path: str) -> Path | None:
                           f"copy the tokenizer of the model's original release into it")
     check_tokenizer_code(path)
     return path
+
+
+def check_adapter(cfg: Config) -> None:
+    """adapter_name_or_path (when set and not resuming a checkpoint, which holds the adapter) is a PEFT LoRA
+    adapter jaxsft applies."""
+    if cfg.adapter_name_or_path and not cfg.resume_from_checkpoint:
+        from jaxsft.lora import check_adapter_dir
+
+        check_adapter_dir(cfg.adapter_name_or_path)
 
 
 def check_tokenizer_code(model_dir: Path) -> None:

@@ -21,6 +21,7 @@ _PT = ("key 'stage': 'pt' is not supported: continued pre-training (stage: pt) i
        "sft, which trains a plain-text dataset")
 _QLORA = "key 'quantization_bit' is a LLaMA-Factory option that jaxsft does not support: quantized (QLoRA) training"
 _MULTIMODAL = "key 'image_max_pixels' is a LLaMA-Factory option that jaxsft does not support: multimodal"
+_VL_MODEL = "model_type 'qwen3_vl' is not supported; supported: llama, mistral, qwen2, qwen3"
 _QUANTIZED_MODEL = "the checkpoint is quantized (quantization_config, quant_method {method}); jaxsft loads unquantized"
 
 # example -> None when it runs, else the start of its one error line (after the file named first, if any).
@@ -39,7 +40,6 @@ OUTCOMES = {
     "merge_lora/qwen3_full_sft.yaml": None,
     "merge_lora/llama3_lora_sft.yaml": None,
     "merge_lora/llama3_full_sft.yaml": None,
-    "merge_lora/qwen3vl_lora_sft.yaml": None,  # runs on a text model; a Qwen3-VL checkpoint is refused by type
     "inference/qwen3.yaml": None,
     "inference/qwen3_full_sft.yaml": None,
     "inference/qwen3_lora_sft.yaml": None,
@@ -74,7 +74,9 @@ OUTCOMES = {
                                   "support: quantized (GPTQ) export",
     "inference/llama3_vllm.yaml": "key 'infer_backend': 'vllm' is not supported: jaxsft generates with its own",
     "inference/llama3_sglang.yaml": "key 'infer_backend': 'sglang' is not supported: jaxsft generates with its own",
-    "inference/qwen3vl.yaml": "Unknown template 'qwen3_vl_nothink'",
+    # Their model is a Qwen3-VL checkpoint: a tiny model stands in with its model_type.
+    "merge_lora/qwen3vl_lora_sft.yaml": _VL_MODEL,
+    "inference/qwen3vl.yaml": _VL_MODEL,
     "extras/adam_mini/qwen2_full_sft.yaml": "key 'use_adam_mini' is a LLaMA-Factory option that jaxsft does not "
                                             "support: Adam-mini",
     "extras/apollo/llama3_full_sft.yaml": "key 'use_apollo' is a LLaMA-Factory option that jaxsft does not support: "
@@ -114,20 +116,22 @@ def models(tmp_path_factory) -> dict[str, Path]:
         get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
             root / f"{fam}-adapter")
         found[f"{fam}-adapter"] = root / f"{fam}-adapter"
-    for method in ("awq", "gptq", "aqlm"):
-        shutil.copytree(found["llama"], root / method)
-        config = json.loads((root / method / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": method, "bits": 4}
-        (root / method / "config.json").write_text(json.dumps(config))
-        found[method] = root / method
+    for name, base, change in [(m, "llama", {"quantization_config": {"quant_method": m, "bits": 4}})
+                               for m in ("awq", "gptq", "aqlm")] + [("qwen3vl", "qwen3", {"model_type": "qwen3_vl"})]:
+        shutil.copytree(found[base], root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+        found[name] = root / name
     return found
 
 
 def machine_specific(example: str, tmp_path: Path, models: dict[str, Path]) -> Path:
     """The example with only paths and CPU sizes changed (the keys a user changes for their machine)."""
     config = yaml.safe_load((FIXTURES / example).read_text())
-    quantized = next((m for m in ("awq", "gptq", "aqlm") if example.endswith(f"_{m}.yaml")), None)
-    config["model_name_or_path"] = str(models[quantized or family(example)])
+    stand_in = next((m for m in ("awq", "gptq", "aqlm") if example.endswith(f"_{m}.yaml")), None)
+    if Path(example).name.startswith("qwen3vl"):
+        stand_in = "qwen3vl"
+    config["model_name_or_path"] = str(models[stand_in or family(example)])
     if "adapter_name_or_path" in config:
         config["adapter_name_or_path"] = str(models[f"{family(example)}-adapter"])
     if "dataset" in config or "eval_dataset" in config:
@@ -212,7 +216,7 @@ def _dry_run_error(capsys, args: list[str]) -> str:
     return err[0].removeprefix("error: ")
 
 
-def test_datasets_sft_cannot_train_are_refused_by_name(tmp_path, models, capsys):
+def test_data_and_adapters_an_example_cannot_use_are_refused_by_name(tmp_path, models, capsys):
     """dataset_info.json entries of LLaMA-Factory's demo data that hold images (mllm_demo) or KTO labels
     (kto_en_demo) were trained as plain text (the images column ignored, `<image>` learned as text)."""
     data = tmp_path / "data"
@@ -230,6 +234,9 @@ def test_datasets_sft_cannot_train_are_refused_by_name(tmp_path, models, capsys)
     assert _dry_run_error(capsys, ["train", str(cfg), f"dataset_dir={data}", "dataset=kto_en_demo", "--dry_run"]) == (
         f"dataset 'kto_en_demo' is a KTO dataset (columns.kto_tag in {registry}), which LLaMA-Factory's SFT drops; "
         f"jaxsft has no KTO stage: use an SFT dataset")
+    missing = tmp_path / "saves" / "lora" / "sft"  # the adapter of an earlier run that is not there
+    assert _dry_run_error(capsys, ["train", str(cfg), f"adapter_name_or_path={missing}", "--dry_run"]) == (
+        f"{missing} is not a PEFT adapter directory: no adapter_config.json")
     # LLaMA-Factory's Ray example reads dataset_info.json from a hub repo
     assert _dry_run_error(capsys, ["train", str(cfg), "dataset_dir=REMOTE:llamafactory/demo_data", "--dry_run"]) == (
         "dataset_dir: REMOTE:llamafactory/demo_data is LLaMA-Factory's hub form, which jaxsft does not download; fetch "
