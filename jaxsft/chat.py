@@ -79,34 +79,45 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from jaxsft.data.formats import Conversation, Message
-    from jaxsft.data.prompts import encode_oneturn
+    from jaxsft.checkpoint import find_checkpoint
     from jaxsft.data.templates import get_template
-    from jaxsft.generate import generate
-    from jaxsft.predict import (
-        generation_params,
-        load_for_generation,
-        sampling_of,
-        stop_token_ids,
-    )
-    from jaxsft.runtime import (
-        DTYPES,
-        build_mesh,
-        load_tokenizer,
-        resolve_attention_impl,
-    )
+    from jaxsft.predict import generation_params, stop_token_ids
+    from jaxsft.resume import resume_target
+    from jaxsft.runtime import build_mesh, load_model_for, load_tokenizer
 
+    # --checkpoint, else the config's resume_from_checkpoint (as eval and predict read it), else the HF model.
+    checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else resume_target(cfg)
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
     template = get_template(cfg.template, tokenizer, default_system=cfg.default_system,
                             enable_thinking=cfg.enable_thinking, tool_format=cfg.tool_format)
-    model = load_for_generation(cfg, mesh, args.checkpoint)
+    model = load_model_for(cfg, mesh, None, checkpoint)
+    if checkpoint is not None:
+        print(f"chatting with {checkpoint[0]}/checkpoint_{checkpoint[1]}", flush=True)
     params = generation_params(model)
     stop = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rng = jax.random.key(cfg.seed)
 
     print(WELCOME)
+    try:
+        _converse(cfg, model, params, tokenizer, template, stop, pad_id, rng)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt or mid-answer: leave as `exit` does
+        print(flush=True)
+        return 130
+    return 0
+
+
+def _converse(cfg: Config, model, params, tokenizer, template, stop, pad_id, rng) -> None:
+    """The read-answer loop, until `exit` or the end of the input."""
+    import jax
+
+    from jaxsft.data.formats import Conversation, Message
+    from jaxsft.data.prompts import encode_oneturn
+    from jaxsft.generate import generate
+    from jaxsft.predict import sampling_of
+    from jaxsft.runtime import DTYPES, resolve_attention_impl
+
     history: list[Message] = []
     while True:
         try:
@@ -138,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         response = streamer.finish()
         print()
         history.append(Message("assistant", response))
-    return 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ def inspect(argv: Sequence[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model_name_or_path is None or cfg.template is None:
         raise ConfigError("inspect needs model_name_or_path (for the tokenizer) and template")
+    if not (cfg.dataset or cfg.eval_dataset or cfg.tokenized_path):
+        raise ConfigError(f"inspect: {args.config or 'the config'} names no data to inspect; set dataset and/or "
+                          f"eval_dataset (or tokenized_path)")
     from jaxsft.data.audit import audit_data, learned_mask
     from jaxsft.data.report import render_text, write_report
     from jaxsft.runtime import build_mesh, load_tokenizer, rows_per_process

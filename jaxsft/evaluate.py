@@ -83,6 +83,10 @@ def run_evaluation(cfg, trained=None) -> dict[str, float]:
     data = build_datasets(DataArgs.from_config(cfg), tokenizer, train=False, process_index=jax.process_index(),
                           process_count=jax.process_count())
     if not data.eval:
+        if str((getattr(data, "stats", None) or {}).get("source", "")).startswith("tokenized_path"):
+            raise InputError(f"do_eval: tokenized_path {cfg.tokenized_path} holds no eval split (it was saved by a "
+                             f"run without eval_dataset or val_size), and it replaces the datasets; remove "
+                             f"tokenized_path to evaluate eval_dataset")
         raise InputError("do_eval: no evaluation examples left (every row of the evaluation data was dropped; "
                          "see the warning above)")
     model = load_model_for(cfg, mesh, trained, checkpoint)

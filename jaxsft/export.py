@@ -10,10 +10,8 @@ renamed into place, and the config (what loaders read first) is removed before a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import logging
 import re
 import shutil
@@ -26,6 +24,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.numpy import save_file
 
 from jaxsft import lora
+from jaxsft.files import write_text_atomically, written_atomically
 from jaxsft.lora_variants import pissa_init_weights, pissa_to_lora
 from jaxsft.config import Config, ConfigError
 from jaxsft.model.config import ModelConfig
@@ -47,20 +46,8 @@ def _np_dtype(dtype: str) -> np.dtype:
     return NP_DTYPES[dtype]
 
 
-@contextlib.contextmanager
-def written_atomically(path: Path):
-    """Yields a hidden path beside `path` to write; renames it to `path` once the writing returned."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with written_atomically(path) as partial:
-        partial.write_text(text)
+    write_text_atomically(path, text)
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
@@ -123,6 +110,10 @@ def export_hf(params: dict, model_cfg: ModelConfig, source_model_dir: str | Path
     state = {name: state[name] for name in sorted(state, key=_hf_order)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # written last: a folder without it is not a model yet
+    # An adapter an earlier export left here would be loaded instead of these weights (transformers applies an
+    # adapter_config.json it finds to the base model that config names): it goes, config first.
+    for stale in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS, "adapter_model.bin"):
+        (out / stale).unlink(missing_ok=True)
 
     hf_config = json.loads((source / "config.json").read_text())
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["dtype", "torch_dtype"]

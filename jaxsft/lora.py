@@ -255,6 +255,9 @@ def _module_path(params: dict, hf_module: str) -> tuple[str, ...] | None:
 
 def read_adapter_config(path: Path) -> dict:
     config_file = path / ADAPTER_CONFIG
+    if not path.is_dir():
+        raise MissingPath(f"adapter {path} does not exist: give a PEFT adapter directory ({ADAPTER_CONFIG} + "
+                          f"{ADAPTER_WEIGHTS})")
     if not config_file.is_file():
         raise MissingPath(f"{path} is not a PEFT adapter directory: no {ADAPTER_CONFIG}")
     config = json.loads(config_file.read_text())

@@ -99,17 +99,36 @@ def describe(cfg: Config, stages: list[str] | None = None) -> str:
     stages = planned_stages(cfg) if stages is None else stages
     planned = ", ".join(stages) if stages else "none (set do_train, do_eval, do_predict or export_dir)"
     lines = [f"jaxsft: stages: {planned}"]
+    training = "train" in stages
+    if cfg.finetuning_type == "lora" and training:  # else an adapter, when loaded, brings its own
+        method = f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
+    else:
+        method = ""
     lines.append(f"  model: {cfg.model_name_or_path}  template: {cfg.template}  finetuning: {cfg.finetuning_type}"
-                 + (f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
-                    if cfg.finetuning_type == "lora" else "") + _variants(cfg))
-    lines.append(f"  data: {cfg.dataset} (dir {cfg.dataset_dir})  cutoff_len: {cfg.cutoff_len}  "
-                 f"packing: {cfg.packing}  val_size: {cfg.val_size}")
-    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
-    lines.append(f"  optim: {cfg.optim} lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {steps}, "
-                 f"batch {cfg.per_device_train_batch_size}/device x {cfg.gradient_accumulation_steps} accumulation")
-    lines.append(f"  mesh: {cfg.mesh}  attention: {cfg.attention_impl}  remat: {cfg.remat_policy}  "
-                 f"params {cfg.param_dtype} / compute {cfg.compute_dtype}")
-    lines.append(f"  output_dir: {cfg.output_dir}")
+                 + method + _variants(cfg))
+    if cfg.adapter_name_or_path:
+        lines.append(f"  adapter: {cfg.adapter_name_or_path}"
+                     + ("  (a new adapter is trained on top)" if training and cfg.create_new_adapter else ""))
+    resume = cfg.resume_from_checkpoint
+    if resume not in (None, False) and str(resume).lower() != "false" and set(stages) & {"train", "eval", "predict"}:
+        lines.append(f"  checkpoint: {cfg.output_dir + ' (latest)' if str(resume).lower() == 'true' else resume}")
+    if set(stages) & {"train", "eval", "predict"}:  # an export alone reads no data
+        data = (f"{cfg.dataset}" if training or cfg.val_size > 1e-6 else "") \
+            + (f"  eval: {cfg.eval_dataset}" if cfg.eval_dataset else "")
+        lines.append(f"  data: {data.strip() or 'none'} (dir {cfg.dataset_dir})  cutoff_len: {cfg.cutoff_len}  "
+                     f"packing: {cfg.packing}  val_size: {cfg.val_size}")
+    if training:
+        steps = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
+        lines.append(f"  optim: {cfg.optim} lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {steps}, "
+                     f"batch {cfg.per_device_train_batch_size}/device x {cfg.gradient_accumulation_steps} "
+                     f"accumulation")
+    if set(stages) & {"train", "eval", "predict"}:
+        lines.append(f"  mesh: {cfg.mesh}  attention: {cfg.attention_impl}  remat: {cfg.remat_policy}  "
+                     f"params {cfg.param_dtype} / compute {cfg.compute_dtype}")
+        lines.append(f"  output_dir: {cfg.output_dir}")
+    if "export" in stages:
+        lines.append(f"  export_dir: {cfg.export_dir} ({'PEFT adapter' if cfg.export_adapter else 'merged model'}, "
+                     f"{cfg.export_dtype})")
     for key, how in met_settings(cfg).items():
         lines.append(f"  note: '{key}': {how}")
     for key, why in ignored_settings(cfg).items():
@@ -235,6 +254,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
             return getattr(cli_tools, command)(argv[1:])
         except UserError as e:
             return report(e)
+        except KeyboardInterrupt:  # Ctrl-C while the model or the data loads
+            print("\nerror: interrupted (SIGINT)", file=sys.stderr, flush=True)
+            return 130
     only = None
     if command in SUBCOMMANDS:
         flags, only = SUBCOMMANDS[command]

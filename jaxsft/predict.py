@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxsft.config import Config, ConfigError
 from jaxsft.errors import InputError
+from jaxsft.files import write_text_atomically
 from jaxsft.generate import Sampling, generate
 from jaxsft.metrics import decode_for_similarity, rouge_bleu
 from jaxsft.run_logging import save_metrics
@@ -98,9 +99,8 @@ def write_predictions(path: str | Path, tokenizer, prompts: list[tuple[np.ndarra
                 "predict": tokenizer.decode(out, skip_special_tokens=skip_special_tokens),
                 "label": tokenizer.decode(label.tolist(), skip_special_tokens=skip_special_tokens)}
                for (ids, label), out in zip(prompts, outputs)]
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # Whole or not at all: a kill mid-write must not leave a shorter file that reads as a finished prediction.
+    write_text_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return records
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -71,6 +72,12 @@ def check_model_dir(name_or_path: str) -> Path | None:
         raise ConfigError(f"model_name_or_path: {name_or_path} is a file; give the model's directory")
     config_file = path / "config.json"
     if not config_file.is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ConfigError(f"model_name_or_path: {path} holds a LoRA adapter, not a model; set "
+                              f"adapter_name_or_path: {path} and model_name_or_path to its base model")
+        if _is_jaxsft_checkpoint(path):
+            raise ConfigError(f"model_name_or_path: {path} is a jaxsft training checkpoint, not a Hugging Face "
+                              f"model; {_CHECKPOINT_USE.format(path=path)}")
         raise MissingPath(f"model_name_or_path: no config.json in {path}; a Hugging Face model directory holds "
                           f"config.json, tokenizer files and *.safetensors")
     try:
@@ -94,13 +101,49 @@ def check_model_dir(name_or_path: str) -> Path | None:
     return path
 
 
+_CHECKPOINT_USE = ("eval, predict and chat read it as resume_from_checkpoint: {path} (with the run's finetuning_type); "
+                   "`python tools/convert_checkpoint.py --checkpoint {path} --export_dir DIR` exports it")
+
+
+def _is_jaxsft_checkpoint(path: Path) -> bool:
+    """A `checkpoint_<step>` dir orbax wrote, or an output_dir holding them (and no exported model)."""
+    if CHECKPOINT_DIR.match(path.name):
+        return (path / "_CHECKPOINT_METADATA").exists() or (path / "commit_success.txt").exists()
+    return bool(_committed_steps(path))
+
+
 def check_adapter(cfg: Config) -> None:
     """adapter_name_or_path (when set and not resuming a checkpoint, which holds the adapter) is a PEFT LoRA
-    adapter jaxsft applies."""
-    if cfg.adapter_name_or_path and not cfg.resume_from_checkpoint:
-        from jaxsft.lora import check_adapter_dir
+    adapter jaxsft applies; a path to something else (missing, a jaxsft checkpoint, a full model) says what it
+    is and what to set instead."""
+    if not cfg.adapter_name_or_path or cfg.resume_from_checkpoint:
+        return
+    from jaxsft.lora import check_adapter_dir
 
-        check_adapter_dir(cfg.adapter_name_or_path)
+    name = str(cfg.adapter_name_or_path)
+    path = Path(name).expanduser()
+    if "," in name and not path.exists():
+        check_adapter_dir(name)  # says that one adapter is supported
+    if not path.exists():
+        hub = (" (adapters are read from local directories: download it first, e.g. `huggingface-cli download "
+               f"{name} --local-dir DIR`)" if _looks_like_hub_id(name) else "")
+        raise MissingPath(f"adapter_name_or_path: {name} does not exist{hub}; give a PEFT adapter directory "
+                          f"(adapter_config.json + adapter_model.safetensors), e.g. a LoRA run's output_dir")
+    if not path.is_dir():
+        raise ConfigError(f"adapter_name_or_path: {name} is a file; give the adapter's directory")
+    if (path / "adapter_config.json").is_file():
+        if cfg.export_dir and Path(cfg.export_dir).expanduser().resolve() == path.resolve():
+            raise ConfigError(f"export_dir: {cfg.export_dir} is the directory of adapter_name_or_path; the merged "
+                              f"model would replace the adapter: choose another export_dir")
+        check_adapter_dir(path)
+        return
+    if (path / "config.json").is_file():
+        raise ConfigError(f"adapter_name_or_path: {name} holds a full model (config.json), not a LoRA adapter; "
+                          f"set model_name_or_path: {name} and remove adapter_name_or_path")
+    if _is_jaxsft_checkpoint(path):
+        raise ConfigError(f"adapter_name_or_path: {name} is a jaxsft training checkpoint, not a PEFT adapter; "
+                          + _CHECKPOINT_USE.format(path=name))
+    raise MissingPath(f"adapter_name_or_path: {name} is not a PEFT adapter directory: no adapter_config.json in it")
 
 
 def check_tokenizer_code(model_dir: Path) -> None:
@@ -271,6 +314,12 @@ def check_export_dir(cfg: Config) -> None:
     _check_writable("export_dir", export)
     held = [n for n in MODEL_FILES if (export / n).is_file()] + sorted(p.name for p in export.glob("*.safetensors")) \
         if export.is_dir() else []
+    if held and not any(n in held for n in ("config.json", "adapter_config.json")):
+        # The config is written last (jaxsft.export): weights without it are an export a kill cut short, which
+        # no loader takes for a model; the rerun replaces it.
+        logging.getLogger("jaxsft").warning("export_dir: %s holds an unfinished export (%s without a config); it is "
+                                            "replaced", export, ", ".join(held[:3]))
+        return
     if held and not cfg.overwrite_output_dir:
         raise ConfigError(f"export_dir: {export} already holds a model ({', '.join(held[:3])}); set "
                           f"overwrite_output_dir: true to replace it, or choose another export_dir")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import socket
@@ -30,6 +31,7 @@ import time
 from typing import Any
 
 from jaxsft.config import every_n_steps
+from jaxsft.files import write_text_atomically
 
 TRAINER_LOG = "trainer_log.jsonl"
 
@@ -61,9 +63,9 @@ def _hms(seconds: float) -> str:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-    """A results file as HF writes it: indent 4, sorted keys."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({k: _plain(v) for k, v in data.items()}, f, indent=4, sort_keys=True)
+    """A results file as HF writes it: indent 4, sorted keys; whole or not at all (a kill mid-write leaves the
+    previous file)."""
+    write_text_atomically(path, json.dumps({k: _plain(v) for k, v in data.items()}, indent=4, sort_keys=True))
 
 
 def save_metrics(output_dir: str, split: str, metrics: dict[str, Any], write=print) -> None:
@@ -76,8 +78,14 @@ def save_metrics(output_dir: str, split: str, metrics: dict[str, Any], write=pri
     all_path = os.path.join(output_dir, "all_results.json")
     combined = {}
     if os.path.exists(all_path):
-        with open(all_path, encoding="utf-8") as f:
-            combined = json.load(f)
+        try:
+            with open(all_path, encoding="utf-8") as f:
+                combined = json.load(f)
+        except (ValueError, UnicodeDecodeError):  # torn by a kill before writes were atomic: start it afresh
+            logging.getLogger("jaxsft").warning("%s could not be read (a run was killed while writing it?); "
+                                                "it is written anew with the %s results", all_path, split)
+        if not isinstance(combined, dict):
+            combined = {}
     combined.update({k: _plain(v) for k, v in metrics.items()})
     write_json(all_path, combined)
 

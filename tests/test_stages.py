@@ -160,3 +160,112 @@ def test_streaming_with_a_fractional_val_size_is_a_one_line_error(tmp_path, caps
                  "output_dir": tmp_path / "out"}) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: val_size: 0.1 is a fraction; with streaming, val_size must be a number of rows (>= 1).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage-alone runs pointed at the wrong kind of directory: one line that says what it is and what to set.
+
+def _checkpoint_like(tmp_path: Path) -> Path:
+    """A jaxsft output_dir with one committed step (the files orbax marks a finished checkpoint with)."""
+    step = tmp_path / "run" / "checkpoint_3"
+    step.mkdir(parents=True)
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    return step
+
+
+USE_CHECKPOINT = ("eval, predict and chat read it as resume_from_checkpoint: {p} (with the run's finetuning_type); "
+                  "`python tools/convert_checkpoint.py --checkpoint {p} --export_dir DIR` exports it")
+
+
+@pytest.mark.parametrize("key, target, message", [
+    ("adapter_name_or_path", "{tmp}/nope",
+     "adapter_name_or_path: {tmp}/nope does not exist; give a PEFT adapter directory (adapter_config.json + "
+     "adapter_model.safetensors), e.g. a LoRA run's output_dir"),
+    ("adapter_name_or_path", "someone/lora-adapter",
+     "adapter_name_or_path: someone/lora-adapter does not exist (adapters are read from local directories: download "
+     "it first, e.g. `huggingface-cli download someone/lora-adapter --local-dir DIR`); give a PEFT adapter directory "
+     "(adapter_config.json + adapter_model.safetensors), e.g. a LoRA run's output_dir"),
+    ("adapter_name_or_path", "{checkpoint}",
+     "adapter_name_or_path: {checkpoint} is a jaxsft training checkpoint, not a PEFT adapter; "
+     + USE_CHECKPOINT.format(p="{checkpoint}")),
+    ("adapter_name_or_path", "{run}",
+     "adapter_name_or_path: {run} is a jaxsft training checkpoint, not a PEFT adapter; "
+     + USE_CHECKPOINT.format(p="{run}")),
+    ("adapter_name_or_path", TINY,
+     f"adapter_name_or_path: {TINY} holds a full model (config.json), not a LoRA adapter; set model_name_or_path: "
+     f"{TINY} and remove adapter_name_or_path"),
+    ("model_name_or_path", "{checkpoint}",
+     "model_name_or_path: {checkpoint} is a jaxsft training checkpoint, not a Hugging Face model; "
+     + USE_CHECKPOINT.format(p="{checkpoint}")),
+])
+@pytest.mark.parametrize("stage", ["eval", "predict", "export"])
+def test_a_path_that_is_not_an_adapter_or_model_says_what_it_is(tmp_path, capsys, key, target, message, stage):
+    """eval / predict / export alone (export used to read no model path before loading: 'no config.json in
+    ...'; a missing adapter read 'is not a PEFT adapter directory: no adapter_config.json')."""
+    checkpoint = _checkpoint_like(tmp_path)
+    fill = {"tmp": tmp_path, "checkpoint": checkpoint, "run": checkpoint.parent}
+    values = {**EVAL_ONLY, **LORA, "output_dir": tmp_path / "out", "export_dir": tmp_path / "export",
+              key: target.format(**fill) if isinstance(target, str) else target}
+    assert cli([stage] + [f"{k}={v}" for k, v in values.items()] + ["--dry_run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + message.format(**fill)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_given_as_model_or_merged_into_its_own_folder_is_refused(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    peft_model = __import__("peft").get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+        __import__("peft").LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(adapter)
+    assert cli(["export", f"model_name_or_path={adapter}", "template=llama3", f"export_dir={tmp_path / 'e'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model_name_or_path: {adapter} holds a LoRA adapter, not a model; set adapter_name_or_path: "
+        f"{adapter} and model_name_or_path to its base model")
+    assert cli(["export", f"model_name_or_path={TINY}", f"adapter_name_or_path={adapter}", "template=llama3",
+                f"export_dir={adapter}", "overwrite_output_dir=true"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: export_dir: {adapter} is the directory of adapter_name_or_path; the merged model would replace the "
+        f"adapter: choose another export_dir")
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]
+
+
+def test_the_run_summary_of_a_stage_alone_names_what_it_reads(tmp_path, capsys):
+    """An eval-only run said `data: None` and printed the optimizer and the config's LoRA rank (not the
+    adapter's); an export printed the data, mesh and output_dir it never uses."""
+    values = {**EVAL_ONLY, **LORA, "adapter_name_or_path": TINY, "output_dir": tmp_path / "out"}
+    cli(["eval"] + [f"{k}={v}" for k, v in values.items()] + ["--dry_run"])
+    said = capsys.readouterr().out.splitlines()
+    assert said[:3] == ["jaxsft: stages: eval", f"  model: {TINY}  template: llama3  finetuning: lora",
+                        f"  adapter: {TINY}"]
+    assert said[3].startswith(f"  data: eval: identity (dir {REPO / 'examples' / 'data'})")
+    assert not any(line.startswith("  optim:") for line in said)
+    cli(["export", f"model_name_or_path={TINY}", "template=llama3", f"export_dir={tmp_path / 'e'}", "--dry_run"])
+    said = capsys.readouterr().out.splitlines()
+    assert said[:3] == ["jaxsft: stages: export", f"  model: {TINY}  template: llama3  finetuning: lora",
+                        f"  export_dir: {tmp_path / 'e'} (merged model, float32)"]
+
+
+def test_inspect_of_a_config_without_data_is_a_one_line_error(tmp_path, capsys):
+    assert cli(["inspect", f"model_name_or_path={TINY}", "template=llama3", f"export_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: inspect: the config names no data to inspect; set dataset and/or eval_dataset (or tokenized_path)")
+
+
+def test_eval_of_a_tokenized_path_without_an_eval_split_says_so(tmp_path, capsys):
+    """tokenized_path replaces the datasets; one saved by a training run without evaluation data has no eval
+    split (it read 'every row of the evaluation data was dropped; see the warning above', with no such warning)."""
+    from jaxsft.config_load import build_config
+    from jaxsft.data.args import DataArgs
+    from jaxsft.data.pipeline import build_datasets
+    from jaxsft.runtime import load_tokenizer
+
+    tokenized = tmp_path / "tokenized"
+    cfg = build_config({**EVAL_ONLY, "eval_dataset": None, "do_eval": False, "do_predict": False,
+                        "dataset": "identity", "tokenized_path": str(tokenized), "output_dir": str(tmp_path / "train")})
+    build_datasets(DataArgs.from_config(cfg), load_tokenizer(cfg), train=True)
+    assert (tokenized / "dataset_dict.json").is_file()
+    assert _cli({**EVAL_ONLY, "do_predict": False, "tokenized_path": tokenized, "output_dir": tmp_path / "out"}) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: do_eval: tokenized_path {tokenized} holds no eval split (it was saved by a run without eval_dataset "
+        f"or val_size), and it replaces the datasets; remove tokenized_path to evaluate eval_dataset")
