@@ -334,3 +334,106 @@ def test_an_export_killed_while_writing_weights_leaves_no_loadable_half(tmp_path
         export.export_hf(params, model_cfg, TINY, out)
     assert not (out / "config.json").exists()
     assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.partial"))
+
+
+def test_a_rerun_of_an_export_killed_between_shards_replaces_it(tmp_path, monkeypatch, capsys):
+    """A kill after the first of two shards leaves a shard without config.json; the same export command again
+    finishes it (it said 'already holds a model; set overwrite_output_dir') and transformers loads the result."""
+    import torch
+    import transformers
+
+    from jaxsft import export
+    from jaxsft.main import cli
+
+    out = tmp_path / "export"
+    command = ["export", f"model_name_or_path={TINY}", "template=llama3", f"export_dir={out}"]
+    real_save, saved = export.save_file, []
+
+    def killed_after_one_shard(tensors, path, metadata=None):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export, "save_file", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_hf(export.load_hf_params(TINY, export.load_hf_config(TINY)), export.load_hf_config(TINY), TINY,
+                         out, shard_size_gb=0.0004)
+    assert [p.name for p in out.glob("*.safetensors")] == ["model-00001-of-00003.safetensors"]
+    assert not (out / "config.json").exists()
+    monkeypatch.undo()
+
+    assert cli(command) == 0
+    assert "holds an unfinished export (model-00001-of-00003.safetensors without a config); it is replaced" \
+        in capsys.readouterr().err
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # the stray shard is gone
+    got = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    want = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_merged_export_over_an_earlier_adapter_export_loads_as_the_merged_model(tmp_path):
+    """export_dir held a PEFT adapter (export_adapter: true, or a LoRA run's output_dir), overwritten by a merged
+    export: the adapter files stayed, and transformers, finding adapter_config.json, loaded the base model + the
+    old adapter instead of the merged weights."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from jaxsft import export
+
+    out = tmp_path / "export"
+    base = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)) \
+        .save_pretrained(out)
+    model_cfg = export.load_hf_config(TINY)
+    export.export_hf(export.load_hf_params(TINY, model_cfg), model_cfg, TINY, out)
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not hasattr(loaded, "peft_config")
+    written = load_file(out / "model.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in written.items())
+
+
+def test_results_and_predictions_killed_mid_write_keep_the_earlier_file(tmp_path, monkeypatch, caplog):
+    """A kill while `*_results.json` or `generated_predictions.jsonl` is written leaves the earlier file whole (a
+    half file read as a finished prediction, and a torn all_results.json made every later eval or predict in
+    that output_dir end in a JSONDecodeError traceback after all its work); the rerun writes them complete."""
+    import transformers
+
+    from jaxsft.predict import write_predictions
+    from jaxsft.run_logging import save_metrics
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY)
+    prompts = [(np.array(tokenizer.encode(f"question {i}"), np.int32), np.array(tokenizer.encode("answer"), np.int32))
+               for i in range(50)]
+    outputs = [tokenizer.encode(f"reply {i}") for i in range(50)]
+    predictions = out / "generated_predictions.jsonl"
+    write_predictions(predictions, tokenizer, prompts[:3], outputs[:3], True)
+    save_metrics(str(out), "predict", {"predict_bleu-4": 1.0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_write_text = Path.write_text
+
+    def killed_mid_write(self, data, *args, **kwargs):
+        real_write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(predictions, tokenizer, prompts, outputs, True)
+    with pytest.raises(KeyboardInterrupt):
+        save_metrics(str(out), "predict", {"predict_bleu-4": 2.0})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no half file, no .partial left
+
+    (out / "all_results.json").write_text('{"eval_loss": 1.5, "predict_bl')  # torn by a kill before this fix
+    write_predictions(predictions, tokenizer, prompts, outputs, True)
+    save_metrics(str(out), "predict", {"predict_bleu-4": 2.0})
+    assert "could not be read (a run was killed while writing it?)" in caplog.text
+    assert json.loads((out / "all_results.json").read_text()) == {"predict_bleu-4": 2.0}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 50 and rows[-1]["predict"] == "reply 49"

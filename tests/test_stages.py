@@ -269,3 +269,33 @@ def test_eval_of_a_tokenized_path_without_an_eval_split_says_so(tmp_path, capsys
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: do_eval: tokenized_path {tokenized} holds no eval split (it was saved by a run without eval_dataset "
         f"or val_size), and it replaces the datasets; remove tokenized_path to evaluate eval_dataset")
+
+
+def _chat(values: dict, monkeypatch, capsys) -> tuple[int, str]:
+    """`jaxsft chat` answering 'hi', then Ctrl-C at the prompt: (exit status, the answer)."""
+    typed = iter(["hi"])
+
+    def user(prompt=""):
+        print(prompt, end="")
+        try:
+            return next(typed)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr("builtins.input", user)
+    status = cli(["chat"] + [f"{k}={v}" for k, v in values.items()])
+    out = capsys.readouterr().out
+    return status, out.split("Assistant: ", 1)[1].split("\n", 1)[0]
+
+
+def test_chat_reads_resume_from_checkpoint_and_leaves_on_ctrl_c(tmp_path, monkeypatch, capsys, trained):
+    """The eval/predict config's resume_from_checkpoint is the model chat talks with (chat ignored it and talked
+    with the base model); Ctrl-C leaves with status 130 and no traceback (it was a KeyboardInterrupt traceback)."""
+    values = {**EVAL_ONLY, **LORA, "output_dir": tmp_path / "out"}
+    status, answer = _chat({**values, "resume_from_checkpoint": trained / "checkpoint_2"}, monkeypatch, capsys)
+    first = json.loads((trained / "generated_predictions.jsonl").read_text().splitlines()[0])
+    assert status == 130
+    assert first["prompt"].endswith("user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert answer == first["predict"]  # the training run's own prediction, params in memory
+    status, base_answer = _chat(values, monkeypatch, capsys)
+    assert status == 130 and base_answer != answer
