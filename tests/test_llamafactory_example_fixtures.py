@@ -236,7 +236,8 @@ def test_data_and_adapters_an_example_cannot_use_are_refused_by_name(tmp_path, m
         f"jaxsft has no KTO stage: use an SFT dataset")
     missing = tmp_path / "saves" / "lora" / "sft"  # the adapter of an earlier run that is not there
     assert _dry_run_error(capsys, ["train", str(cfg), f"adapter_name_or_path={missing}", "--dry_run"]) == (
-        f"{missing} is not a PEFT adapter directory: no adapter_config.json")
+        f"adapter_name_or_path: {missing} does not exist; give a PEFT adapter directory (adapter_config.json + "
+        f"adapter_model.safetensors), e.g. a LoRA run's output_dir")
     # LLaMA-Factory's Ray example reads dataset_info.json from a hub repo
     assert _dry_run_error(capsys, ["train", str(cfg), "dataset_dir=REMOTE:llamafactory/demo_data", "--dry_run"]) == (
         "dataset_dir: REMOTE:llamafactory/demo_data is LLaMA-Factory's hub form, which jaxsft does not download; fetch "
