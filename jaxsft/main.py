@@ -291,8 +291,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return report(e)
     except KeyboardInterrupt as e:  # outside the training loop (which turns SIGINT/SIGTERM into save-and-stop)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"error: interrupted ({name}); stopped (checkpoints already written are intact)", file=sys.stderr,
-              flush=True)
+        stages = [only] if only else planned_stages(cfg)
+        # eval, predict and export write their files whole or not at all (an export cut short is replaced)
+        kept = "checkpoints already written are intact" if "train" in stages else \
+            f"no {'/'.join(stages)} output is half-written; run the same command again"
+        print(f"error: interrupted ({name}); stopped ({kept})", file=sys.stderr, flush=True)
         os._exit(143 if name == "SIGTERM" else 130)  # skip teardown: XLA's threads may still be starting
     finally:
         if previous is not None:

@@ -437,3 +437,40 @@ def test_results_and_predictions_killed_mid_write_keep_the_earlier_file(tmp_path
     assert json.loads((out / "all_results.json").read_text()) == {"predict_bleu-4": 2.0}
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 50 and rows[-1]["predict"] == "reply 49"
+
+
+def test_a_signal_during_an_export_alone_then_the_same_command_exports(tmp_path, monkeypatch, capsys):
+    """SIGTERM while `jaxsft export` writes the weights: one line (it spoke of checkpoints, which an export has
+    none of), exit 143, no loadable half in export_dir; the same command again writes the model, without
+    overwrite_output_dir (it refused: 'already holds a model')."""
+    import torch
+    import transformers
+
+    import jaxsft.main
+    from jaxsft import export
+
+    out = tmp_path / "export"
+    command = ["export", f"model_name_or_path={TINY}", "template=llama3", f"export_dir={out}"]
+    real_save = export.save_file
+
+    def terminated_mid_write(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(export, "save_file", terminated_mid_write)
+    monkeypatch.setattr(jaxsft.main.os, "_exit", exit_)  # the test process must live on
+    with pytest.raises(SystemExit) as stopped:
+        jaxsft.main.cli(command)
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: interrupted (SIGTERM); stopped (no export output is half-written; run the same command again)")
+    assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
+    monkeypatch.setattr(export, "save_file", real_save)
+
+    assert jaxsft.main.cli(command) == 0
+    got = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    want = transformers.AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
