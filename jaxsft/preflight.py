@@ -32,6 +32,10 @@ def validate_run(cfg: Config, *, devices: bool = True, read_rows: bool = False) 
         if cfg.export_dir and cfg.model_name_or_path:  # an export alone (LLaMA-Factory's merge_lora examples)
             check_model_dir(cfg.model_name_or_path)
             check_adapter(cfg)
+            if cfg.export_adapter and not cfg.adapter_name_or_path:
+                raise ConfigError("export_adapter: true writes the LoRA adapter, and an export alone has one only from "
+                                  "adapter_name_or_path, which is not set; set it, or export_adapter: false to write "
+                                  "the model")
         return
     tokenized = cfg.tokenized_path and Path(cfg.tokenized_path).is_dir() and any(Path(cfg.tokenized_path).iterdir())
     if cfg.do_train and cfg.eval_strategy != "no" and not (cfg.eval_dataset or cfg.val_size > 0 or tokenized

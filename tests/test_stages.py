@@ -299,3 +299,12 @@ def test_chat_reads_resume_from_checkpoint_and_leaves_on_ctrl_c(tmp_path, monkey
     assert answer == first["predict"]  # the training run's own prediction, params in memory
     status, base_answer = _chat(values, monkeypatch, capsys)
     assert status == 130 and base_answer != answer
+
+
+def test_export_adapter_alone_without_an_adapter_is_a_one_line_error(tmp_path, capsys):
+    """It read 'the params hold no LoRA adapters (finetuning_type: lora)' with finetuning_type: lora set."""
+    assert cli(["export", f"model_name_or_path={TINY}", "template=llama3", "finetuning_type=lora",
+                "export_adapter=true", f"export_dir={tmp_path / 'e'}", "--dry_run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: export_adapter: true writes the LoRA adapter, and an export alone has one only from "
+        "adapter_name_or_path, which is not set; set it, or export_adapter: false to write the model")
