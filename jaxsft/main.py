@@ -241,6 +241,28 @@ USAGE = """usage: jaxsft {train,eval,predict,export,chat,inspect} cfg.yaml [key=
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """`jaxsft ...`: the exit status. A signal that lands in a garbage-collector callback or a `__del__` (JAX
+    runs one at every collection) is sent again, so the stop it asks for is not dropped with the exception."""
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: _resend_swallowed_interrupt(unraisable, previous_hook)
+    try:
+        return _cli(argv)
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _resend_swallowed_interrupt(unraisable, previous_hook) -> None:
+    """Python drops an exception raised where it cannot propagate (it prints 'Exception ignored in ...'), and the
+    run went on to the end with status 0 after a SIGTERM/SIGINT landed in JAX's gc callback. The signal is sent
+    again from a thread, so its handler runs once the interpreter is back in ordinary code."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        previous_hook(unraisable)
+        return
+    signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     if command in ("-h", "--help", "help") or not argv:
