@@ -28,7 +28,7 @@ from jaxsft.config import ConfigError
 from jaxsft.errors import InputError, MissingPath
 from jaxsft.model.config import ModelConfig
 from jaxsft.model.families import ALL_LINEAR_MODULES
-from jaxsft.model.hf import params_to_hf_state_dict
+from jaxsft.model.hf import is_other_tower, params_to_hf_state_dict
 from jaxsft.model.layers import dora_column_norm
 from jaxsft.params import LAYERS, Flat, Partition
 
@@ -326,6 +326,11 @@ def load_peft_adapter(path: str | os.PathLike, params: dict, model_cfg: ModelCon
     with jax.default_device(cpu), safe_open(weights, framework="flax") as f:  # flax reads bf16
         for name in f.keys():
             short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            if is_other_tower(short, model_cfg):  # PEFT matched a module name in the vision tower too
+                raise InputError(f"{weights}: tensor {name!r} adapts the model's vision tower or projector, which "
+                                 f"jaxsft carries through unchanged (it trains and merges the language model only); "
+                                 f"use an adapter of the language model alone (as LLaMA-Factory trains them), or "
+                                 f"merge this one with PEFT")
             if short.startswith(model_cfg.peft_prefix):  # a multimodal model's text tower: as a text model's
                 short = "model." + short[len(model_cfg.peft_prefix):]
             expert = _PEFT_EXPERT_NAME.fullmatch(short)

@@ -308,3 +308,26 @@ def test_export_adapter_alone_without_an_adapter_is_a_one_line_error(tmp_path, c
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: export_adapter: true writes the LoRA adapter, and an export alone has one only from "
         "adapter_name_or_path, which is not set; set it, or export_adapter: false to write the model")
+
+
+def test_an_adapter_on_the_vision_tower_is_refused_by_name(tmp_path, capsys):
+    """PEFT's target_modules match module names in both towers of a multimodal model; jaxsft merges the language
+    model's adapters only, and said the vision tower's tensor was 'neither a LoRA weight nor a weight of this
+    gemma3 model'."""
+    import shutil
+
+    import peft
+    from tiny_models import save_tiny_model
+
+    model, path = save_tiny_model("gemma3", tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(TINY) / name, path / name)
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    assert cli(["export", f"model_name_or_path={path}", f"adapter_name_or_path={tmp_path / 'adapter'}",
+                "template=llama3", f"export_dir={tmp_path / 'export'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'adapter' / 'adapter_model.safetensors'}: tensor 'base_model.model.model.vision_tower."
+        f"encoder.layers.0.self_attn.q_proj.lora_A.weight' adapts the model's vision tower or projector, which jaxsft "
+        f"carries through unchanged (it trains and merges the language model only); use an adapter of the language "
+        f"model alone (as LLaMA-Factory trains them), or merge this one with PEFT")
+    assert not (tmp_path / "export" / "config.json").exists()
