@@ -50,7 +50,8 @@ class NonFiniteLoss(UserError, RuntimeError):
 
 
 def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, epochs of data to iterate), with Hugging Face's arithmetic."""
+    """(total optimizer steps, epochs of data to iterate), with Hugging Face's arithmetic (in memory the
+    epoch's batches are a multiple of the accumulation steps: its steps are HF's ceil(batches / accumulation))."""
     accumulation = cfg.gradient_accumulation_steps
     steps_per_epoch = max(batches_per_epoch // accumulation, 1)
     if batches_per_epoch < accumulation:
@@ -110,6 +111,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
     return train(cfg)[0]
 
 
+def _note_empty_rows(rows: int, read: int) -> None:
+    """Say once how many empty rows fill up an epoch's last batch (and step), when they are many."""
+    if read - rows > rows // 10 and is_main_process():
+        logger.info("an epoch's %d rows fill %d rows of whole batches (and accumulation steps): %d empty rows "
+                    "complete the last ones; they add no loss, only compute", rows, read, read - rows)
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -164,12 +172,17 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                           process_count=jax.process_count())
     _print_first_example(data, tokenizer)
     rows = rows_per_process(cfg, mesh, cfg.per_device_train_batch_size)
-    batches_per_epoch = data.batches_per_epoch(rows)
-    if batches_per_epoch == 0:
-        raise ConfigError(f"{len(data.train)} examples make no full batch of {rows * jax.process_count()} rows; "
-                          f"lower per_device_train_batch_size")
-    total_steps, epochs = plan_steps(cfg, batches_per_epoch)
     accumulation = cfg.gradient_accumulation_steps
+    # In memory, an epoch reads every row (its last batch and step filled up with empty rows); a stream
+    # reads whole batches only.
+    epoch_fill = {} if data.streaming else {"batch_multiple": accumulation}
+    batches_per_epoch = data.batches_per_epoch(rows, **epoch_fill)
+    if batches_per_epoch == 0:
+        raise ConfigError(f"the stream makes no full batch of {rows * jax.process_count()} rows; "
+                          f"lower per_device_train_batch_size")
+    if not data.streaming:
+        _note_empty_rows(data.plan_rows(), batches_per_epoch * rows * jax.process_count())
+    total_steps, epochs = plan_steps(cfg, batches_per_epoch)
 
     model = load_model(cfg, mesh)
     check_token_ids({"train": data.train, "eval": data.eval, "retention": data.retention, "replay": data.replay},
@@ -191,7 +204,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                                   is_main_process()) if data.retention else None
     # A stream goes on from epoch to epoch until the planned steps are done (its epochs differ in length).
     iterator = data.train_iterator(rows, seed=cfg.seed, num_epochs=None if data.streaming else epochs,
-                                   buckets=buckets, group_by_length=cfg.group_by_length)
+                                   buckets=buckets, group_by_length=cfg.group_by_length, **epoch_fill)
     history = None
     if resume is not None:
         if is_main_process():  # later checkpoints must go before orbax lists the steps (it would refuse to save)

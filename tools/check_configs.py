@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             summary.append(f"FAIL {path}: {target}: {e}")
             continue
         seconds = time.perf_counter() - start
-        print(f"== {path.relative_to(ROOT) if path.is_absolute() else path}{named}\n{format_plan(plan)}", flush=True)
+        print(f"== {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}{named}\n{format_plan(plan)}", flush=True)
         worst = max(s["total"] for s in plan["steps"])
         fits = worst <= plan["hbm_bytes"]
         failed += not fits

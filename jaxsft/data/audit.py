@@ -106,8 +106,8 @@ class Fill:
     cutoff_len: int
     batch_rows: int  # rows per global batch
     rows: int  # packed rows (or examples) in the epoch
-    batches: int  # full batches; the rows of an incomplete last batch are not read this epoch
-    tokens: int  # real tokens in the full batches
+    batches: int  # batches of the epoch; the last one filled up with empty rows
+    tokens: int  # real tokens in the batches
     positions: int  # positions they are padded to
     knapsack: float  # packing: tokens / (rows x cutoff_len) over all rows
     buckets: list[tuple[int, int, int, int]] = field(default_factory=list)  # (width, batches, tokens, positions)
@@ -171,7 +171,7 @@ def fill_of(data, batch_rows: int, seed: int, buckets: Sequence[int] | None, gro
     row_tokens = np.array([int(lengths[m].sum()) for m in plan], np.int64)
     replayed = np.asarray(replay.tokens, np.int64) if replay is not None else np.zeros(len(plan), np.int64)
     row_tokens = row_tokens + replayed
-    batches = len(plan) // batch_rows
+    batches = -(-len(plan) // batch_rows)  # the last one filled up with empty rows
     per_width: dict[int, list[int]] = {}
     for b in range(batches):
         entry = per_width.setdefault(widths[b], [0, 0, 0])
@@ -181,7 +181,7 @@ def fill_of(data, batch_rows: int, seed: int, buckets: Sequence[int] | None, gro
     table = [(w, n, t, p) for w, (n, t, p) in sorted(per_width.items())]
     knapsack = float(row_tokens.sum()) / (len(plan) * data.seq_len) if len(plan) else 0.0
     return Fill(data.packing, data.seq_len, batch_rows, len(plan), batches, sum(t for _, _, t, _ in table),
-                sum(p for *_, p in table), knapsack, table, int(replayed[:batches * batch_rows].sum()))
+                sum(p for *_, p in table), knapsack, table, int(replayed.sum()))
 
 
 def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -371,11 +371,12 @@ def audit_data(cfg, tokenizer, batch_rows: int, num_examples: int = 10) -> Audit
     if data.train:
         buckets = length_buckets(cfg.cutoff_len) if cfg.length_buckets else None
         fill = fill_of(data, batch_rows, cfg.seed, buckets, cfg.group_by_length)
-        if fill.batches == 0:
-            findings.append(Finding("error", "No full training batch",
-                                    f"The {fill.rows} {'packed rows' if fill.packing else 'examples'} of an epoch make "
-                                    f"no full batch of {batch_rows} rows (per_device_train_batch_size x data-parallel "
-                                    f"devices); training would stop. Lower per_device_train_batch_size or add data."))
+        if (empty := fill.batches * batch_rows - fill.rows) > fill.rows:
+            findings.append(Finding("warning", "Most of the last batch is empty",
+                                    f"The {fill.rows} {'packed rows' if fill.packing else 'examples'} of an epoch fill "
+                                    f"{fill.batches} batch(es) of {batch_rows} rows (per_device_train_batch_size x "
+                                    f"data-parallel devices): {empty} empty rows complete them, compute spent on "
+                                    f"nothing. Lower per_device_train_batch_size or add data."))
     samples = []
     if splits:
         first = splits[0]

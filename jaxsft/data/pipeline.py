@@ -4,7 +4,9 @@
 saved to / loaded from `tokenized_path` in LLaMA-Factory's tokenized layout). Batches come from a grain
 `MapDataset` over (epoch, row): each epoch shuffles the examples with (seed, epoch), packs them (greedy
 knapsack over the whole epoch), shuffles the rows, gives row `j * process_count + process_index` to this
-process, and batches `rows_per_process` rows; the iterator's `get_state()` / `set_state()` resume exactly.
+process, and batches `rows_per_process` rows, every row once per epoch (the last batch filled up with empty
+rows, as Hugging Face's Trainer reads a short last batch); the iterator's `get_state()` / `set_state()` resume
+exactly.
 With `streaming: true`, see `jaxsft.data.streaming`. Rows are encoded by `jaxsft.data.encode`.
 """
 
@@ -24,8 +26,8 @@ from jaxsft.data import cache, sources
 from jaxsft.data import replay as replay_mod
 from jaxsft.data.args import DataArgs
 from jaxsft.data.encode import Counts, encode_rows, learned, make_template, report_dropped, report_truncated
-from jaxsft.data.packing import (Example, WeightedExample, batch_widths, efficiency, eval_batches, greedy_knapsack,
-                                 is_weighted, make_row, plan_epoch, stack_rows, weights_of)
+from jaxsft.data.packing import (Example, WeightedExample, batch_widths, efficiency, empty_row, eval_batches,
+                                 greedy_knapsack, is_weighted, make_row, plan_epoch, stack_rows, weights_of)
 from jaxsft.data.streaming import StreamingSFTData
 from jaxsft.errors import ConfigError, InputError
 
@@ -51,29 +53,37 @@ class SFTData:
     replay_ratio: float = 0.0
     streaming = False
 
-    def rows_per_epoch(self, rows_per_process: int, seed: int = 0) -> int:
-        """Rows this process reads per epoch (whole batches only; the same on every process)."""
-        total = len(plan_epoch(self.lengths, self.sft_capacity, seed, 0, self.packing))
-        return (total // self.process_count) // rows_per_process * rows_per_process
+    def rows_per_epoch(self, rows_per_process: int, batch_multiple: int = 1) -> int:
+        """Rows this process reads per epoch, the same on every process: every row of the epoch once (as
+        Hugging Face's Trainer, whose last batch is short), the last global batch filled up with empty rows,
+        then whole empty batches up to a multiple of `batch_multiple` (the accumulation steps: an epoch ends
+        on an optimizer step whose last micro-batches may be empty). Empty rows add no loss and no gradient."""
+        return self.batches_per_epoch(rows_per_process, batch_multiple) * rows_per_process
 
-    def batches_per_epoch(self, rows_per_process: int) -> int:
-        return self.rows_per_epoch(rows_per_process) // rows_per_process
+    def batches_per_epoch(self, rows_per_process: int, batch_multiple: int = 1) -> int:
+        batches = -(-self.plan_rows() // (rows_per_process * self.process_count))
+        return -(-batches // batch_multiple) * batch_multiple
+
+    def plan_rows(self) -> int:
+        """Rows of an epoch's plan (packed rows, or examples); the same every epoch (packing depends only on
+        the lengths)."""
+        return len(plan_epoch(self.lengths, self.sft_capacity, 0, 0, self.packing))
 
     def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int, buckets: Sequence[int] | None = None,
-                      group_by_length: bool = False) -> grain.MapDataset:
+                      group_by_length: bool = False, batch_multiple: int = 1) -> grain.MapDataset:
         """Batches of `rows_per_process` rows. `buckets`: the lengths a batch may be padded to (the smallest one
         holding the longest row of the global batch, the same on every process); None pads to `seq_len`."""
-        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, seed), seed, num_epochs, rows_per_process,
-                          buckets, group_by_length)
+        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, batch_multiple), seed, num_epochs,
+                          rows_per_process, buckets, group_by_length)
         if len(rows) == 0:
-            raise ConfigError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
-                             f"per process x {self.process_count} processes; lower the batch size.")
+            raise ConfigError(f"{len(self.train)} training examples make no batch")
         return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
 
     def train_iterator(self, rows_per_process: int, seed: int, num_epochs: int = 1,
-                       buckets: Sequence[int] | None = None, group_by_length: bool = False) -> grain.DatasetIterator:
+                       buckets: Sequence[int] | None = None, group_by_length: bool = False,
+                       batch_multiple: int = 1) -> grain.DatasetIterator:
         """Batches of `rows_per_process` rows for `num_epochs` epochs; checkpoint with get_state()/set_state()."""
-        ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length)
+        ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length, batch_multiple)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
     def eval_batches(self, rows_per_process: int, buckets: Sequence[int] | None = None
@@ -149,7 +159,12 @@ class _EpochRows(Sequence):
         d = self.data
         plan, widths, replay = self._plan(epoch)
         g = j * d.process_count + d.process_index
-        row = make_row(d.train, plan[g], widths[j // self.rows_per_batch], d.pad_id, d.weighted)
+        b = j // self.rows_per_batch
+        width = widths[b] if b < len(widths) else min(self.buckets or [d.seq_len])  # an all-empty batch: narrow
+        if g >= len(plan):  # filling the epoch's last batch
+            row = empty_row(width, d.pad_id, d.weighted)
+            return {**row, "replay": np.zeros_like(row["segment_ids"])} if replay is not None else row
+        row = make_row(d.train, plan[g], width, d.pad_id, d.weighted)
         return replay.fill(row, g) if replay is not None else row
 
 

@@ -69,11 +69,11 @@ def count_rows(split: SplitAudit) -> list[tuple[str, str]]:
 
 
 def fill_rows(fill: Fill) -> list[tuple[str, str]]:
-    left = fill.rows - fill.batches * fill.batch_rows
+    empty = fill.batches * fill.batch_rows - fill.rows
     rows = [("global batch", f"{fill.batch_rows} rows"),
-            ("rows per epoch", f"{fill.rows} {'packed rows' if fill.packing else 'examples'}, {fill.batches} full "
-                               f"batches" + (f" ({plural(left, 'row')} left out of this epoch's last, incomplete "
-                                              f"batch)" if left else ""))]
+            ("rows per epoch", f"{fill.rows} {'packed rows' if fill.packing else 'examples'}, {fill.batches} "
+                               f"batches" + (f" (the last one filled up with {plural(empty, 'empty row')})"
+                                             if empty else ""))]
     if fill.packing:
         rows.append(("packing fill (tokens / rows x cutoff_len)", f"{100 * fill.knapsack:.1f}%"))
     if fill.replay_tokens:
