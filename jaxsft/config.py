@@ -138,6 +138,8 @@ class Config:
     compute_accuracy: bool = _field(False, "Report token accuracy in evaluation.")
     plot_loss: bool = _field(False, "Write training_loss.png at the end.")
     disable_shuffling: bool = _field(False, "Keep the dataset order.")
+    dataloader_drop_last: bool = _field(False, "Skip each epoch's last, incomplete batch (as Hugging Face's key; "
+                                               "default: every example trains, the batch filled up with empty rows).")
 
     # --- training loop ---
     output_dir: Optional[str] = _field(None, "Where checkpoints, logs and results go.")

@@ -175,12 +175,13 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
     accumulation = cfg.gradient_accumulation_steps
     # In memory, an epoch reads every row (its last batch and step filled up with empty rows); a stream
     # reads whole batches only.
-    epoch_fill = {} if data.streaming else {"batch_multiple": accumulation}
+    epoch_fill = {} if data.streaming else {"batch_multiple": accumulation, "drop_last": cfg.dataloader_drop_last}
     batches_per_epoch = data.batches_per_epoch(rows, **epoch_fill)
     if batches_per_epoch == 0:
-        raise ConfigError(f"the stream makes no full batch of {rows * jax.process_count()} rows; "
-                          f"lower per_device_train_batch_size")
-    if not data.streaming:
+        what = "the stream's rows" if data.streaming else f"the {len(data.train)} examples (dataloader_drop_last: true)"
+        raise ConfigError(f"{what} make no full batch of {rows * jax.process_count()} rows; lower "
+                          f"per_device_train_batch_size")
+    if not data.streaming and not cfg.dataloader_drop_last:
         _note_empty_rows(data.plan_rows(), batches_per_epoch * rows * jax.process_count())
     total_steps, epochs = plan_steps(cfg, batches_per_epoch)
 

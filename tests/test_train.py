@@ -132,16 +132,18 @@ def test_every_example_trains_each_epoch_a_short_last_batch_like_a_smaller_batch
     """As Hugging Face's Trainer, an epoch reads every example: its last batch is short (here filled up with
     empty rows) and, with accumulation, its last step has fewer micro-batches (here empty ones). 3 examples
     in a batch of 4 learn exactly as in a batch of 3; in micro-batches of 1 x 4 accumulation steps as well
-    (up to summation order); batches of 2 give HF's ceil(3 / 2) = 2 steps an epoch. (jaxsft read whole
+    (up to summation order); batches of 2 give HF's ceil(3 / 2) = 2 steps an epoch, 1 with
+    `dataloader_drop_last`. (jaxsft read whole
     batches only: 3 of LLaMA-Factory's 91 identity examples sat out each epoch at batch 4.)"""
     common = dict(max_samples=3, packing=False, num_train_epochs=3, finetuning_type="lora", lora_rank=4,
                   save_strategy="no", mesh={"data": 1, "fsdp": 1, "tensor": -1})  # global batch = per device
     variants = {"3": dict(per_device_train_batch_size=3), "4": dict(per_device_train_batch_size=4),
                 "1x4": dict(per_device_train_batch_size=1, gradient_accumulation_steps=4),
-                "2": dict(per_device_train_batch_size=2)}
+                "2": dict(per_device_train_batch_size=2),
+                "2 drop_last": dict(per_device_train_batch_size=2, dataloader_drop_last=True)}
     losses, results = {}, {}
     for name, extra in variants.items():
-        cfg = config(tmp_path / name, **common, **extra)
+        cfg = config(tmp_path / name.replace(" ", "_"), **common, **extra)
         results[name] = run_training(cfg)
         losses[name] = train_losses(Path(cfg.output_dir))
     assert sorted(losses["3"]) == sorted(losses["4"]) == sorted(losses["1x4"]) == [1, 2, 3]
@@ -149,6 +151,7 @@ def test_every_example_trains_each_epoch_a_short_last_batch_like_a_smaller_batch
         assert losses["4"][step] == pytest.approx(losses["3"][step], abs=1e-6), step
         assert losses["1x4"][step] == pytest.approx(losses["3"][step], abs=1e-5), step
     assert sorted(losses["2"]) == list(range(1, 7))
+    assert sorted(losses["2 drop_last"]) == [1, 2, 3]  # HF's dataloader_drop_last: the short batch sits out
     assert results["4"]["train_padding_share"] > results["3"]["train_padding_share"]  # the empty row is padding
     assert results["3"]["epoch"] == results["4"]["epoch"] == results["1x4"]["epoch"] == results["2"]["epoch"] == 3
 

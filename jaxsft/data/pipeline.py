@@ -53,15 +53,17 @@ class SFTData:
     replay_ratio: float = 0.0
     streaming = False
 
-    def rows_per_epoch(self, rows_per_process: int, batch_multiple: int = 1) -> int:
+    def rows_per_epoch(self, rows_per_process: int, batch_multiple: int = 1, drop_last: bool = False) -> int:
         """Rows this process reads per epoch, the same on every process: every row of the epoch once (as
         Hugging Face's Trainer, whose last batch is short), the last global batch filled up with empty rows,
         then whole empty batches up to a multiple of `batch_multiple` (the accumulation steps: an epoch ends
-        on an optimizer step whose last micro-batches may be empty). Empty rows add no loss and no gradient."""
-        return self.batches_per_epoch(rows_per_process, batch_multiple) * rows_per_process
+        on an optimizer step whose last micro-batches may be empty). Empty rows add no loss and no gradient.
+        `drop_last` (`dataloader_drop_last`): the rows of an incomplete last batch sit the epoch out instead."""
+        return self.batches_per_epoch(rows_per_process, batch_multiple, drop_last) * rows_per_process
 
-    def batches_per_epoch(self, rows_per_process: int, batch_multiple: int = 1) -> int:
-        batches = -(-self.plan_rows() // (rows_per_process * self.process_count))
+    def batches_per_epoch(self, rows_per_process: int, batch_multiple: int = 1, drop_last: bool = False) -> int:
+        rows, global_rows = self.plan_rows(), rows_per_process * self.process_count
+        batches = rows // global_rows if drop_last else -(-rows // global_rows)
         return -(-batches // batch_multiple) * batch_multiple
 
     def plan_rows(self) -> int:
@@ -70,20 +72,24 @@ class SFTData:
         return len(plan_epoch(self.lengths, self.sft_capacity, 0, 0, self.packing))
 
     def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int, buckets: Sequence[int] | None = None,
-                      group_by_length: bool = False, batch_multiple: int = 1) -> grain.MapDataset:
+                      group_by_length: bool = False, batch_multiple: int = 1, drop_last: bool = False
+                      ) -> grain.MapDataset:
         """Batches of `rows_per_process` rows. `buckets`: the lengths a batch may be padded to (the smallest one
         holding the longest row of the global batch, the same on every process); None pads to `seq_len`."""
-        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, batch_multiple), seed, num_epochs,
+        rows = _EpochRows(self, self.rows_per_epoch(rows_per_process, batch_multiple, drop_last), seed, num_epochs,
                           rows_per_process, buckets, group_by_length)
         if len(rows) == 0:
-            raise ConfigError(f"{len(self.train)} training examples make no batch")
+            raise ConfigError(f"{len(self.train)} training examples make no full batch of {rows_per_process} rows "
+                              f"per process x {self.process_count} processes; lower the batch size, or leave "
+                              f"dataloader_drop_last false")
         return grain.MapDataset.source(rows).batch(rows_per_process, drop_remainder=True, batch_fn=stack_rows)
 
     def train_iterator(self, rows_per_process: int, seed: int, num_epochs: int = 1,
                        buckets: Sequence[int] | None = None, group_by_length: bool = False,
-                       batch_multiple: int = 1) -> grain.DatasetIterator:
+                       batch_multiple: int = 1, drop_last: bool = False) -> grain.DatasetIterator:
         """Batches of `rows_per_process` rows for `num_epochs` epochs; checkpoint with get_state()/set_state()."""
-        ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length, batch_multiple)
+        ds = self.train_dataset(rows_per_process, seed, num_epochs, buckets, group_by_length, batch_multiple,
+                                drop_last)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
     def eval_batches(self, rows_per_process: int, buckets: Sequence[int] | None = None

@@ -126,6 +126,10 @@ def test_unpacked_rows_hold_one_example_each(data_dir, new_tokenizer):
     assert len(filled) == 15 == data.batches_per_epoch(8, batch_multiple=5)
     assert sorted(_segments(filled)) == sorted(tuple(ids) for ids, _ in data.train)
     assert all((b["segment_ids"] == 0).all() and b["input_ids"].shape == (8, 32) for b in filled[12:])
+    # dataloader_drop_last: the 3 examples of the short batch sit the epoch out (the old behaviour)
+    dropped = list(data.train_iterator(8, seed=0, drop_last=True))
+    assert len(dropped) == 11 == data.batches_per_epoch(8, drop_last=True)
+    assert all((b["segment_ids"].max(axis=1) == 1).all() for b in dropped)
 
 
 def test_tokenized_path_round_trip(tmp_path, data_dir, new_tokenizer):
