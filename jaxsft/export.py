@@ -81,13 +81,15 @@ def write_safetensors(state: dict[str, np.ndarray], out_dir: Path, shard_size_gb
 
 
 def copy_tokenizer(tokenizer_dir: Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
+    """The tokenizer files, each whole or not at all (a LoRA run's output_dir gets them after its adapter)."""
     copied = []
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+            with written_atomically(out_dir / name) as partial:
+                shutil.copyfile(tokenizer_dir / name, partial)
             copied.append(name)
     if chat_template is not None:
-        (out_dir / "chat_template.jinja").write_text(chat_template)
+        _write_text(out_dir / "chat_template.jinja", chat_template)
         copied.append("chat_template.jinja")
     return copied
 

@@ -507,3 +507,26 @@ def test_a_signal_that_lands_in_a_garbage_collector_callback_still_stops_the_run
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: interrupted (SIGTERM); stopped (")
     assert "Exception ignored" not in err and not (tmp_path / "e" / "config.json").exists()
+
+
+def test_tokenizer_files_killed_mid_copy_leave_the_earlier_file(tmp_path, monkeypatch):
+    """A LoRA run's output_dir gets the tokenizer files after its adapter is complete: a kill mid-copy left a
+    truncated tokenizer.json beside a finished adapter."""
+    from jaxsft import export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    real_copy = export.shutil.copyfile
+
+    def killed_mid_copy(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.shutil, "copyfile", killed_mid_copy)
+    with pytest.raises(KeyboardInterrupt):
+        export.copy_tokenizer(TINY, out)
+    monkeypatch.setattr(export.shutil, "copyfile", real_copy)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"] and (out / "tokenizer.json").read_text() == "{}"
+    export.copy_tokenizer(TINY, out)
+    assert (out / "tokenizer.json").read_bytes() == (TINY / "tokenizer.json").read_bytes()
