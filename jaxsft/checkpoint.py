@@ -42,11 +42,17 @@ def partition_from_record(record: dict) -> Partition:
                      layer_range=tuple(record["layer_range"]))
 
 
+def _item_tree(item_dir: Path):
+    """{leaf: array metadata} of one saved item, read by the item's own handler (the checkpointer's `metadata`
+    looks for step metadata inside the item and logs 'Metadata file does not exist' on every read)."""
+    return ocp.StandardCheckpointHandler().metadata(Path(item_dir)).tree
+
+
 def _saved_trainable(step_dir: Path) -> dict:
     """{leaf: metadata} of the trained params a checkpoint holds (either layout)."""
     if (step_dir / LEGACY_STATE).is_dir():
-        return ocp.StandardCheckpointer().metadata(step_dir / LEGACY_STATE).item_metadata.tree["trainable"]
-    return ocp.StandardCheckpointer().metadata(step_dir / "trainable").item_metadata.tree
+        return _item_tree(step_dir / LEGACY_STATE)["trainable"]
+    return _item_tree(step_dir / "trainable")
 
 
 def _check_same_leaves(step_dir: Path, abstract: dict) -> None:
@@ -270,7 +276,7 @@ def _abstract(item_dir: Path):
     saves no `frozen`)."""
     if not item_dir.is_dir():
         return {}
-    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    tree = _item_tree(item_dir)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
 
@@ -280,7 +286,7 @@ def holds_optimizer_state(directory: str | Path, step: int) -> bool:
     step_dir = Path(directory) / f"checkpoint_{step}"
     item = step_dir / (LEGACY_STATE if (step_dir / LEGACY_STATE).is_dir() else "optimizer")
     with Checkpoints(directory, async_save=False)._reading(step):
-        tree = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
+        tree = _item_tree(item)
     return "opt_state" in tree
 
 

@@ -331,3 +331,14 @@ def test_an_adapter_on_the_vision_tower_is_refused_by_name(tmp_path, capsys):
         f"carries through unchanged (it trains and merges the language model only); use an adapter of the language "
         f"model alone (as LLaMA-Factory trains them), or merge this one with PEFT")
     assert not (tmp_path / "export" / "config.json").exists()
+
+
+def test_reading_a_checkpoint_logs_no_missing_metadata_warning(trained, caplog):
+    """Every checkpoint read (eval, predict, chat, convert_checkpoint, resume) printed 'WARNING:absl:Metadata file
+    does not exist: .../trainable/_CHECKPOINT_METADATA', as if the checkpoint were damaged."""
+    from jaxsft.checkpoint import holds_optimizer_state, read_trained_params
+
+    caplog.set_level("WARNING")
+    params, cfg = read_trained_params(trained / "checkpoint_2")
+    assert cfg.finetuning_type == "lora" and holds_optimizer_state(trained, 2)
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
