@@ -126,6 +126,11 @@ def run_prediction(cfg: Config, trained: Trained | None = None) -> dict[str, Any
                          + "; ".join(counts.reasons or ["(no rows)"]))
     model = load_model_for(cfg, mesh, trained, checkpoint)
     check_token_ids({"predict": prompts}, model.config.vocab_size, cfg.model_name_or_path)
+    longest, limit = max(len(ids) for ids, _ in prompts), model.config.max_position_embeddings
+    if limit and longest + cfg.max_new_tokens > limit:
+        raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} new tokens after the longest prompt ({longest} tokens) "
+                          f"pass the model's max_position_embeddings ({limit}); lower max_new_tokens, or cutoff_len "
+                          f"(which bounds the prompts)")
     # Every process generates every prompt (replicated inputs); only process 0 writes.
     batch_size = cfg.per_device_eval_batch_size * data_parallel_size(mesh)
     start = time.perf_counter()

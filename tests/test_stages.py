@@ -342,3 +342,12 @@ def test_reading_a_checkpoint_logs_no_missing_metadata_warning(trained, caplog):
     params, cfg = read_trained_params(trained / "checkpoint_2")
     assert cfg.finetuning_type == "lora" and holds_optimizer_state(trained, 2)
     assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+
+
+def test_predict_past_the_models_positions_is_a_one_line_error(tmp_path, capsys):
+    """It was generate()'s ValueError traceback, after the data and the model had loaded."""
+    assert _cli({**EVAL_ONLY, "do_eval": False, "max_new_tokens": 5000, "output_dir": tmp_path / "out"}) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: max_new_tokens: 5000 new tokens after the longest prompt (31 tokens) pass the model's "
+        "max_position_embeddings (4096); lower max_new_tokens, or cutoff_len (which bounds the prompts)")
+    assert not (tmp_path / "out" / "generated_predictions.jsonl").exists()
