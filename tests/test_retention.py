@@ -111,7 +111,7 @@ def test_replay_lowers_forgetting_reports_both_losses_and_resumes_exactly(tmp_pa
 def test_window_sft_and_replay_losses_average_by_each_steps_denominator():
     """The logged window mean of sft_loss / replay_loss is the window's own ratio of sums: by loss weights in
     a weighted run (by label tokens it would overweight a step of many lightly weighted tokens)."""
-    from jaxsft.train import _replay_summary
+    from jaxsft.step_metrics import replay_summary
 
     # step 1: SFT loss sum 6.0 over weight 2 (3 tokens), replay 2.0 over 1 token; step 2: SFT 1.0 over weight 4
     # (1 token), replay 3.0 over 2 tokens. Replay targets weigh 1.
@@ -119,7 +119,7 @@ def test_window_sft_and_replay_losses_average_by_each_steps_denominator():
                   replay_weight_sum=1.0),
              dict(sft_loss=1.0 / 4, replay_loss=3.0 / 2, label_tokens=3, replay_tokens=2, weight_sum=6.0,
                   replay_weight_sum=2.0)]
-    got = _replay_summary(steps)
+    got = replay_summary(steps)
     assert got == {"sft_loss": round(7.0 / 6, 4), "replay_loss": round(5.0 / 3, 4), "replay_label_share": round(3 / 7, 4)}
     unweighted = [{k: v for k, v in m.items() if "weight" not in k} for m in steps]
-    assert _replay_summary(unweighted)["sft_loss"] == round((3.0 * 3 + 0.25 * 1) / 4, 4)  # by label tokens
+    assert replay_summary(unweighted)["sft_loss"] == round((3.0 * 3 + 0.25 * 1) / 4, 4)  # by label tokens
