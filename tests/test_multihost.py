@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from run_logs import train_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +62,10 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert after == reference
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-    """A preemption notice reaching one host: all hosts agree on a step, save together, exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, sig):
+    """A preemption notice (or Ctrl-C) reaching one host: all hosts agree on a step, save together, exit 0.
+    A SIGINT stopped that process alone: the other waited for it in the next collective forever."""
     out = tmp_path / "pre"
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "jaxsft.main", *ARGS, "max_steps=400", "save_steps=1000",
@@ -74,12 +77,13 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[1].send_signal(sig)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     stops = []
-    for p, output in zip(procs, outputs):
+    for i, (p, output) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, output[-3000:]
-        match = re.search(r"stopped by signal 15 after step (\d+); checkpoint saved", output)
+        said = int(sig) if i == 1 else int(signal.SIGTERM)  # the other host learns of it as a preemption
+        match = re.search(rf"stopped by signal {said} after step (\d+); checkpoint saved", output)
         assert match, output[-3000:]
         stops.append(int(match.group(1)))
     assert stops[0] == stops[1] < 400
