@@ -68,8 +68,12 @@ class SFTData:
 
     def plan_rows(self) -> int:
         """Rows of an epoch's plan (packed rows, or examples); the same every epoch (packing depends only on
-        the lengths)."""
-        return len(plan_epoch(self.lengths, self.sft_capacity, 0, 0, self.packing))
+        the lengths). Packing is planned once per row capacity (a replay run's SFT capacity is set later)."""
+        if not self.packing:
+            return len(self.lengths)
+        if self.sft_capacity not in self._plan_rows:
+            self._plan_rows[self.sft_capacity] = len(plan_epoch(self.lengths, self.sft_capacity, 0, 0, True))
+        return self._plan_rows[self.sft_capacity]
 
     def train_dataset(self, rows_per_process: int, seed: int, num_epochs: int, buckets: Sequence[int] | None = None,
                       group_by_length: bool = False, batch_multiple: int = 1, drop_last: bool = False
@@ -131,6 +135,7 @@ class SFTData:
 
     def __post_init__(self) -> None:
         self.lengths = [len(ex[0]) for ex in self.train]
+        self._plan_rows: dict[int, int] = {}  # row capacity -> rows of an epoch (packed)
         self.weighted = is_weighted(self.train)  # batches carry `weights` (answers with loss weights)
 
 
