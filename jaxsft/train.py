@@ -387,8 +387,9 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
         run_log.save_metrics("retention", {**final, "retention_base_loss": retention_base["retention_loss"],
                                            "retention_label_tokens": retention_base["retention_label_tokens"]})
     if cfg.do_eval and data.eval:
-        run_log.save_metrics("eval", evaluate(eval_step, state["trainable"], frozen,
-                                              data.eval_batches(eval_rows, buckets), mesh))
+        final = evaluate(eval_step, state["trainable"], frozen, data.eval_batches(eval_rows, buckets), mesh)
+        run_log.log_eval(step, final)  # the series' last point, as HF logs trainer.evaluate() (the loop left it here)
+        run_log.save_metrics("eval", final)
     run_log.close()
     model.trainable, model.frozen = state["trainable"], frozen
     return results, Trained(model, mesh)

@@ -225,7 +225,7 @@ def test_unpacked_batches_padded_to_buckets_learn_the_same(tmp_path):
     assert bucketed["train_compile_seconds"] > 0
     assert all(0 <= r["padding_share"] < 1 for r in lines if "loss" in r)
     # model FLOPs count attention over the rows' real width: cutoff_len when padded to it, less in buckets
-    tokens = lines[-1]["total_tokens"]
+    tokens = [r for r in lines if "loss" in r][-1]["total_tokens"]  # the last train record (an eval one follows)
     model_cfg = load_hf_config(cfg.model_name_or_path)
     assert padded["total_flos"] == pytest.approx(train_flops_per_token(model_cfg, cfg.cutoff_len) * tokens)
     assert 6 * matmul_params(model_cfg) * tokens < bucketed["total_flos"] < padded["total_flos"]
@@ -266,7 +266,8 @@ def test_cli_trains_on_weighted_messages_with_neftune(tmp_path):
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) and v > 0 for v in losses.values())
     evals = [r for r in log_lines(out) if "eval_loss" in r]
-    assert [r["current_steps"] for r in evals] == [2] and np.isfinite(evals[0]["eval_loss"])
+    # step 2 in the loop; step 4 by do_eval's final evaluation, logged as HF logs trainer.evaluate()
+    assert [r["current_steps"] for r in evals] == [2, 4] and np.isfinite(evals[0]["eval_loss"])
     assert re.search(r"train data: [1-9]\d* of \d+ examples carry per-token loss weights", result.stderr), \
         result.stderr[-3000:]
     final = json.loads((out / "all_results.json").read_text())
