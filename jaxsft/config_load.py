@@ -160,12 +160,28 @@ def unsupported_hint(key: str) -> str:
     return "remove it (docs/config.md lists what is supported)"
 
 
+# Megatron-Core keys of LLaMA-Factory's `USE_MCA=1` runs (its examples/megatron): jaxsft's `mesh` does their job.
+_MEGATRON_KEYS = frozenset({
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "bias_activation_fusion",
+    "apply_rope_fusion", "use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce",
+    "moe_grouped_gemm", "moe_token_dispatcher_type", "recompute_granularity", "recompute_method",
+    "recompute_num_layers",
+})
+# Top-level keys of LLaMA-Factory's v1 trainer configs (`USE_V1=1`, its examples/v1), which classic keys replace.
+_V1_KEYS = frozenset({"model", "model_class", "peft_config", "kernel_config", "dist_config", "train_dataset",
+                      "micro_batch_size", "sample_backend"})
+
+
 def _check_key(key: str) -> None:
     if key in FIELDS:
         return
     if key in LLAMAFACTORY_KEYS:
         raise ConfigError(f"key '{key}' is a LLaMA-Factory option that jaxsft does not support: "
                           f"{unsupported_hint(key)}")
+    if key in _MEGATRON_KEYS:
+        raise ConfigError(f"key '{key}' is a Megatron-Core option (LLaMA-Factory's USE_MCA=1 runs); jaxsft lays "
+                          f"out devices with the `mesh` key instead, e.g. mesh: {{fsdp: -1, tensor: 2, expert: 2}}")
     close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
     hint = f", did you mean '{close[0]}'?" if close else " (see docs/config.md for the keys)"
     raise ConfigError(f"unknown key '{key}'{hint}")
@@ -369,6 +385,11 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
                               f"configs/ has examples")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(loaded).__name__}")
+        v1 = sorted(_V1_KEYS & set(loaded))
+        if "model" in v1 and len(v1) > 1:
+            raise ConfigError(f"{path}: a LLaMA-Factory v1 trainer config (USE_V1=1; keys {', '.join(v1)}); jaxsft "
+                              f"reads LLaMA-Factory's SFT keys: model_name_or_path, dataset, finetuning_type, "
+                              f"lora_rank, per_device_train_batch_size, ... (docs/config.md)")
         values.update(loaded)
     origins = {}
     for text in overrides:

@@ -147,6 +147,11 @@ def test_overrides_win_and_are_typed(tmp_path):
     # LLaMA-Factory's own values are named before the keys that come with them (here oft_block_size).
     ("finetuning_type: oft\noft_block_size: 32\n", "key 'finetuning_type': 'oft' is not supported: OFT"),
     ("stage: dpo\npref_beta: 0.1\n", "key 'stage': 'dpo' is not supported: preference training"),
+    # LLaMA-Factory's examples/megatron and examples/v1 configs
+    ("tensor_model_parallel_size: 1\n", "key 'tensor_model_parallel_size' is a Megatron-Core option (LLaMA-Factory's "
+                                        "USE_MCA=1 runs); jaxsft lays out devices with the `mesh` key instead"),
+    ("model: Qwen/Qwen3-4B\nmodel_class: llm\npeft_config: {name: lora}\n",
+     "a LLaMA-Factory v1 trainer config (USE_V1=1; keys model, model_class, peft_config); jaxsft reads"),
     ("fp8: true\n", "key 'fp8' is a LLaMA-Factory option that jaxsft does not support: FP8 training is not available"),
     ("evaluation_strategy: steps\n", "transformers renamed it eval_strategy (as LLaMA-Factory 0.9 reads it); use "
                                      "eval_strategy"),
