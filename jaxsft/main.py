@@ -100,7 +100,8 @@ def describe(cfg: Config, stages: list[str] | None = None) -> str:
     planned = ", ".join(stages) if stages else "none (set do_train, do_eval, do_predict or export_dir)"
     lines = [f"jaxsft: stages: {planned}"]
     training = "train" in stages
-    if cfg.finetuning_type == "lora" and training:  # else an adapter, when loaded, brings its own
+    if cfg.finetuning_type == "lora" and training and (cfg.create_new_adapter or not cfg.adapter_name_or_path):
+        # (an adapter trained on, or one that eval/predict/export load, brings its own rank)
         method = f" (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, target {cfg.lora_target})"
     else:
         method = ""
@@ -112,7 +113,7 @@ def describe(cfg: Config, stages: list[str] | None = None) -> str:
     resume = cfg.resume_from_checkpoint
     if resume not in (None, False) and str(resume).lower() != "false" and set(stages) & {"train", "eval", "predict"}:
         lines.append(f"  checkpoint: {cfg.output_dir + ' (latest)' if str(resume).lower() == 'true' else resume}")
-    if set(stages) & {"train", "eval", "predict"}:  # an export alone reads no data
+    if set(stages) & {"train", "eval", "predict", "tokenize"}:  # an export alone reads no data
         data = (f"{cfg.dataset}" if training or cfg.val_size > 1e-6 else "") \
             + (f"  eval: {cfg.eval_dataset}" if cfg.eval_dataset else "")
         lines.append(f"  data: {data.strip() or 'none'} (dir {cfg.dataset_dir})  cutoff_len: {cfg.cutoff_len}  "

@@ -240,6 +240,12 @@ def test_the_run_summary_of_a_stage_alone_names_what_it_reads(tmp_path, capsys):
                         f"  adapter: {TINY}"]
     assert said[3].startswith(f"  data: eval: identity (dir {REPO / 'examples' / 'data'})")
     assert not any(line.startswith("  optim:") for line in said)
+    values = {**values, "do_train": True, "dataset": "identity", "eval_dataset": "null", "do_eval": False,
+              "do_predict": False}
+    cli(["train"] + [f"{k}={v}" for k, v in values.items()] + ["--dry_run"])  # training on: the adapter's rank
+    said = capsys.readouterr().out.splitlines()
+    assert said[1:3] == [f"  model: {TINY}  template: llama3  finetuning: lora", f"  adapter: {TINY}"]
+    assert said[3].startswith("  data: identity (dir ") and said[4].startswith("  optim: ")
     cli(["export", f"model_name_or_path={TINY}", "template=llama3", f"export_dir={tmp_path / 'e'}", "--dry_run"])
     said = capsys.readouterr().out.splitlines()
     assert said[:3] == ["jaxsft: stages: export", f"  model: {TINY}  template: llama3  finetuning: lora",
