@@ -39,11 +39,27 @@ def _stages() -> dict[str, Callable]:
 
     return {
         "tokenize": tokenize_only,
-        "train": lambda cfg, _trained: train(cfg)[1],
+        "train": lambda cfg, _trained: _trained_or_stop(*train(cfg)),
         "eval": run_evaluation,
         "predict": run_prediction,
         "export": run_export_stage,
     }
+
+
+class StoppedBySignal(Exception):
+    """Training stopped by SIGTERM/SIGINT after saving what it had: the process exits 128 + the signal, as a
+    process killed by it does, so a scheduler sees a run that did not finish (and requeues it) while nothing is
+    lost. (It exited 0: a preempted Kubernetes job counted as completed.)"""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _trained_or_stop(results: dict, trained):
+    if trained is None:  # stopped by a signal: its checkpoint or model is saved, the later stages wait for a rerun
+        raise StoppedBySignal(results["stopped_by_signal"])
+    return trained
 
 
 def tokenize_only(cfg: Config, _trained=None) -> None:
@@ -192,10 +208,8 @@ def run(cfg: Config, stages: dict[str, Callable] | None = None) -> None:
     stages = stages or _stages()
     trained = None
     for name in planned_stages(cfg):
-        result = stages[name](cfg, trained)
+        result = stages[name](cfg, trained)  # a signal during training raises StoppedBySignal: no later stage
         if name == "train":
-            if result is None:  # stopped by a signal: its checkpoint is saved, the later stages wait for a resume
-                return
             trained = result
 
 
@@ -312,6 +326,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
             _stages()[only](cfg)
     except UserError as e:
         return report(e)
+    except StoppedBySignal as e:  # the training loop saved and said so
+        return 128 + e.signum
     except KeyboardInterrupt as e:  # outside the training loop (which turns SIGINT/SIGTERM into save-and-stop)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         stages = [only] if only else planned_stages(cfg)

@@ -3,8 +3,9 @@
 The loop feeds global batches to the jitted pure step, logs every `logging_steps` (metrics stay on
 device in between, so dispatch never waits), evaluates every `eval_steps`, and saves orbax
 checkpoints that resume exactly (params, optimizer, step, RNG, data iterator position, config).
-SIGTERM/SIGINT finish the current step, save a checkpoint (whatever `save_strategy` says) and exit with a
-resume hint; after the last step they wait until the trained model is in `output_dir`, then skip eval/export.
+SIGTERM/SIGINT finish the current step, save a checkpoint (whatever `save_strategy` says) and exit
+128 + signal with a resume hint; after the last step they wait until the trained model is in `output_dir`,
+then skip eval/export.
 """
 
 from __future__ import annotations
@@ -352,7 +353,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
                 run_log.close()
                 print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in {out}. "
                       f"Resume with: resume_from_checkpoint=true", flush=True)
-                return {"stopped_at_step": step}, None
+                return {"stopped_at_step": step, "stopped_by_signal": stop.signal}, None
         # a signal from here on waits until the trained model is written, then skips the later stages
         train_runtime = running_totals()["train_runtime"]  # the whole run's, over all its sessions
         checkpoints.close()
@@ -380,7 +381,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Trained | None]:
         run_log.close()
         print(f"stopped by signal {late_signal} after training (step {step}); the trained model is saved in "
               f"{cfg.output_dir}; the stages after training (eval, predict, export) did not run", flush=True)
-        return results, None
+        return {**results, "stopped_by_signal": late_signal}, None
     if retention_base is not None:  # the forgetting meter at the end, in the log and all_results.json
         final = retention_figures(score_retention(state["trainable"]), retention_base)
         run_log.log_retention(step, final)

@@ -287,7 +287,7 @@ def test_a_signal_while_the_trained_model_is_saved_waits_for_it_and_skips_the_la
     finishes (PEFT loads it), then the run stops before eval and export, saying so. The signal used to abort
     the write: the whole run's training was lost."""
     import jaxsft.train
-    from jaxsft.main import run
+    from jaxsft.main import StoppedBySignal, run
 
     real_save = jaxsft.train.save_trained_model
 
@@ -299,7 +299,9 @@ def test_a_signal_while_the_trained_model_is_saved_waits_for_it_and_skips_the_la
     export = tmp_path / "export"
     cfg = _config(tmp_path, finetuning_type="lora", lora_target="all", max_steps=2, save_strategy="no",
                   val_size=0.2, do_eval=True, export_dir=str(export), per_device_train_batch_size=2)
-    run(cfg)
+    with pytest.raises(StoppedBySignal) as stopped:  # the CLI exits 143 on it
+        run(cfg)
+    assert stopped.value.signum == signal.SIGTERM
     out = Path(cfg.output_dir)
     said = capsys.readouterr().out
     assert f"stopped by signal {int(signal.SIGTERM)} after training (step 2); the trained model is saved in" in said

@@ -110,7 +110,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]  # unfinished (a scheduler requeues), saved
     assert "Resume with: resume_from_checkpoint=true" in output
     stopped = max(train_losses(interrupted))
     assert 5 <= stopped < 20, "the run should have stopped early"
