@@ -80,7 +80,7 @@ class Config:
     data_cache_dir: Optional[str] = _field("~/.cache/jaxsft/data", "Tokenized-data cache: a rerun with unchanged "
                                            "data files, tokenizer, template and data keys loads its examples "
                                            "instead of tokenizing; null disables it.")
-    preprocessing_num_workers: Optional[int] = _field(None, "Worker processes that tokenize (used from 2000 rows per "
+    preprocessing_num_workers: Optional[int] = _field(None, "Worker processes that tokenize (used from 10,000 rows per "
                                                                   "worker on; each gets cores / N tokenizer threads).")
     max_samples: Optional[int] = _field(None, "Keep at most this many examples per dataset.")
     val_size: float = _field(0.0, "Held-out evaluation split: a fraction (< 1) or a count.")

@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 MAX_REASONS = 5
 MAX_LISTED = 1000  # dropped rows kept with file, row and reason (the data report lists them)
 MAX_SAMPLES = 100  # (file, row) of the first kept examples; the first rows that learn nothing
-# Below this many rows per worker, starting worker processes costs more than it saves.
-MIN_ROWS_PER_WORKER = 2000
+# Below this many rows per worker, starting worker processes costs more than it saves (idle 2-core box,
+# BENCHMARKS.md: 2 workers were 0.61x of 1 on 4,995 rows, 1.24x on 49,950).
+MIN_ROWS_PER_WORKER = 10_000
 Row = tuple[DatasetAttr, int, Any]  # (source, row number in its file, the row)
 
 
