@@ -62,6 +62,7 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
     for name in names:
         if registry is not None and name in registry:
             info = registry[name]
+            check_entry(name, info, base / REGISTRY)  # first: a misspelled `file_name` is named as such
             if "file_name" in info:
                 path = inside(base, info["file_name"], f"dataset {name!r}")
                 if not path.exists():
@@ -77,7 +78,6 @@ def resolve(names: str | Sequence[str] | None, dataset_dir: str) -> list[Dataset
                 kinds = ", ".join(k for k in info if k.endswith("_url") or k.endswith("_name")) or "no source"
                 raise InputError(f"dataset {name!r} in {base / REGISTRY} has {kinds}; jaxsft reads file_name "
                                  "(local) and hf_hub_url (online) entries.")
-            check_entry(name, info, base / REGISTRY)
             attr.join(info)
             if attr.ranking:
                 raise InputError(f"dataset {name!r} is a ranking (preference) dataset; SFT needs ranking: false.")

@@ -39,6 +39,19 @@ def test_a_misspelled_registry_key_is_an_error(tmp_path, capsys, entry, message)
     assert _run(tmp_path, capsys, entry, "--dry_run") == f"error: {message}"
 
 
+def test_a_misspelled_file_name_is_named(tmp_path, capsys):
+    """The entry's only source key misspelled: it said "has no source; jaxsft reads file_name ..."."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.json").write_text(json.dumps(ROWS))
+    (data / "dataset_info.json").write_text(json.dumps({"chat": {"file_nmae": "rows.json"}}))
+    code = cli([f"model_name_or_path={TINY}", "dataset=chat", f"dataset_dir={data}", "template=llama3",
+                "do_train=true", f"output_dir={tmp_path / 'out'}", "max_steps=1", "report_to=none", "--dry_run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1] == (
+        f"error: dataset 'chat' in {data}/dataset_info.json: unknown key 'file_nmae', did you mean 'file_name'?")
+
+
 def test_a_column_the_data_lacks_is_an_error(tmp_path, capsys):
     entry = {"columns": {"prompt": "instrucion", "query": "input", "response": "output"}}
     assert _run(tmp_path, capsys, entry) == (
